@@ -1,0 +1,229 @@
+"""The backing Redis, through txredisapi, with the failure modes made explicit.
+
+txredisapi speaks the protocol (with hiredis parsing its replies when
+installed); this module owns everything around it that a proxy needs and
+txredisapi leaves open:
+
+* one connection kept up by ``ClientService`` with a capped backoff, so a
+  Redis that is down at start-up or restarts later is picked up by itself;
+* a timeout on every call (txredisapi waits forever while Redis is down),
+  on the injected clock so tests drive it with ``task.Clock``;
+* a fail-fast path while the last connection attempt failed, so requests
+  queued behind the single-client gate do not each wait out the timeout;
+* typed errors the front doors map to 502/503/504 and RESP errors;
+* binary-safe replies: ``charset=None, convertNumbers=False`` (the defaults
+  turn ``b"007"`` into ``7``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from redisp.config import RedisURL
+from redisp.metrics import Metrics
+
+log = Logger()
+
+
+class BackingError(Exception):
+    """A GET the backing Redis could not answer; ``str()`` is the text clients see."""
+
+    kind = "error"
+
+
+class BackingReplyError(BackingError):
+    """Redis answered with an error (WRONGTYPE, NOAUTH …): its own text."""
+
+    kind = "reply"
+
+
+class BackingUnavailable(BackingError):
+    """No usable connection to the backing Redis."""
+
+    kind = "unavailable"
+
+
+class BackingTimeout(BackingError):
+    """The backing Redis did not answer within ``redis_timeout``."""
+
+    kind = "timeout"
+
+
+def _protocol() -> txredisapi.BaseRedisProtocol:
+    return txredisapi.RedisProtocol(charset=None, convertNumbers=False)
+
+
+class _RecordingEndpoint:
+    """Remembers why the last connection attempt failed, for error messages."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, failed: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._failed = failed
+
+    def connect(self, factory: Factory) -> Deferred:
+        d = self._endpoint.connect(factory)
+        d.addErrback(self._note)
+        return d
+
+    def _note(self, failure: Failure) -> Failure:
+        self._failed(failure)
+        return failure
+
+
+class Backing:
+    """GET, MGET and PING against one backing Redis, never waiting forever."""
+
+    def __init__(
+        self,
+        url: RedisURL,
+        timeout: float,
+        reactor: Any,
+        metrics: Metrics,
+        endpoint: Optional[IStreamClientEndpoint] = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._clock = reactor
+        self._metrics = metrics
+        self._protocol: Optional[txredisapi.BaseRedisProtocol] = None
+        self._down_reason: Optional[str] = None
+        self._ever_up = False
+        if endpoint is None:
+            endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+        self._service = ClientService(
+            _RecordingEndpoint(endpoint, self._attempt_failed),
+            Factory.forProtocol(_protocol),
+            retryPolicy=self._retry_delay,
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+        self._backoff = backoffPolicy(initialDelay=0.1, maxDelay=1.0, factor=2.0)
+
+    @property
+    def up(self) -> bool:
+        """True while a connection is established and ready for commands."""
+        return self._protocol is not None
+
+    def start(self) -> None:
+        self._service.startService()
+
+    def stop(self) -> Deferred:
+        """Close the connection and stop reconnecting."""
+        return self._service.stopService()
+
+    def get(self, key: bytes) -> Deferred:
+        """Fires with the value of ``key`` (bytes) or None when it is absent."""
+        return self.call(b"GET", key)
+
+    def mget(self, keys: list[bytes]) -> Deferred:
+        """Fires with a list of values or None, Redis's MGET semantics."""
+        return self.call(b"MGET", *keys)
+
+    def ping(self) -> Deferred:
+        return self.call(b"PING")
+
+    def call(self, *args: bytes) -> Deferred:
+        """Send one command; fails with a BackingError subclass, never hangs."""
+        protocol = self._protocol
+        if protocol is not None:
+            d = protocol.execute_command(*args, apply_timeout=False)
+        elif self._down_reason is not None:
+            error = BackingUnavailable(f"backing redis unavailable ({self._down_reason})")
+            self._metrics.backing_errors[error.kind] += 1
+            return fail(error)
+        else:
+            d = self._service.whenConnected(failAfterFailures=1)
+            d.addCallback(lambda p: p.execute_command(*args, apply_timeout=False))
+        started = self._clock.seconds()
+        d.addTimeout(self.timeout, self._clock)
+        d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
+        return d
+
+    def _observe(self, result: object, started: float) -> object:
+        self._metrics.backing_latency.observe(self._clock.seconds() - started)
+        return result
+
+    def _translate(self, failure: Failure, protocol: Any) -> Failure:
+        if failure.check(txredisapi.ResponseError):
+            error: BackingError = BackingReplyError(str(failure.value))
+        elif failure.check(DeferredTimeout):
+            if protocol is not None and protocol is self._protocol:
+                error = BackingTimeout(f"backing redis timed out after {self.timeout:g}s")
+                # its reply may still come, or never (a half-open connection):
+                # start afresh rather than trust the stream, as txredisapi does
+                protocol.transport.abortConnection()
+            else:
+                reason = self._down_reason or "not connected"
+                error = BackingUnavailable(f"backing redis unavailable ({reason})")
+        else:
+            reason = self._down_reason or failure.getErrorMessage() or "connection lost"
+            error = BackingUnavailable(f"backing redis unavailable ({reason})")
+        self._metrics.backing_errors[error.kind] += 1
+        return Failure(error)
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        reason = failure.getErrorMessage().strip().rstrip(".")
+        first = failure.value.__class__.__name__ if not reason else reason
+        if self._down_reason is None:
+            log.warn(
+                "backing redis {url} unavailable: {reason}; retrying",
+                url=self.url.redacted(), reason=first,
+            )
+        self._down_reason = _short(first)
+
+    def _retry_delay(self, attempt: int) -> float:
+        return self._backoff(attempt)
+
+    def _prepare(self, protocol: Any) -> Deferred:
+        """AUTH and SELECT on every new connection, before anyone may use it."""
+        commands: list[tuple[bytes, ...]] = []
+        if self.url.password is not None:
+            auth = (self.url.username.encode(),) if self.url.username else ()
+            commands.append((b"AUTH", *auth, self.url.password.encode()))
+        if self.url.db:
+            commands.append((b"SELECT", str(self.url.db).encode()))
+
+        d = protocol.whenConnected()
+        for command in commands:
+            d.addCallback(lambda p, c=command: p.execute_command(*c, apply_timeout=False))
+        d.addTimeout(self.timeout, self._clock)
+        d.addCallbacks(lambda _: self._ready(protocol), self._rejected, errbackArgs=(protocol,))
+        return d
+
+    def _ready(self, protocol: Any) -> None:
+        self._protocol = protocol
+        protocol.whenDisconnected().addCallback(self._lost)
+        if self._down_reason is not None or not self._ever_up:
+            log.info("backing redis {url} connected", url=self.url.redacted())
+        self._down_reason = None
+        self._ever_up = True
+
+    def _rejected(self, failure: Failure, protocol: Any) -> Failure:
+        reason = _short(failure.getErrorMessage())
+        if self._down_reason != reason:
+            log.warn("backing redis {url} refused the connection setup: {reason}",
+                     url=self.url.redacted(), reason=reason)
+        self._down_reason = reason
+        protocol.transport.abortConnection()
+        return failure
+
+    def _lost(self, protocol: Any) -> None:
+        if self._protocol is protocol:
+            self._protocol = None
+            log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
+
+
+def _short(text: str) -> str:
+    """First line of an error message, trimmed: it goes into one-line replies."""
+    line = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    return line[:200]

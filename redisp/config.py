@@ -1,0 +1,220 @@
+"""Configuration: one frozen Config, built by one pure function.
+
+``load_config`` applies the precedence of SPEC §1 (command line > environment
+> conf.yaml > defaults) and refuses anything it does not understand with a
+``ConfigError`` that names the key or file, so start-up can stop with one
+clear line instead of a traceback or a silently ignored typo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Optional
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration value or file that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """Where the backing Redis is, parsed once so nobody re-parses a URL."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: Optional[str] = None
+    password: Optional[str] = None
+
+    def redacted(self) -> str:
+        """The URL as it may be logged: never with the password."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{self.username or ''}:***@"
+        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(text: str) -> RedisURL:
+    """Parse ``redis://[[user]:password@]host[:port][/db]``."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"not a redis:// URL ({e})") from None
+    if parts.scheme == "rediss":
+        raise ConfigError("rediss:// (TLS to the backing Redis) is not supported yet")
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError("must look like redis://[:password@]host:port/db")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ConfigError(f"database must be a number, got {path!r}")
+    return RedisURL(
+        host=parts.hostname,
+        port=port if port is not None else 6379,
+        db=int(path) if path else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one proxy. Frozen: it is read everywhere, changed nowhere."""
+
+    http: Optional[str] = "tcp:9997:interface=127.0.0.1"
+    resp: Optional[str] = "tcp:6380:interface=127.0.0.1"
+    redis: RedisURL = RedisURL()
+    redis_timeout: float = 2.0
+    ttl: float = 60.0
+    capacity: int = 10000
+    concurrency: int = 1
+    max_clients: int = 10000
+    invalidation: str = "off"
+    max_bulk_bytes: int = 1024 * 1024
+    max_args: int = 1024
+    max_inline_bytes: int = 64 * 1024
+    access_log: bool = False
+
+
+def _endpoint(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("must be a Twisted endpoint string such as tcp:6380, or none")
+    return None if value.strip().lower() == "none" else value.strip()
+
+
+def _number(kind: type, minimum: float, strict: bool) -> Callable[[Any], Any]:
+    """A parser for an int or float bounded below (strictly when ``strict``)."""
+    word = "an integer" if kind is int else "a number"
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ConfigError(f"must be {word} {bound}, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                raise ConfigError(f"must be {word} {bound}, got {value!r}") from None
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise ConfigError(f"must be {word} {bound}, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"must be a finite number {bound}, got {value!r}")
+        if value < minimum or (strict and value == minimum):
+            raise ConfigError(f"must be {word} {bound}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _redis_url(value: Any) -> RedisURL:
+    if not isinstance(value, str):
+        raise ConfigError(f"must be a redis:// URL string, got {value!r}")
+    return parse_redis_url(value.strip())
+
+
+def _invalidation(value: Any) -> str:
+    if value not in ("off", "tracking"):
+        raise ConfigError(f"must be 'off' or 'tracking', got {value!r}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"must be true or false, got {value!r}")
+
+
+#: key -> parser; the keys are exactly the conf.yaml keys and Config fields.
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "http": _endpoint,
+    "resp": _endpoint,
+    "redis": _redis_url,
+    "redis_timeout": _number(float, 0, strict=True),
+    "ttl": _number(float, 0, strict=True),
+    "capacity": _number(int, 0, strict=False),
+    "concurrency": _number(int, 1, strict=False),
+    "max_clients": _number(int, 1, strict=False),
+    "invalidation": _invalidation,
+    "max_bulk_bytes": _number(int, 1, strict=False),
+    "max_args": _number(int, 1, strict=False),
+    "max_inline_bytes": _number(int, 1, strict=False),
+    "access_log": _boolean,
+}
+assert set(PARSERS) == {f.name for f in fields(Config)}
+
+ENV_PREFIX = "REDISP_"
+DEFAULT_CONFIG_PATH = "conf.yaml"
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a conf.yaml into a dict, or raise ConfigError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def load_config(
+    cli: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_path: Optional[str] = None,
+    cwd: str = ".",
+) -> Config:
+    """Build the Config from every source, highest precedence first.
+
+    ``cli`` maps keys to values given on the command line (None = not given);
+    ``config_path`` is ``--config``; without it ``REDISP_CONFIG`` is used, and
+    without that ``./conf.yaml`` when it exists.
+    """
+    path = config_path or environ.get(env_name("config"))
+    if path is None:
+        default = os.path.join(cwd, DEFAULT_CONFIG_PATH)
+        path = default if os.path.exists(default) else None
+    from_file = read_yaml(path) if path is not None else {}
+    for key in from_file:
+        if key not in PARSERS:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+
+    values: dict[str, Any] = {}
+    for key, parse in PARSERS.items():
+        if cli.get(key) is not None:
+            source, raw = f"--{key.replace('_', '-')}", cli[key]
+        elif env_name(key) in environ:
+            source, raw = env_name(key), environ[env_name(key)]
+        elif key in from_file:
+            source, raw = f"{path}: {key}", from_file[key]
+        else:
+            continue
+        try:
+            values[key] = parse(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return Config(**values)

@@ -1,0 +1,107 @@
+"""Every statistic of one proxy, declared once, on one injected object.
+
+Counters on the hot path are plain ``int`` attributes: incrementing one is a
+single bytecode, where a prometheus_client ``Counter.inc()`` takes a lock.
+prometheus_client still owns the exposition format: a small collector turns
+the attributes into metric families when /metrics is scraped.  The registry
+belongs to this object, never the global one, so two proxies can live in one
+process (the tests build many).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+#: attribute -> help text; each becomes the counter ``redisp_<attribute>_total``.
+COUNTERS: dict[str, str] = {
+    "cache_hits": "GET lookups answered from the cache",
+    "cache_misses": "GET lookups that went to the backing Redis",
+    "cache_evictions": "entries evicted to make room (LRU)",
+    "cache_expirations": "entries dropped because their ttl had passed",
+    "cache_invalidations": "entries dropped because the key changed in Redis",
+}
+
+#: outcomes a request can have, used as the ``outcome`` label:
+#: hit / miss (value served from the cache / fetched), absent (404, nil),
+#: backing_error (Redis failed, unreachable or timed out), bad_request (400,
+#: unknown command, wrong arity), protocol_error (malformed RESP), other
+#: (a RESP command that reads no key: PING, HELLO, INFO …)
+OUTCOMES = ("hit", "miss", "absent", "backing_error", "bad_request", "protocol_error", "other")
+
+BACKING_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+
+
+class Metrics:
+    """Counters, gauges and the backing latency histogram of one proxy."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        for name in COUNTERS:
+            setattr(self, name, 0)
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self.backing_errors: Counter[str] = Counter()
+        self.connected_clients = 0
+        # set by whoever owns the live values (build_proxy wires them)
+        self.cache_size: Callable[[], int] = lambda: 0
+        self.backing_up: Callable[[], bool] = lambda: False
+
+        self.registry = CollectorRegistry()
+        self.backing_latency = Histogram(
+            "redisp_backing_latency_seconds",
+            "seconds from sending a command to the backing Redis to its reply",
+            buckets=BACKING_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_AttributeCollector(self))
+
+    def request(self, door: str, outcome: str) -> None:
+        """Count one finished request of a front door ('http' or 'resp')."""
+        self.requests[door, outcome] += 1
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of everything above."""
+        return generate_latest(self.registry)
+
+
+class _AttributeCollector:
+    """Reads Metrics' plain attributes at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        requests = CounterMetricFamily(
+            "redisp_requests", "requests finished, by front door and outcome",
+            labels=["door", "outcome"],
+        )
+        for (door, outcome), count in sorted(m.requests.items()):
+            requests.add_metric([door, outcome], count)
+        yield requests
+        for name, text in COUNTERS.items():
+            yield CounterMetricFamily(f"redisp_{name}", text, value=getattr(m, name))
+        errors = CounterMetricFamily(
+            "redisp_backing_errors", "failed calls to the backing Redis, by kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(m.backing_errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+        yield GaugeMetricFamily("redisp_cache_size", "keys in the cache now", value=m.cache_size())
+        yield GaugeMetricFamily(
+            "redisp_connected_clients", "open client connections over both doors",
+            value=m.connected_clients,
+        )
+        yield GaugeMetricFamily(
+            "redisp_backing_up", "1 while the backing Redis connection is usable",
+            value=1 if m.backing_up() else 0,
+        )
