@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar, Union
 
-from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 T = TypeVar("T")
@@ -29,6 +29,8 @@ class Gate:
         self._lock: Union[DeferredLock, DeferredSemaphore] = (
             DeferredLock() if concurrency == 1 else DeferredSemaphore(concurrency)
         )
+        self._outstanding = 0  # admitted or waiting, not yet released
+        self._drain_waiters: list[Deferred] = []
 
     def idle(self) -> bool:
         """True when a request arriving now would start at once.
@@ -48,11 +50,31 @@ class Gate:
 
     def run(self, f: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``f(*args)`` once admitted; release when its result settles."""
+        self._outstanding += 1
         return self._lock.acquire().addCallback(self._admitted, f, args)
 
     def _admitted(self, _: object, f: Callable[..., Any], args: tuple) -> Deferred:
         return maybeDeferred(f, *args).addBoth(self._release)
 
     def _release(self, result: T) -> T:
-        self._clock.callLater(0, self._lock.release)
+        self._clock.callLater(0, self._released)
         return result
+
+    def _released(self) -> None:
+        self._lock.release()
+        self._outstanding -= 1
+        if not self._outstanding:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drained(self, timeout: float) -> Deferred:
+        """Fires once every admitted and queued request has finished, or after
+        ``timeout`` seconds, whichever comes first (shutdown waits on it)."""
+        if not self._outstanding:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._drain_waiters.append(waiter)
+        waiter.addTimeout(timeout, self._clock)
+        waiter.addErrback(lambda _: None)
+        return waiter

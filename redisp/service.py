@@ -1,0 +1,161 @@
+"""Wiring: every object of one proxy is built once, here, and passed down.
+
+No module keeps a singleton, so two proxies can run in one process (the
+end-to-end tests do) and every clock is the one handed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import redisp
+from redisp.backing import Backing
+from redisp.cache import Cache
+from redisp.clients import ClientSlots
+from redisp.config import Config
+from redisp.gate import Gate
+from redisp.metrics import Metrics
+from redisp.reader import CachedReader
+from redisp.resp_server import RespFactory
+from redisp.web import build_site
+
+log = Logger()
+
+#: seconds between sweeps of expired entries at the LRU end of the cache
+SWEEP_INTERVAL = 1.0
+
+
+class Listener(Service):
+    """One front door's listening port.
+
+    It binds in ``privilegedStartService``, which twistd runs before the
+    reactor starts, so a port that cannot be bound stops start-up with one
+    line and a non-zero status instead of a logged traceback and a proxy
+    that runs without its door.
+    """
+
+    def __init__(self, name: str, description: str, endpoint: Any, factory: IProtocolFactory):
+        self.name = name
+        self.description = description
+        self._endpoint = endpoint
+        self._factory = factory
+        self.port: Optional[IListeningPort] = None
+
+    def privilegedStartService(self) -> None:
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise SystemExit(f"redisp: listening for {self.name} on {self.description} "
+                             "did not complete at start-up")
+        if isinstance(outcome[0], Failure):
+            raise SystemExit(f"redisp: cannot listen for {self.name} on {self.description}: "
+                             f"{outcome[0].getErrorMessage()}")
+        self.port = outcome[0]
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else succeed(None)
+
+    def address(self) -> str:
+        host = self.port.getHost() if self.port is not None else None
+        if host is None:
+            return self.description
+        if hasattr(host, "port"):
+            return f"{host.host}:{host.port}"
+        return str(getattr(host, "name", host))
+
+
+class ProxyService(MultiService):
+    """Owns the listeners, the backing connection and the cache sweeper."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self._sweeper = LoopingCall(proxy.cache.sweep)
+        self._sweeper.clock = proxy.reactor
+
+    def startService(self) -> None:
+        super().startService()
+        p = self.proxy
+        p.backing.start()
+        self._sweeper.start(SWEEP_INTERVAL, now=False)
+        doors = ", ".join(f"{s.name} on {s.address()}" for s in self if isinstance(s, Listener))
+        c = p.config
+        log.info(
+            "redisp {version}: {doors}; backing {redis}; ttl {ttl:g}s, capacity {capacity}, "
+            "concurrency {concurrency}, invalidation {invalidation}",
+            version=redisp.__version__, doors=doors or "no listeners",
+            redis=c.redis.redacted(), ttl=c.ttl, capacity=c.capacity,
+            concurrency=c.concurrency, invalidation=c.invalidation,
+        )
+
+    def stopService(self) -> Deferred:
+        """Stop accepting, let requests in flight finish, then close the backing."""
+        p = self.proxy
+        if self._sweeper.running:
+            self._sweeper.stop()
+        d = super().stopService()  # listeners stop accepting new connections
+        d.addCallback(lambda _: p.gate.drained(p.config.redis_timeout + 1.0))
+        d.addBoth(lambda _: p.backing.stop())
+        return d
+
+
+@dataclass
+class Proxy:
+    """Every object of one proxy, for the service and for tests to reach into."""
+
+    config: Config
+    reactor: Any
+    metrics: Metrics
+    cache: Cache
+    gate: Gate
+    backing: Backing
+    reader: CachedReader
+    slots: ClientSlots
+    service: ProxyService = None  # type: ignore[assignment]
+
+
+def build_proxy(config: Config, reactor: Any) -> Proxy:
+    """Build one proxy from its config; nothing listens until the service starts."""
+    metrics = Metrics(started=reactor.seconds())
+    cache = Cache(config.capacity, config.ttl, reactor, metrics)
+    gate = Gate(config.concurrency, reactor)
+    backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
+    reader = CachedReader(cache, gate, backing, metrics)
+    slots = ClientSlots(config.max_clients, metrics)
+    metrics.cache_size = cache.__len__
+    metrics.backing_up = lambda: backing.up
+    proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots)
+
+    service = ProxyService(proxy)
+    doors = [
+        ("http", config.http, lambda: build_site(reader, backing, metrics, slots, config)),
+        ("resp", config.resp, lambda: RespFactory(reader, metrics, slots, config, reactor)),
+    ]
+    for name, description, make_factory in doors:
+        if description is None:
+            continue
+        try:
+            endpoint = serverFromString(reactor, description)
+        except Exception as e:  # endpoint parsers raise ValueError, KeyError, TypeError …
+            raise SystemExit(f"redisp: configuration error: {name}: "
+                             f"bad endpoint {description!r}: {e}") from None
+        Listener(name, description, endpoint, make_factory()).setServiceParent(service)
+    proxy.service = service
+    return proxy

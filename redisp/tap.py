@@ -1,0 +1,78 @@
+"""``twistd redisp``: the command-line options and ``makeService``.
+
+Options default to None so ``load_config`` can tell "not given" from "given",
+which the precedence (command line > environment > conf.yaml) needs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from redisp.config import ConfigError, load_config
+
+#: (option, conf.yaml key, help); every key is also REDISP_<KEY> in the environment
+OPTIONS = [
+    ("http", "HTTP listener, a Twisted server endpoint string, or none "
+             "[default: tcp:9997:interface=127.0.0.1]"),
+    ("resp", "RESP listener, a Twisted server endpoint string, or none "
+             "[default: tcp:6380:interface=127.0.0.1]"),
+    ("redis", "backing Redis URL redis://[[user]:password@]host:port/db "
+              "[default: redis://127.0.0.1:6379/0]"),
+    ("redis-timeout", "seconds before a call to the backing Redis is given up [default: 2.0]"),
+    ("ttl", "seconds an entry may live in the cache, from when it was stored [default: 60]"),
+    ("capacity", "cache capacity in keys; 0 = no caching, pure pass-through [default: 10000]"),
+    ("concurrency", "requests processed at once across all clients; 1 = one at a time "
+                    "[default: 1]"),
+    ("max-clients", "connections accepted at once over both front doors [default: 10000]"),
+    ("invalidation", "off, or tracking (drop keys as soon as they change in Redis) "
+                     "[default: off]"),
+    ("max-bulk-bytes", "largest bulk string argument accepted over RESP [default: 1048576]"),
+    ("max-args", "most arguments in one RESP request [default: 1024]"),
+    ("max-inline-bytes", "longest inline (telnet) RESP request line [default: 65536]"),
+    ("access-log", "log every HTTP request: true or false [default: false]"),
+]
+
+
+class Options(usage.Options):
+    """Every SPEC §1 option; each also settable as REDISP_<KEY> or in conf.yaml."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A caching proxy for Redis: GET over HTTP (/get?key=K) and over the Redis "
+        "protocol, from a local cache with a global TTL and LRU eviction. Each option "
+        "can also be set in the environment as REDISP_<NAME> (e.g. REDISP_TTL) or as "
+        "<name> in the YAML file given by --config (./conf.yaml by default). "
+        "Precedence: command line > environment > conf.yaml > defaults."
+    )
+    optParameters: list[list[Any]] = [
+        ["config", None, None, "YAML configuration file [default: ./conf.yaml if present]"],
+        *[[name, None, None, text] for name, text in OPTIONS],
+    ]
+
+
+def cli_values(options: usage.Options) -> dict[str, Optional[str]]:
+    """The options as load_config keys (``redis-timeout`` -> ``redis_timeout``)."""
+    return {name.replace("-", "_"): options[name] for name, _ in OPTIONS}
+
+
+def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    """Load the configuration and build the proxy; bad config exits with one line."""
+    if reactor is None:
+        from twisted.internet import reactor as installed
+        reactor = installed
+
+    try:
+        config = load_config(cli_values(options), os.environ, options["config"])
+    except ConfigError as e:
+        raise SystemExit(f"redisp: configuration error: {e}") from None
+    if config.invalidation == "tracking":
+        raise SystemExit("redisp: configuration error: invalidation: 'tracking' is not yet "
+                         "supported; use 'off'")
+
+    from redisp.service import build_proxy
+
+    return build_proxy(config, reactor).service

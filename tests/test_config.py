@@ -1,0 +1,116 @@
+"""load_config: precedence, types, ranges, and one clear line for every mistake."""
+
+import pytest
+
+from redisp.config import Config, ConfigError, RedisURL, load_config, parse_redis_url
+
+
+def load(cli=None, env=None, yaml_text=None, tmp_path=None, **kw):
+    path = None
+    if yaml_text is not None:
+        path = tmp_path / "conf.yaml"
+        path.write_text(yaml_text)
+        path = str(path)
+    return load_config(cli or {}, env or {}, path, cwd=str(tmp_path or "/nonexistent"), **kw)
+
+
+def test_defaults_match_the_spec(tmp_path):
+    c = load(tmp_path=tmp_path)
+    assert c == Config()
+    assert (c.http, c.resp) == ("tcp:9997:interface=127.0.0.1", "tcp:6380:interface=127.0.0.1")
+    assert c.redis == RedisURL("127.0.0.1", 6379, 0)
+    assert (c.redis_timeout, c.ttl, c.capacity, c.concurrency, c.max_clients) == (
+        2.0, 60.0, 10000, 1, 10000)
+    assert c.invalidation == "off"
+
+
+def test_command_line_beats_environment_beats_file(tmp_path):
+    yaml_text = "ttl: 5\ncapacity: 7\nconcurrency: 3\n"
+    c = load({"ttl": "1"}, {"REDISP_TTL": "2", "REDISP_CAPACITY": "8"}, yaml_text, tmp_path)
+    assert (c.ttl, c.capacity, c.concurrency) == (1.0, 8, 3)
+
+
+def test_conf_yaml_in_the_working_directory_is_read_by_default(tmp_path):
+    (tmp_path / "conf.yaml").write_text("capacity: 12\n")
+    assert load_config({}, {}, None, cwd=str(tmp_path)).capacity == 12
+
+
+def test_redisp_config_names_the_file(tmp_path):
+    (tmp_path / "other.yaml").write_text("capacity: 13\n")
+    env = {"REDISP_CONFIG": str(tmp_path / "other.yaml")}
+    assert load_config({}, env, None, cwd=str(tmp_path)).capacity == 13
+
+
+def test_the_shipped_conf_yaml_holds_the_defaults():
+    import pathlib
+
+    shipped = pathlib.Path(__file__).parent.parent / "conf.yaml"
+    assert load_config({}, {}, str(shipped)) == Config()
+
+
+def test_none_disables_a_listener(tmp_path):
+    c = load({"http": "none"}, {"REDISP_RESP": "None"}, tmp_path=tmp_path)
+    assert c.http is None and c.resp is None
+
+
+@pytest.mark.parametrize("yaml_text, words", [
+    ("capacty: 5\n", ["unknown key", "capacty"]),
+    ("capacity: -1\n", ["capacity", ">= 0"]),
+    ("capacity: 1.5\n", ["capacity", "integer"]),
+    ("capacity: true\n", ["capacity", "integer"]),
+    ("capacity: lots\n", ["capacity", "integer"]),
+    ("ttl: 0\n", ["ttl", "> 0"]),
+    ("ttl: .nan\n", ["ttl", "finite"]),
+    ("concurrency: 0\n", ["concurrency", ">= 1"]),
+    ("max_clients: 0\n", ["max_clients", ">= 1"]),
+    ("redis_timeout: -2\n", ["redis_timeout", "> 0"]),
+    ("invalidation: sometimes\n", ["invalidation", "'off' or 'tracking'"]),
+    ("redis: http://x\n", ["redis", "redis://"]),
+    ("redis: 'redis://h/abc'\n", ["redis", "database"]),
+    ("redis: 5\n", ["redis", "URL"]),
+    ("http: ''\n", ["http", "endpoint"]),
+    ("access_log: maybe\n", ["access_log", "true or false"]),
+    ("- a\n- b\n", ["mapping"]),
+    ("ttl: [1\n", ["not valid YAML", "line"]),
+])
+def test_bad_file_values_name_the_key(tmp_path, yaml_text, words):
+    with pytest.raises(ConfigError) as e:
+        load(yaml_text=yaml_text, tmp_path=tmp_path)
+    message = str(e.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_bad_values_name_their_source(tmp_path):
+    with pytest.raises(ConfigError, match="^--capacity: "):
+        load({"capacity": "x"}, tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="^REDISP_TTL: "):
+        load(env={"REDISP_TTL": "-1"}, tmp_path=tmp_path)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.yaml"):
+        load_config({}, {}, str(tmp_path / "missing.yaml"))
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load(yaml_text="", tmp_path=tmp_path) == Config()
+
+
+def test_redis_url_parts():
+    assert parse_redis_url("redis://:s%40cret@example:6390/3") == RedisURL(
+        "example", 6390, 3, None, "s@cret")
+    assert parse_redis_url("redis://user:pw@h") == RedisURL("h", 6379, 0, "user", "pw")
+    url = parse_redis_url("redis://:secret@h:1/2")
+    assert "secret" not in url.redacted() and url.redacted() == "redis://:***@h:1/2"
+
+
+def test_tls_url_is_refused_clearly():
+    with pytest.raises(ConfigError, match="not supported"):
+        parse_redis_url("rediss://h:6379/0")
+
+
+def test_booleans_from_strings(tmp_path):
+    assert load({"access_log": "yes"}, tmp_path=tmp_path).access_log is True
+    assert load(env={"REDISP_ACCESS_LOG": "false"}, tmp_path=tmp_path).access_log is False

@@ -1,0 +1,97 @@
+"""The request gate: FIFO, N at once, release on the next turn, drain."""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from redisp.gate import Gate
+
+
+def test_single_gate_runs_one_at_a_time_in_arrival_order():
+    clock = Clock()
+    gate = Gate(1, clock)
+    order, blockers = [], [Deferred() for _ in range(3)]
+
+    def work(i):
+        order.append(("start", i))
+        return blockers[i].addCallback(lambda _: order.append(("end", i)))
+
+    for i in range(3):
+        gate.run(work, i)
+    assert order == [("start", 0)]
+    assert not gate.idle() and gate.waiting == 2
+    blockers[0].callback(None)
+    assert order[-1] == ("end", 0)
+    clock.advance(0)
+    assert order[-1] == ("start", 1)
+    blockers[2].callback(None)  # finishing out of turn changes nothing
+    assert ("start", 2) not in order
+    blockers[1].callback(None)
+    clock.advance(0)
+    clock.advance(0)
+    assert order == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert gate.idle()
+
+
+def test_concurrent_gate_admits_n_at_once():
+    clock = Clock()
+    gate = Gate(3, clock)
+    started = []
+    blockers = [Deferred() for _ in range(5)]
+    for i in range(5):
+        gate.run(lambda i=i: started.append(i) or blockers[i])
+    assert started == [0, 1, 2]
+    assert not gate.idle()
+    blockers[1].callback(None)
+    clock.advance(0)
+    assert started == [0, 1, 2, 3]
+
+
+def test_results_and_failures_pass_through():
+    clock = Clock()
+    gate = Gate(1, clock)
+    results = []
+    gate.run(lambda: 42).addCallback(results.append)
+    clock.advance(0)
+    gate.run(lambda: 1 / 0).addErrback(lambda f: results.append(f.type))
+    clock.advance(0)
+    assert results == [42, ZeroDivisionError]
+    assert gate.idle()
+
+
+def test_twenty_thousand_queued_behind_one_slow_request_all_finish():
+    """Twisted #9304: synchronous release recursed once per waiter and overflowed."""
+    clock = Clock()
+    gate = Gate(1, clock)
+    slow = Deferred()
+    gate.run(lambda: slow)
+    done = []
+    for i in range(20000):
+        gate.run(lambda i=i: i).addCallback(done.append)
+    slow.callback(None)
+    for _ in range(20001):
+        clock.advance(0)
+    assert done == list(range(20000))
+    assert gate.idle() and gate.waiting == 0
+
+
+def test_drained_fires_when_the_last_request_finishes():
+    clock = Clock()
+    gate = Gate(1, clock)
+    blocker = Deferred()
+    gate.run(lambda: blocker)
+    drained = []
+    gate.drained(timeout=5).addCallback(drained.append)
+    assert drained == []
+    blocker.callback(None)
+    clock.advance(0)
+    assert drained == [None]
+
+
+def test_drained_gives_up_after_its_timeout():
+    clock = Clock()
+    gate = Gate(1, clock)
+    gate.run(lambda: Deferred())
+    drained = []
+    gate.drained(timeout=5).addCallback(drained.append)
+    clock.advance(5)
+    assert drained == [None]

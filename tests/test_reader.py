@@ -1,0 +1,130 @@
+"""CachedReader: the one place where gate, cache and coalesced fetches meet."""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from redisp.backing import BackingUnavailable
+from redisp.cache import Cache
+from redisp.gate import Gate
+from redisp.metrics import Metrics
+from redisp.reader import CachedReader
+
+
+class FakeBacking:
+    """Records every call; each reply is released by the test."""
+
+    def __init__(self):
+        self.calls: list[tuple[bytes, ...]] = []
+        self.pending: list[Deferred] = []
+
+    def get(self, key):
+        self.calls.append((b"GET", key))
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+    def mget(self, keys):
+        self.calls.append((b"MGET", *keys))
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+
+def make(concurrency=1, capacity=100, ttl=10.0):
+    clock = Clock()
+    metrics = Metrics(started=0)
+    cache = Cache(capacity, ttl, clock, metrics)
+    backing = FakeBacking()
+    reader = CachedReader(cache, Gate(concurrency, clock), backing, metrics)
+    return reader, backing, cache, clock, metrics
+
+
+def result_of(value):
+    """The result of a Lookup or an already-fired Deferred."""
+    if not isinstance(value, Deferred):
+        return value
+    out = []
+    value.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+def test_miss_fetches_stores_and_then_hits_synchronously():
+    reader, backing, cache, clock, metrics = make()
+    d = reader.get(b"k")
+    assert isinstance(d, Deferred)
+    backing.pending[0].callback(b"v")
+    assert result_of(d) == (b"v", False)
+    clock.advance(0)
+    assert reader.get(b"k") == (b"v", True)
+    assert (metrics.cache_hits, metrics.cache_misses) == (1, 1)
+    assert backing.calls == [(b"GET", b"k")]
+
+
+def test_absent_key_is_not_cached():
+    reader, backing, _, clock, _ = make()
+    d = reader.get(b"k")
+    backing.pending[0].callback(None)
+    assert result_of(d) == (None, False)
+    clock.advance(0)
+    reader.get(b"k")
+    assert len(backing.calls) == 2
+
+
+def test_hit_arriving_while_a_miss_is_in_flight_waits_its_turn():
+    """Single client: the fast path must not let a hit overtake a running miss."""
+    reader, backing, cache, clock, _ = make(concurrency=1)
+    cache.put(b"cached", b"c")
+    order = []
+    reader.get(b"slow").addCallback(lambda r: order.append(("slow", r)))
+    hit = reader.get(b"cached")
+    assert isinstance(hit, Deferred)
+    hit.addCallback(lambda r: order.append(("cached", r)))
+    clock.advance(0)
+    assert order == []
+    backing.pending[0].callback(b"s")
+    clock.advance(0)
+    assert order == [("slow", (b"s", False)), ("cached", (b"c", True))]
+
+
+def test_concurrent_misses_of_one_key_share_one_fetch():
+    reader, backing, _, clock, metrics = make(concurrency=8)
+    ds = [reader.get(b"k") for _ in range(5)]
+    assert backing.calls == [(b"GET", b"k")]
+    backing.pending[0].callback(b"v")
+    assert [result_of(d) for d in ds] == [(b"v", False)] * 5
+    assert metrics.cache_misses == 5
+
+
+def test_a_failed_fetch_fails_every_waiter_and_caches_nothing():
+    reader, backing, cache, clock, _ = make(concurrency=4)
+    ds = [reader.get(b"k") for _ in range(3)]
+    backing.pending[0].errback(BackingUnavailable("backing redis unavailable (down)"))
+    for d in ds:
+        failure = result_of(d)
+        assert isinstance(failure, Failure) and failure.check(BackingUnavailable)
+    assert len(cache) == 0
+    clock.advance(0)
+    reader.get(b"k")
+    assert len(backing.calls) == 2, "the failed fetch must not stay in flight"
+
+
+def test_get_many_serves_hits_and_fetches_misses_with_one_mget():
+    reader, backing, cache, clock, metrics = make()
+    cache.put(b"a", b"1")
+    d = reader.get_many([b"a", b"b", b"c", b"b"])
+    assert backing.calls == [(b"MGET", b"b", b"c")]
+    backing.pending[0].callback([b"2", None])
+    assert result_of(d) == [b"1", b"2", None, b"2"]
+    clock.advance(0)
+    assert reader.get_many([b"a", b"b"]) == [b"1", b"2"]
+    assert metrics.cache_misses == 3
+
+
+def test_capacity_zero_is_pass_through():
+    reader, backing, _, clock, _ = make(capacity=0)
+    for i in range(3):
+        d = reader.get(b"k")
+        backing.pending[i].callback(b"v")
+        assert result_of(d) == (b"v", False)
+        clock.advance(0)
+    assert len(backing.calls) == 3
