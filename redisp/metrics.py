@@ -23,6 +23,8 @@ COUNTERS: dict[str, str] = {
     "cache_evictions": "entries evicted to make room (LRU)",
     "cache_expirations": "entries dropped because their ttl had passed",
     "cache_invalidations": "entries dropped because the key changed in Redis",
+    "invalidation_messages": "invalidation messages received from Redis (tracking)",
+    "invalidation_flushes": "whole-cache flushes: FLUSHDB/FLUSHALL, or tracking lost",
 }
 
 #: outcomes a request can have, used as the ``outcome`` label:
@@ -50,6 +52,8 @@ class Metrics:
         # set by whoever owns the live values (build_proxy wires them)
         self.cache_size: Callable[[], int] = lambda: 0
         self.backing_up: Callable[[], bool] = lambda: False
+        #: 'off' (invalidation: off), 'active' or 'down' (tracking lost: caching off)
+        self.invalidation_state: Callable[[], str] = lambda: "off"
 
         self.registry = CollectorRegistry()
         self.backing_latency = Histogram(
@@ -100,6 +104,11 @@ class _AttributeCollector:
         yield GaugeMetricFamily(
             "redisp_connected_clients", "open client connections over both doors",
             value=m.connected_clients,
+        )
+        yield GaugeMetricFamily(
+            "redisp_invalidation_active",
+            "1 while invalidation tracking holds (0 when lost, or when invalidation is off)",
+            value=1 if m.invalidation_state() == "active" else 0,
         )
         yield GaugeMetricFamily(
             "redisp_backing_up", "1 while the backing Redis connection is usable",

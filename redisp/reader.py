@@ -2,6 +2,17 @@
 
 The single-client rule, the shared cache and the coalescing of concurrent
 misses live here and nowhere else, so HTTP and RESP cannot drift apart.
+
+Invalidation races are designed out here too.  The classic one: a fetch of
+K is sent, K is written in Redis, the invalidation for K arrives (on another
+connection) before the fetch's reply, and the old value is then stored and
+served until its ttl.  So every GET fetch is a ``_Fetch`` record: an
+invalidation of K *detaches* the record in flight for K (later readers start
+a new fetch instead of joining one that may predate the write) and marks it
+poisoned, and a poisoned fetch answers its waiters but is never stored.  An
+MGET fetch is rarer; it notes the invalidation count when it starts and
+stores nothing if any invalidation arrived meanwhile.  While ``caching`` is
+off (tracking lost) nothing is stored at all.
 """
 
 from __future__ import annotations
@@ -28,8 +39,11 @@ class CachedReader:
         self._gate = gate
         self._backing = backing
         self._metrics = metrics
-        # key -> the Deferreds of every caller waiting on its one fetch
-        self._inflight: dict[bytes, list[Deferred]] = {}
+        # key -> the fetch in flight that new readers of key may join
+        self._inflight: dict[bytes, _Fetch] = {}
+        #: False while stored values could go stale unseen (invalidation lost)
+        self.caching = True
+        self._invalidations = 0  # any invalidation bumps it (for MGET fetches)
 
     def get(self, key: bytes) -> Union[Lookup, Deferred]:
         """A Lookup at once for a hit while the gate is idle, else a Deferred.
@@ -67,26 +81,42 @@ class CachedReader:
         self._metrics.cache_misses += 1
         return self._fetch(key).addCallback(lambda fetched: (fetched, False))
 
+    def invalidate(self, key: bytes) -> None:
+        """``key`` changed in Redis: drop it, and never store a fetch in flight."""
+        self._invalidations += 1
+        self._cache.discard(key)
+        fetch = self._inflight.pop(key, None)
+        if fetch is not None:
+            fetch.poisoned = True
+
+    def invalidate_all(self) -> int:
+        """Anything may have changed: drop everything, poison every fetch."""
+        self._invalidations += 1
+        for fetch in self._inflight.values():
+            fetch.poisoned = True
+        self._inflight.clear()
+        return self._cache.clear()
+
     def _fetch(self, key: bytes) -> Deferred:
         """Join the fetch of ``key`` in flight, or start one (singleflight)."""
         waiter: Deferred = Deferred()
-        waiters = self._inflight.get(key)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._inflight[key] = [waiter]
-        self._backing.get(key).addBoth(self._settle, key)
+        fetch = self._inflight.get(key)
+        if fetch is None:
+            fetch = self._inflight[key] = _Fetch()
+            self._backing.get(key).addBoth(self._settle, key, fetch)
+        fetch.waiters.append(waiter)
         return waiter
 
-    def _settle(self, result: Union[Optional[bytes], Failure], key: bytes) -> None:
-        waiters = self._inflight.pop(key)
+    def _settle(self, result: Union[Optional[bytes], Failure], key: bytes, fetch: _Fetch) -> None:
+        if self._inflight.get(key) is fetch:
+            del self._inflight[key]
         if isinstance(result, Failure):
-            for waiter in waiters:
+            for waiter in fetch.waiters:
                 waiter.errback(result)
             return
-        if result is not None:
+        if result is not None and self.caching and not fetch.poisoned:
             self._cache.put(key, result)
-        for waiter in waiters:
+        for waiter in fetch.waiters:
             waiter.callback(result)
 
     def _lookup_many(self, keys: list[bytes]) -> Union[list, Deferred]:
@@ -97,11 +127,25 @@ class CachedReader:
             return values
         self._metrics.cache_misses += len(missing)
         unique = list(dict.fromkeys(missing))
-        return self._backing.mget(unique).addCallback(self._merge, keys, values, unique)
+        d = self._backing.mget(unique)
+        return d.addCallback(self._merge, keys, values, unique, self._invalidations)
 
-    def _merge(self, fetched: list, keys: list[bytes], values: list, unique: list[bytes]) -> list:
+    def _merge(
+        self, fetched: list, keys: list[bytes], values: list, unique: list[bytes], seen: int
+    ) -> list:
         found = dict(zip(unique, fetched))
-        for key, value in found.items():
-            if value is not None:
-                self._cache.put(key, value)
+        if self.caching and seen == self._invalidations:
+            for key, value in found.items():
+                if value is not None:
+                    self._cache.put(key, value)
         return [found[key] if value is None else value for key, value in zip(keys, values)]
+
+
+class _Fetch:
+    """One backing GET in flight and the callers waiting on it."""
+
+    __slots__ = ("waiters", "poisoned")
+
+    def __init__(self) -> None:
+        self.waiters: list[Deferred] = []
+        self.poisoned = False

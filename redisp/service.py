@@ -23,6 +23,7 @@ from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config
 from redisp.gate import Gate
+from redisp.invalidation import Invalidator
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
 from redisp.resp_server import RespFactory
@@ -94,6 +95,8 @@ class ProxyService(MultiService):
         super().startService()
         p = self.proxy
         p.backing.start()
+        if p.invalidator is not None:
+            p.invalidator.start()
         self._sweeper.start(SWEEP_INTERVAL, now=False)
         doors = ", ".join(f"{s.name} on {s.address()}" for s in self if isinstance(s, Listener))
         c = p.config
@@ -112,6 +115,8 @@ class ProxyService(MultiService):
             self._sweeper.stop()
         d = super().stopService()  # listeners stop accepting new connections
         d.addCallback(lambda _: p.gate.drained(p.config.redis_timeout + 1.0))
+        if p.invalidator is not None:
+            d.addBoth(lambda _: p.invalidator.stop())
         d.addBoth(lambda _: p.backing.stop())
         return d
 
@@ -128,20 +133,29 @@ class Proxy:
     backing: Backing
     reader: CachedReader
     slots: ClientSlots
+    invalidator: Optional[Invalidator] = None
     service: ProxyService = None  # type: ignore[assignment]
 
 
-def build_proxy(config: Config, reactor: Any) -> Proxy:
-    """Build one proxy from its config; nothing listens until the service starts."""
+def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
+    """Build one proxy from its config; nothing listens until the service starts.
+
+    ``cache_clock`` (default: the reactor) times cache entries alone, so
+    end-to-end tests can expire entries with ``task.Clock`` instead of waiting.
+    """
     metrics = Metrics(started=reactor.seconds())
-    cache = Cache(config.capacity, config.ttl, reactor, metrics)
+    cache = Cache(config.capacity, config.ttl, cache_clock or reactor, metrics)
     gate = Gate(config.concurrency, reactor)
     backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
     reader = CachedReader(cache, gate, backing, metrics)
     slots = ClientSlots(config.max_clients, metrics)
     metrics.cache_size = cache.__len__
     metrics.backing_up = lambda: backing.up
-    proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots)
+    invalidator = None
+    if config.invalidation == "tracking":
+        invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader, metrics)
+        metrics.invalidation_state = lambda: invalidator.state
+    proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator)
 
     service = ProxyService(proxy)
     doors = [

@@ -28,8 +28,8 @@ OPTIONS = [
     ("concurrency", "requests processed at once across all clients; 1 = one at a time "
                     "[default: 1]"),
     ("max-clients", "connections accepted at once over both front doors [default: 10000]"),
-    ("invalidation", "off, or tracking (drop keys as soon as they change in Redis) "
-                     "[default: off]"),
+    ("invalidation", "off, or tracking: drop keys as soon as they change in Redis "
+                     "(Redis >= 6) [default: off]"),
     ("max-bulk-bytes", "largest bulk string argument accepted over RESP [default: 1048576]"),
     ("max-args", "most arguments in one RESP request [default: 1024]"),
     ("max-inline-bytes", "longest inline (telnet) RESP request line [default: 65536]"),
@@ -70,8 +70,13 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     except ConfigError as e:
         raise SystemExit(f"redisp: configuration error: {e}") from None
     if config.invalidation == "tracking":
-        raise SystemExit("redisp: configuration error: invalidation: 'tracking' is not yet "
-                         "supported; use 'off'")
+        from redisp.invalidation import tracking_support_problem
+
+        problem = tracking_support_problem(config.redis, config.redis_timeout)
+        if problem is not None:
+            raise SystemExit(
+                f"redisp: invalidation: tracking needs Redis >= 6 with CLIENT TRACKING; "
+                f"{config.redis.redacted()} answered: {problem}")
 
     from redisp.service import build_proxy
 

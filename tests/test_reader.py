@@ -128,3 +128,57 @@ def test_capacity_zero_is_pass_through():
         assert result_of(d) == (b"v", False)
         clock.advance(0)
     assert len(backing.calls) == 3
+
+
+def test_invalidation_during_a_fetch_keeps_the_fetched_value_out_of_the_cache():
+    """Read, invalidate, then store: the store must not happen."""
+    reader, backing, cache, clock, _ = make(concurrency=4)
+    first = reader.get(b"k")
+    reader.invalidate(b"k")  # the write landed while the GET was in flight
+    later = reader.get(b"k")  # must not join the fetch that predates the write
+    assert backing.calls == [(b"GET", b"k"), (b"GET", b"k")]
+    backing.pending[0].callback(b"old")
+    assert result_of(first) == (b"old", False)
+    assert len(cache) == 0
+    backing.pending[1].callback(b"new")
+    assert result_of(later) == (b"new", False)
+    clock.advance(0)
+    assert reader.get(b"k") == (b"new", True)
+
+
+def test_invalidate_all_poisons_every_fetch_and_clears_the_cache():
+    reader, backing, cache, clock, _ = make(concurrency=4)
+    cache.put(b"x", b"1")
+    d = reader.get(b"k")
+    assert reader.invalidate_all() == 1
+    backing.pending[0].callback(b"old")
+    assert result_of(d) == (b"old", False)
+    assert len(cache) == 0
+
+
+def test_an_invalidation_during_an_mget_stores_none_of_it():
+    reader, backing, cache, _, _ = make()
+    d = reader.get_many([b"a", b"b"])
+    reader.invalidate(b"zzz")
+    backing.pending[0].callback([b"1", b"2"])
+    assert result_of(d) == [b"1", b"2"]
+    assert len(cache) == 0
+
+
+def test_nothing_is_stored_while_caching_is_off():
+    reader, backing, cache, clock, _ = make()
+    reader.caching = False
+    d = reader.get(b"k")
+    backing.pending[0].callback(b"v")
+    assert result_of(d) == (b"v", False)
+    d = reader.get_many([b"a"])
+    clock.advance(0)
+    backing.pending[1].callback([b"1"])
+    assert len(cache) == 0
+
+
+def test_invalidate_drops_a_cached_key():
+    reader, _, cache, _, metrics = make()
+    cache.put(b"k", b"v")
+    reader.invalidate(b"k")
+    assert len(cache) == 0 and metrics.cache_invalidations == 1
