@@ -17,13 +17,14 @@ txredisapi leaves open:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -89,14 +90,14 @@ class Backing:
         timeout: float,
         reactor: Any,
         metrics: Metrics,
-        endpoint: Optional[IStreamClientEndpoint] = None,
+        endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self._clock = reactor
         self._metrics = metrics
-        self._protocol: Optional[txredisapi.BaseRedisProtocol] = None
-        self._down_reason: Optional[str] = None
+        self._protocol: txredisapi.BaseRedisProtocol | None = None
+        self._down_reason: str | None = None
         self._ever_up = False
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
@@ -136,7 +137,9 @@ class Backing:
         """Send one command; fails with a BackingError subclass, never hangs."""
         protocol = self._protocol
         if protocol is not None:
-            d = protocol.execute_command(*args, apply_timeout=False)
+            # raises "Not connected" when the connection has just dropped and
+            # _lost has not run yet: a failed Deferred like any other failure
+            d = maybeDeferred(protocol.execute_command, *args, apply_timeout=False)
         elif self._down_reason is not None:
             error = BackingUnavailable(f"backing redis unavailable ({self._down_reason})")
             self._metrics.backing_errors[error.kind] += 1
@@ -202,7 +205,9 @@ class Backing:
 
     def _ready(self, protocol: Any) -> None:
         self._protocol = protocol
-        protocol.whenDisconnected().addCallback(self._lost)
+        # ``protocol`` is ClientService's proxy of the real one, which is what
+        # whenDisconnected fires with: bind the proxy, compared in _lost
+        protocol.whenDisconnected().addCallback(lambda _: self._lost(protocol))
         if self._down_reason is not None or not self._ever_up:
             log.info("backing redis {url} connected", url=self.url.redacted())
         self._down_reason = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from itertools import islice
-from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -35,7 +34,7 @@ class Cache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes) -> Optional[bytes]:
+    def get(self, key: bytes) -> bytes | None:
         """The cached value of ``key``, or None; a read marks it recently used."""
         entry = self._entries.get(key)
         if entry is None:

@@ -9,8 +9,9 @@ clear line instead of a traceback or a silently ignored typo.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -27,8 +28,8 @@ class RedisURL:
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
-    username: Optional[str] = None
-    password: Optional[str] = None
+    username: str | None = None
+    password: str | None = None
 
     def redacted(self) -> str:
         """The URL as it may be logged: never with the password."""
@@ -65,8 +66,8 @@ def parse_redis_url(text: str) -> RedisURL:
 class Config:
     """Every setting of one proxy. Frozen: it is read everywhere, changed nowhere."""
 
-    http: Optional[str] = "tcp:9997:interface=127.0.0.1"
-    resp: Optional[str] = "tcp:6380:interface=127.0.0.1"
+    http: str | None = "tcp:9997:interface=127.0.0.1"
+    resp: str | None = "tcp:6380:interface=127.0.0.1"
     redis: RedisURL = RedisURL()
     redis_timeout: float = 2.0
     ttl: float = 60.0
@@ -80,7 +81,7 @@ class Config:
     access_log: bool = False
 
 
-def _endpoint(value: Any) -> Optional[str]:
+def _endpoint(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
@@ -185,7 +186,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 def load_config(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
-    config_path: Optional[str] = None,
+    config_path: str | None = None,
     cwd: str = ".",
 ) -> Config:
     """Build the Config from every source, highest precedence first.

@@ -12,7 +12,8 @@ the lock held for good (Twisted #9304; ``redis-benchmark -P 16`` is enough).
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar, Union
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -26,7 +27,7 @@ class Gate:
     def __init__(self, concurrency: int, clock: IReactorTime) -> None:
         self.concurrency = concurrency
         self._clock = clock
-        self._lock: Union[DeferredLock, DeferredSemaphore] = (
+        self._lock: DeferredLock | DeferredSemaphore = (
             DeferredLock() if concurrency == 1 else DeferredSemaphore(concurrency)
         )
         self._outstanding = 0  # admitted or waiting, not yet released

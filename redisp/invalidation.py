@@ -27,7 +27,7 @@ a fetch and an invalidation of the same key is designed out in ``reader.py``.
 from __future__ import annotations
 
 import socket
-from typing import Any, Optional
+from typing import Any
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
@@ -71,7 +71,7 @@ class Invalidator:
         reactor: Any,
         reader: CachedReader,
         metrics: Metrics,
-        endpoint: Optional[IStreamClientEndpoint] = None,
+        endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
@@ -79,7 +79,7 @@ class Invalidator:
         self._reader = reader
         self._metrics = metrics
         self.active = False
-        self._problem: Optional[str] = None
+        self._problem: str | None = None
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
         self._service = ClientService(
@@ -151,7 +151,7 @@ class Invalidator:
         log.warn("invalidation: tracking connection lost; cache flushed, caching off "
                  "until tracking is re-established")
 
-    def _message(self, keys: Optional[list]) -> None:
+    def _message(self, keys: list | None) -> None:
         self._metrics.invalidation_messages += 1
         if keys is None:  # FLUSHDB / FLUSHALL, or Redis lost track: anything changed
             self._flush()
@@ -167,7 +167,7 @@ class Invalidator:
         self._reader.invalidate_all()
 
 
-def tracking_support_problem(url: RedisURL, timeout: float) -> Optional[str]:
+def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
     """Why the backing Redis cannot do BCAST tracking, or None when it can.
 
     Asked once, synchronously, before the reactor starts, so that an old

@@ -17,9 +17,7 @@ off (tracking lost) nothing is stored at all.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from redisp.backing import Backing
@@ -28,7 +26,7 @@ from redisp.gate import Gate
 from redisp.metrics import Metrics
 
 #: (value or None when absent, True when answered from the cache)
-Lookup = tuple[Optional[bytes], bool]
+Lookup = tuple[bytes | None, bool]
 
 
 class CachedReader:
@@ -45,7 +43,7 @@ class CachedReader:
         self.caching = True
         self._invalidations = 0  # any invalidation bumps it (for MGET fetches)
 
-    def get(self, key: bytes) -> Union[Lookup, Deferred]:
+    def get(self, key: bytes) -> Lookup | Deferred:
         """A Lookup at once for a hit while the gate is idle, else a Deferred.
 
         Skipping the gate for an immediate hit is unobservable: nothing is
@@ -60,7 +58,7 @@ class CachedReader:
                 return value, True
         return self._gate.run(self._lookup, key)
 
-    def get_many(self, keys: list[bytes]) -> Union[list, Deferred]:
+    def get_many(self, keys: list[bytes]) -> list | Deferred:
         """Values (or None) for ``keys``, as one request through the gate.
 
         Misses are fetched with one backing MGET, so a non-string key reads
@@ -73,7 +71,7 @@ class CachedReader:
                 return values
         return self._gate.run(self._lookup_many, keys)
 
-    def _lookup(self, key: bytes) -> Union[Lookup, Deferred]:
+    def _lookup(self, key: bytes) -> Lookup | Deferred:
         value = self._cache.get(key)
         if value is not None:
             self._metrics.cache_hits += 1
@@ -101,13 +99,15 @@ class CachedReader:
         """Join the fetch of ``key`` in flight, or start one (singleflight)."""
         waiter: Deferred = Deferred()
         fetch = self._inflight.get(key)
-        if fetch is None:
-            fetch = self._inflight[key] = _Fetch()
-            self._backing.get(key).addBoth(self._settle, key, fetch)
-        fetch.waiters.append(waiter)
+        if fetch is not None:
+            fetch.waiters.append(waiter)
+            return waiter
+        fetch = self._inflight[key] = _Fetch()
+        fetch.waiters.append(waiter)  # before the fetch: it may settle at once
+        maybeDeferred(self._backing.get, key).addBoth(self._settle, key, fetch)
         return waiter
 
-    def _settle(self, result: Union[Optional[bytes], Failure], key: bytes, fetch: _Fetch) -> None:
+    def _settle(self, result: bytes | None | Failure, key: bytes, fetch: _Fetch) -> None:
         if self._inflight.get(key) is fetch:
             del self._inflight[key]
         if isinstance(result, Failure):
@@ -119,7 +119,7 @@ class CachedReader:
         for waiter in fetch.waiters:
             waiter.callback(result)
 
-    def _lookup_many(self, keys: list[bytes]) -> Union[list, Deferred]:
+    def _lookup_many(self, keys: list[bytes]) -> list | Deferred:
         values = [self._cache.get(key) for key in keys]
         missing = [key for key, value in zip(keys, values) if value is None]
         self._metrics.cache_hits += len(keys) - len(missing)
@@ -127,7 +127,7 @@ class CachedReader:
             return values
         self._metrics.cache_misses += len(missing)
         unique = list(dict.fromkeys(missing))
-        d = self._backing.mget(unique)
+        d = maybeDeferred(self._backing.mget, unique)
         return d.addCallback(self._merge, keys, values, unique, self._invalidations)
 
     def _merge(

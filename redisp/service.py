@@ -7,7 +7,7 @@ end-to-end tests do) and every clock is the one handed in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
@@ -49,7 +49,7 @@ class Listener(Service):
         self.description = description
         self._endpoint = endpoint
         self._factory = factory
-        self.port: Optional[IListeningPort] = None
+        self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
         outcome: list[Any] = []
@@ -133,7 +133,7 @@ class Proxy:
     backing: Backing
     reader: CachedReader
     slots: ClientSlots
-    invalidator: Optional[Invalidator] = None
+    invalidator: Invalidator | None = None
     service: ProxyService = None  # type: ignore[assignment]
 
 
@@ -159,7 +159,7 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
 
     service = ProxyService(proxy)
     doors = [
-        ("http", config.http, lambda: build_site(reader, backing, metrics, slots, config)),
+        ("http", config.http, lambda: build_site(reader, backing, metrics, slots, config, reactor)),
         ("resp", config.resp, lambda: RespFactory(reader, metrics, slots, config, reactor)),
     ]
     for name, description, make_factory in doors:

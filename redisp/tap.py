@@ -7,7 +7,7 @@ which the precedence (command line > environment > conf.yaml) needs.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -54,7 +54,7 @@ class Options(usage.Options):
     ]
 
 
-def cli_values(options: usage.Options) -> dict[str, Optional[str]]:
+def cli_values(options: usage.Options) -> dict[str, str | None]:
     """The options as load_config keys (``redis-timeout`` -> ``redis_timeout``)."""
     return {name.replace("-", "_"): options[name] for name, _ in OPTIONS}
 

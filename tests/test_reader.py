@@ -182,3 +182,39 @@ def test_invalidate_drops_a_cached_key():
     cache.put(b"k", b"v")
     reader.invalidate(b"k")
     assert len(cache) == 0 and metrics.cache_invalidations == 1
+
+
+class FailingBacking(FakeBacking):
+    """Fails at once, the way Backing does while Redis is known to be down."""
+
+    def get(self, key):
+        self.calls.append((b"GET", key))
+        from twisted.internet.defer import fail
+
+        return fail(BackingUnavailable("backing redis unavailable (refused)"))
+
+
+class RaisingBacking(FakeBacking):
+    def get(self, key):
+        raise BackingUnavailable("backing redis unavailable (not connected)")
+
+    def mget(self, keys):
+        raise BackingUnavailable("backing redis unavailable (not connected)")
+
+
+def test_a_fetch_that_fails_at_once_answers_and_frees_the_gate():
+    """A synchronous failure must reach the caller, or the gate stays held forever."""
+    for backing_class in (FailingBacking, RaisingBacking):
+        clock = Clock()
+        metrics = Metrics(started=0)
+        gate = Gate(1, clock)
+        reader = CachedReader(Cache(10, 10, clock, metrics), gate, backing_class(), metrics)
+        for _ in range(3):
+            failure = result_of(reader.get(b"k"))
+            assert isinstance(failure, Failure) and failure.check(BackingUnavailable)
+            clock.advance(0)
+        failure = result_of(reader.get_many([b"a"])) if backing_class is RaisingBacking else None
+        if failure is not None:
+            assert failure.check(BackingUnavailable)
+            clock.advance(0)
+        assert gate.idle() and reader._inflight == {}

@@ -1,0 +1,16 @@
+FROM python:3.11-slim
+
+WORKDIR /app
+COPY setup.cfg pyproject.toml README.md conf.yaml ./
+COPY redisp ./redisp
+COPY twisted ./twisted
+RUN pip install --no-cache-dir . && useradd --system redisp
+
+USER redisp
+# Inside the container the doors listen on every interface; publish the ports you need.
+ENV REDISP_HTTP=tcp:9997:interface=0.0.0.0 \
+    REDISP_RESP=tcp:6380:interface=0.0.0.0 \
+    REDISP_REDIS=redis://redis:6379/0
+EXPOSE 9997 6380
+# --pidfile= : twistd writes twistd.pid even with -n, and a restarted container would refuse to start
+CMD ["twistd", "-n", "--pidfile=", "redisp"]

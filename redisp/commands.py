@@ -1,0 +1,602 @@
+"""The commands of the RESP door: one table of name -> arity and handler.
+
+Every command a Redis client needs to connect and read is here, answered the
+way Redis 7 answers it, down to the error wording (src/server.c
+``commandCheckExistence``/``commandCheckArity``, src/networking.c for HELLO
+and CLIENT), because client libraries and tools match on that text.
+
+A handler takes the connection's ``Session`` and the request's arguments and
+returns a ``Reply``: ``(encoded reply, outcome)`` when it can answer at once,
+or a Deferred firing with that pair.  The outcome is the metrics label
+(``Metrics.OUTCOMES``).  Handlers encode with the encoder the connection had
+when the request arrived, so a ``HELLO 3`` pipelined behind a slow GET does
+not change how that GET is answered.
+
+Version: HELLO and INFO report ``redis_version`` 7.0.0, the Redis release
+whose client-facing behaviour this door follows (RESP3, HELLO, COMMAND DOCS),
+not the version of the backing Redis.  CLIENT SETINFO (Redis 7.2) is
+accepted too, because redis-py sends it on every connection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+import redisp
+from redisp.backing import BackingError, BackingReplyError
+from redisp.config import Config
+from redisp.metrics import Metrics
+from redisp.resp import (
+    EMPTY_ARRAY,
+    OK,
+    PONG,
+    RESP2,
+    Encoder,
+    array,
+    bulk,
+    encoder_for,
+    error,
+    integer,
+    parse_integer,
+    simple,
+)
+
+#: the Redis version this door imitates (see the module docstring)
+REDIS_VERSION = "7.0.0"
+
+# outcomes, as Metrics.OUTCOMES spells them
+HIT = "hit"
+MISS = "miss"
+ABSENT = "absent"
+BACKING_ERROR = "backing_error"
+BAD_REQUEST = "bad_request"
+PROTOCOL_ERROR = "protocol_error"
+OTHER = "other"
+
+#: what a handler returns: (encoded reply, outcome), or a Deferred of that
+Reply = tuple[bytes, str] | Deferred
+Handler = Callable[["Session", list[bytes]], Reply]
+
+
+class Session:
+    """One RESP connection as its commands see it, plus the proxy it talks to.
+
+    The connection's own state (protocol, name, id) lives here rather than on
+    the Twisted protocol so commands can be tested without a transport.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        reader: Any,
+        metrics: Metrics,
+        config: Config,
+        clock: IReactorTime,
+    ) -> None:
+        self.id = client_id
+        self.reader = reader
+        self.metrics = metrics
+        self.config = config
+        self.clock = clock
+        #: replies are encoded with this; HELLO switches it
+        self.encoder: Encoder = RESP2
+        self.name: bytes | None = None
+        self.lib_name: bytes | None = None
+        self.lib_ver: bytes | None = None
+        #: set by QUIT: close once every reply so far has been written
+        self.closing = False
+
+
+@dataclass(frozen=True)
+class Command:
+    """One entry of the table, with what ``COMMAND INFO`` reports about it."""
+
+    name: str  # Redis's full name: "get", "client|setname"
+    arity: int  # as Redis: N = exactly N arguments, -N = at least N (name included)
+    handler: Handler
+    flags: tuple[str, ...] = ()
+    acl: tuple[str, ...] = ()
+    keys: tuple[int, int, int] = (0, 0, 0)  # first key, last key, step
+    subcommands: dict[bytes, Command] = field(default_factory=dict)
+
+
+def execute(session: Session, argv: list[bytes]) -> Reply:
+    """Run one request: look its command up, check its arity, call it."""
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        command = COMMANDS.get(argv[0].lower())
+        if command is None:
+            return error(unknown_command(argv)), BAD_REQUEST
+    arity = command.arity
+    if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
+        return error(wrong_arity(command.name)), BAD_REQUEST
+    return command.handler(session, argv)
+
+
+# -- Redis's error wording ----------------------------------------------------------
+
+
+def unknown_command(argv: list[bytes]) -> bytes:
+    """``ERR unknown command 'x', with args beginning with: 'a' 'b' ``.
+
+    As Redis formats it: the name and the quoted arguments each cut at 128
+    bytes in all, each argument followed by a blank, C strings (so cut at a
+    NUL byte as well).
+    """
+    args = b""
+    for arg in argv[1:]:
+        if len(args) >= 128:
+            break
+        args += b"'" + _c_string(arg)[:128 - len(args)] + b"' "
+    name = _c_string(argv[0])[:128]
+    return b"ERR unknown command '" + name + b"', with args beginning with: " + args
+
+
+def unknown_subcommand(container: str, argv: list[bytes]) -> bytes:
+    """``ERR unknown subcommand 'x'. Try CLIENT HELP.``"""
+    sub = _c_string(argv[1])[:128]
+    return b"ERR unknown subcommand '" + sub + b"'. Try " + container.encode() + b" HELP."
+
+
+def wrong_arity(name: str) -> str:
+    """Redis names the command in lower case, subcommands as ``client|setname``."""
+    return f"ERR wrong number of arguments for '{name}' command"
+
+
+def _c_string(arg: bytes) -> bytes:
+    nul = arg.find(b"\0")
+    return arg if nul < 0 else arg[:nul]
+
+
+#: "WRONGTYPE ...", "ERR ...", "NOAUTH ...": a reply that already has its code
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]*(?: |$)")
+
+
+def backing_error_reply(exc: BackingError) -> bytes:
+    """The error reply for a failed backing call.
+
+    Redis's own errors pass through with their code (``-WRONGTYPE ...``);
+    everything else is ours and gets ``ERR`` (``-ERR backing redis
+    unavailable (...)``).
+    """
+    text = str(exc)
+    if isinstance(exc, BackingReplyError) and _ERROR_CODE.match(text):
+        return error(text)
+    return error("ERR " + text)
+
+
+def _backing_failed(failure: Failure) -> tuple[bytes, str]:
+    """Errback of reads: BackingErrors become replies, anything else goes on
+    (the server answers it with ``-ERR internal error`` and logs it)."""
+    failure.trap(BackingError)
+    return backing_error_reply(failure.value), BACKING_ERROR
+
+
+# -- keys ----------------------------------------------------------------------------
+
+
+def _get(session: Session, argv: list[bytes]) -> Reply:
+    result = session.reader.get(argv[1])
+    if result.__class__ is tuple:  # a cache hit, answered at once: the hot path
+        value = result[0]
+        if value is None:
+            return session.encoder.null, ABSENT
+        return bulk(value), HIT if result[1] else MISS
+    return result.addCallbacks(_got, _backing_failed, callbackArgs=(session.encoder,))
+
+
+def _got(result: tuple[bytes | None, bool], encoder: Encoder) -> tuple[bytes, str]:
+    value, hit = result
+    if value is None:
+        return encoder.null, ABSENT
+    return bulk(value), HIT if hit else MISS
+
+
+def _mget(session: Session, argv: list[bytes]) -> Reply:
+    """MGET, counted as one request: ``hit`` when answered at once from the
+    cache, ``absent`` when no key had a value, else ``miss`` (the reader does
+    not say which keys came from where)."""
+    encoder = session.encoder
+    result = session.reader.get_many(argv[1:])
+    if result.__class__ is list:
+        return _values(result, encoder), HIT
+    return result.addCallbacks(_got_many, _backing_failed, callbackArgs=(encoder,))
+
+
+def _got_many(values: list, encoder: Encoder) -> tuple[bytes, str]:
+    outcome = ABSENT if all(value is None for value in values) else MISS
+    return _values(values, encoder), outcome
+
+
+def _values(values: list, encoder: Encoder) -> bytes:
+    null = encoder.null
+    return array([null if value is None else bulk(value) for value in values])
+
+
+# -- connection ------------------------------------------------------------------------
+
+
+def _ping(session: Session, argv: list[bytes]) -> Reply:
+    if len(argv) == 1:
+        return PONG, OTHER
+    if len(argv) == 2:
+        return bulk(argv[1]), OTHER
+    return error(wrong_arity("ping")), BAD_REQUEST
+
+
+def _echo(session: Session, argv: list[bytes]) -> Reply:
+    return bulk(argv[1]), OTHER
+
+
+def _quit(session: Session, argv: list[bytes]) -> Reply:
+    session.closing = True
+    return OK, OTHER
+
+
+def _select(session: Session, argv: list[bytes]) -> Reply:
+    index = parse_integer(argv[1])
+    if index is None:
+        return error("ERR value is not an integer or out of range"), BAD_REQUEST
+    if index != 0:
+        # the proxy fronts one database of the backing Redis, the one in
+        # --redis; to clients that database is db 0
+        return error(
+            "ERR DB index is out of range (redisp serves one database, "
+            "db 0, which is the one chosen by --redis)"
+        ), BAD_REQUEST
+    return OK, OTHER
+
+
+def _hello(session: Session, argv: list[bytes]) -> Reply:
+    version = 0
+    if len(argv) >= 2:
+        version = parse_integer(argv[1])  # type: ignore[assignment]
+        if version is None:
+            return error("ERR Protocol version is not an integer or out of range"), BAD_REQUEST
+        if version not in (2, 3):
+            return error("NOPROTO unsupported protocol version"), BAD_REQUEST
+    j = 2
+    while j < len(argv):
+        option = argv[j].lower()
+        more = len(argv) - 1 - j
+        if option == b"auth" and more >= 2:
+            # The proxy has no users or passwords of its own (whoever reaches
+            # its port may read), so credentials are accepted and ignored,
+            # which lets clients configured for a password-protected Redis
+            # connect unchanged.  The backing Redis's password is in --redis.
+            j += 3
+        elif option == b"setname" and more >= 1:
+            if not _valid_attribute(argv[j + 1]):
+                return error(_BAD_NAME), BAD_REQUEST
+            session.name = argv[j + 1] or None
+            j += 2
+        else:
+            return error(b"ERR Syntax error in HELLO option '" + _c_string(argv[j]) + b"'"), \
+                BAD_REQUEST
+    if version:
+        session.encoder = encoder_for(version)
+    encoder = session.encoder  # the reply already speaks the new protocol, as in Redis
+    return encoder.map([
+        (bulk(b"server"), bulk(b"redis")),
+        (bulk(b"version"), bulk(REDIS_VERSION.encode())),
+        (bulk(b"proto"), integer(encoder.version)),
+        (bulk(b"id"), integer(session.id)),
+        (bulk(b"mode"), bulk(b"standalone")),
+        (bulk(b"role"), bulk(b"master")),
+        (bulk(b"modules"), EMPTY_ARRAY),
+    ]), OTHER
+
+
+_BAD_NAME = "ERR Client names cannot contain spaces, newlines or special characters."
+
+
+def _valid_attribute(value: bytes) -> bool:
+    """Redis keeps names printable and blank-free so CLIENT LIST stays
+    splittable; the empty string is allowed (it clears the name)."""
+    return all(0x21 <= byte <= 0x7E for byte in value)
+
+
+def _client(session: Session, argv: list[bytes]) -> Reply:
+    return _subcommand(session, argv, "CLIENT", CLIENT_SUBCOMMANDS)
+
+
+def _subcommand(
+    session: Session, argv: list[bytes], container: str, table: dict[bytes, Command]
+) -> Reply:
+    command = table.get(argv[1].lower())
+    if command is None:
+        return error(unknown_subcommand(container, argv)), BAD_REQUEST
+    arity = command.arity
+    if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
+        return error(wrong_arity(command.name)), BAD_REQUEST
+    return command.handler(session, argv)
+
+
+def _client_setname(session: Session, argv: list[bytes]) -> Reply:
+    if not _valid_attribute(argv[2]):
+        return error(_BAD_NAME), BAD_REQUEST
+    session.name = argv[2] or None
+    return OK, OTHER
+
+
+def _client_getname(session: Session, argv: list[bytes]) -> Reply:
+    if session.name is None:
+        return session.encoder.null, OTHER
+    return bulk(session.name), OTHER
+
+
+def _client_id(session: Session, argv: list[bytes]) -> Reply:
+    return integer(session.id), OTHER
+
+
+def _client_setinfo(session: Session, argv: list[bytes]) -> Reply:
+    attribute, value = argv[2], argv[3]
+    which = attribute.lower()
+    if which not in (b"lib-name", b"lib-ver"):
+        return error(b"ERR Unrecognized option '" + _c_string(attribute) + b"'"), BAD_REQUEST
+    if not _valid_attribute(value):
+        return error(
+            b"ERR " + _c_string(attribute)
+            + b" cannot contain spaces, newlines or special characters."
+        ), BAD_REQUEST
+    if which == b"lib-name":
+        session.lib_name = value or None
+    else:
+        session.lib_ver = value or None
+    return OK, OTHER
+
+
+def _help(lines: list[str]) -> Handler:
+    reply = array([simple(line) for line in lines])
+
+    def handler(session: Session, argv: list[bytes]) -> Reply:
+        return reply, OTHER
+
+    return handler
+
+
+# -- introspection ----------------------------------------------------------------------
+
+
+def _command(session: Session, argv: list[bytes]) -> Reply:
+    if len(argv) == 1:
+        return _command_infos(session.encoder, list(TABLE)), OTHER
+    return _subcommand(session, argv, "COMMAND", COMMAND_SUBCOMMANDS)
+
+
+def _command_count(session: Session, argv: list[bytes]) -> Reply:
+    return integer(len(TABLE)), OTHER
+
+
+def _command_info(session: Session, argv: list[bytes]) -> Reply:
+    names = [name.lower().decode("latin-1") for name in argv[2:]] or list(TABLE)
+    return _command_infos(session.encoder, names), OTHER
+
+
+def _command_docs(session: Session, argv: list[bytes]) -> Reply:
+    # No docs: an empty reply makes redis-cli build its hints from nothing,
+    # where an error would make it fall back to hints for all of Redis.
+    return session.encoder.map([]), OTHER
+
+
+def _command_infos(encoder: Encoder, names: list[str]) -> bytes:
+    return array([_info_entry(encoder, name) for name in names])
+
+
+_info_cache: dict[tuple[int, str], bytes] = {}
+
+
+def _info_entry(encoder: Encoder, name: str) -> bytes:
+    """One command's COMMAND INFO entry (Redis 7's ten fields), or null."""
+    key = (encoder.version, name)
+    entry = _info_cache.get(key)
+    if entry is None:
+        command = ALL_COMMANDS.get(name)
+        if command is None:
+            return encoder.null
+        entry = _info_cache[key] = _describe(encoder, command)
+    return entry
+
+
+def _describe(encoder: Encoder, command: Command) -> bytes:
+    first, last, step = command.keys
+    key_specs = [] if not first else [_key_spec(encoder, first, last)]
+    return array([
+        bulk(command.name.encode()),
+        integer(command.arity),
+        encoder.set([simple(flag) for flag in command.flags]),
+        integer(first),
+        integer(last),
+        integer(step),
+        encoder.set([simple("@" + category) for category in command.acl]),
+        encoder.set([]),  # tips
+        array(key_specs),
+        array([_describe(encoder, sub) for sub in command.subcommands.values()]),
+    ])
+
+
+def _key_spec(encoder: Encoder, first: int, last: int) -> bytes:
+    """A read-only key spec: keys from argument ``first`` to ``last``."""
+    m = encoder.map
+    lastkey = last - first if last >= 0 else last
+    return m([
+        (bulk(b"flags"), encoder.set([simple("RO"), simple("access")])),
+        (bulk(b"begin_search"), m([
+            (bulk(b"type"), bulk(b"index")),
+            (bulk(b"spec"), m([(bulk(b"index"), integer(first))])),
+        ])),
+        (bulk(b"find_keys"), m([
+            (bulk(b"type"), bulk(b"range")),
+            (bulk(b"spec"), m([
+                (bulk(b"lastkey"), integer(lastkey)),
+                (bulk(b"keystep"), integer(1)),
+                (bulk(b"limit"), integer(0)),
+            ])),
+        ])),
+    ])
+
+
+# -- INFO --------------------------------------------------------------------------------
+
+#: section names in the order INFO prints them
+INFO_SECTIONS = ("server", "clients", "stats", "proxy")
+
+
+def _info(session: Session, argv: list[bytes]) -> Reply:
+    # always a bulk string, in RESP3 too (Redis sends a verbatim string
+    # there; redis-cli asserts on anything but a bulk string)
+    wanted = {arg.lower().decode("latin-1") for arg in argv[1:]}
+    if not wanted or wanted & {"all", "default", "everything"}:
+        wanted = set(INFO_SECTIONS)
+    return bulk(render_info(session, wanted).encode()), OTHER
+
+
+def render_info(session: Session, sections: set[str]) -> str:
+    """The INFO text: ``# Section`` then ``field:value`` lines, sections
+    separated by a blank line, every line ending in CRLF, as Redis writes it."""
+    metrics, config, clock = session.metrics, session.config, session.clock
+    uptime = max(0, int(clock.seconds() - metrics.started))
+    fields: dict[str, list[tuple[str, object]]] = {
+        "server": [
+            ("redis_version", REDIS_VERSION),
+            ("redis_mode", "standalone"),
+            ("process_id", os.getpid()),
+            ("uptime_in_seconds", uptime),
+            ("uptime_in_days", uptime // 86400),
+        ],
+        "clients": [
+            ("connected_clients", metrics.connected_clients),
+            ("maxclients", config.max_clients),
+        ],
+        "stats": [
+            ("keyspace_hits", metrics.cache_hits),
+            ("keyspace_misses", metrics.cache_misses),
+            ("evicted_keys", metrics.cache_evictions),
+            ("expired_keys", metrics.cache_expirations),
+        ],
+        "proxy": [
+            ("redisp_version", redisp.__version__),
+            ("uptime_in_seconds", uptime),
+            ("connected_clients", metrics.connected_clients),
+            ("cache_size", metrics.cache_size()),
+            ("cache_hits", metrics.cache_hits),
+            ("cache_misses", metrics.cache_misses),
+            ("cache_evictions", metrics.cache_evictions),
+            ("cache_expirations", metrics.cache_expirations),
+            ("cache_invalidations", metrics.cache_invalidations),
+            ("backing_redis", config.redis.redacted()),
+            ("backing_status", "up" if metrics.backing_up() else "down"),
+            ("ttl", f"{config.ttl:g}"),
+            ("capacity", config.capacity),
+            ("concurrency", config.concurrency),
+            ("invalidation", config.invalidation),
+        ],
+    }
+    blocks = []
+    for name in INFO_SECTIONS:
+        if name in sections:
+            lines = [f"# {name.capitalize()}"]
+            lines += [f"{key}:{value}" for key, value in fields[name]]
+            blocks.append("".join(line + "\r\n" for line in lines))
+    return "\r\n".join(blocks)
+
+
+# -- the table ---------------------------------------------------------------------------
+
+_CLIENT_HELP = [
+    "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    "GETNAME",
+    "    Return the name of the current connection.",
+    "ID",
+    "    Return the ID of the current connection.",
+    "SETINFO <option> <value>",
+    "    Set client meta attr. Options are:",
+    "    * LIB-NAME: the client lib name.",
+    "    * LIB-VER: the client lib version.",
+    "SETNAME <name>",
+    "    Assign the name <name> to the current connection.",
+    "HELP",
+    "    Print this help.",
+]
+
+_COMMAND_HELP = [
+    "COMMAND <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    "(no subcommand)",
+    "    Return details about all commands of this proxy.",
+    "COUNT",
+    "    Return the total number of commands of this proxy.",
+    "DOCS [<command-name> ...]",
+    "    Return documentary information (none: this proxy has no docs).",
+    "INFO [<command-name> ...]",
+    "    Return details about multiple commands.",
+    "HELP",
+    "    Print this help.",
+]
+
+_CONNECTION = ("fast", "connection")
+
+CLIENT_SUBCOMMANDS: dict[bytes, Command] = {
+    b"setname": Command("client|setname", 3, _client_setname,
+                        ("noscript", "loading", "stale"), ("slow", "connection")),
+    b"getname": Command("client|getname", 2, _client_getname,
+                        ("noscript", "loading", "stale"), ("slow", "connection")),
+    b"id": Command("client|id", 2, _client_id,
+                   ("noscript", "loading", "stale"), ("slow", "connection")),
+    b"setinfo": Command("client|setinfo", 4, _client_setinfo,
+                        ("noscript", "loading", "stale"), ("slow", "connection")),
+    b"help": Command("client|help", 2, _help(_CLIENT_HELP),
+                     ("loading", "stale"), ("slow", "connection")),
+}
+
+COMMAND_SUBCOMMANDS: dict[bytes, Command] = {
+    b"count": Command("command|count", 2, _command_count,
+                      ("loading", "stale"), ("slow", "connection")),
+    b"docs": Command("command|docs", -2, _command_docs,
+                     ("loading", "stale"), ("slow", "connection")),
+    b"info": Command("command|info", -2, _command_info,
+                     ("loading", "stale"), ("slow", "connection")),
+    b"help": Command("command|help", 2, _help(_COMMAND_HELP),
+                     ("loading", "stale"), ("slow", "connection")),
+}
+
+#: every command by name, in COMMAND's order
+TABLE: dict[str, Command] = {
+    command.name: command
+    for command in [
+        Command("get", 2, _get, ("readonly", "fast"), ("read", "string", "fast"), (1, 1, 1)),
+        Command("mget", -2, _mget, ("readonly", "fast"), ("read", "string", "fast"), (1, -1, 1)),
+        Command("ping", -1, _ping, ("fast",), _CONNECTION),
+        Command("echo", 2, _echo, ("loading", "stale", "fast"), _CONNECTION),
+        Command("quit", -1, _quit,
+                ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
+        Command("hello", -1, _hello,
+                ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
+        Command("select", 2, _select, ("loading", "stale", "fast"), _CONNECTION),
+        Command("client", -2, _client, (), ("slow",), subcommands=CLIENT_SUBCOMMANDS),
+        Command("command", -1, _command, ("loading", "stale"), ("slow", "connection"),
+                subcommands=COMMAND_SUBCOMMANDS),
+        Command("info", -1, _info, ("loading", "stale"), ("slow", "dangerous")),
+    ]
+}
+
+#: commands and subcommands by full name, for COMMAND INFO client|setname
+ALL_COMMANDS: dict[str, Command] = {
+    **TABLE,
+    **{sub.name: sub for command in TABLE.values() for sub in command.subcommands.values()},
+}
+
+#: lookup keys for execute(): lower case, upper case (what clients send) and
+#: anything else lowered
+COMMANDS: dict[bytes, Command] = {}
+for _name, _command_entry in TABLE.items():
+    COMMANDS[_name.encode()] = _command_entry
+    COMMANDS[_name.upper().encode()] = _command_entry
+del _name, _command_entry

@@ -1,0 +1,528 @@
+"""RESP without I/O: the request parser of both wire forms, and reply encoders.
+
+Nothing here touches a socket, a reactor or a command: bytes go in, argument
+lists (or a ``ProtocolError``) come out, and replies are built as bytes.  That
+keeps the hot path of the RESP door in two small pieces that can be tested
+byte by byte and measured on their own.
+
+Parsing follows Redis's own ``processMultibulkBuffer``/``processInlineBuffer``
+(src/networking.c) and ``sdssplitargs`` (src/sds.c), with their error
+wording, and two deliberate differences:
+
+* the limits (``max_bulk_bytes``, ``max_args``, ``max_inline_bytes``) are the
+  proxy's own, and each is enforced on the header or the line *before* the
+  body is buffered, so no client can make us hold more than one limit's worth
+  of an unfinished element;
+* the two bytes after a bulk string must be ``\\r\\n``.  Redis skips them
+  unseen; a client whose lengths are off would then be answered for commands
+  it never sent, so we stop it with a protocol error instead.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "ProtocolError", "RequestParser", "parse_integer", "split_inline",
+    "Encoder", "RESP2", "RESP3", "encoder_for",
+    "OK", "PONG", "CRLF", "EMPTY_ARRAY",
+    "bulk", "simple", "error", "integer", "array",
+]
+
+
+class ProtocolError(Exception):
+    """Input that is not RESP; ``str()`` is the reply text after ``-ERR ``."""
+
+
+# -- numbers ------------------------------------------------------------------
+
+LLONG_MAX = 2**63 - 1
+LLONG_MIN = -(2**63)
+
+#: header text -> value for the lengths clients send all the time: one dict
+#: lookup both validates and converts, where int() would accept " 1", "+1",
+#: "0_1" and "01", which Redis refuses.
+_SMALL: dict[bytes, int] = {b"%d" % i: i for i in range(-1, 10000)}
+
+
+def parse_integer(text: bytes) -> int | None:
+    """The value of ``text`` if Redis's ``string2ll`` accepts it, else None.
+
+    That is an optional ``-`` then decimal digits without a leading zero
+    (``0`` itself excepted), within a signed 64-bit integer.
+    """
+    value = _SMALL.get(text)
+    if value is not None:
+        return value
+    if len(text) > 20:
+        return None
+    negative = text[:1] == b"-"
+    digits = text[1:] if negative else text
+    if not digits.isdigit() or digits[0] == 0x30:  # isdigit() is ASCII-only on bytes
+        return None
+    value = -int(digits) if negative else int(digits)
+    if not LLONG_MIN <= value <= LLONG_MAX:
+        return None
+    return value
+
+
+# -- inline requests ----------------------------------------------------------
+
+#: bytes that make ``bytes.split()`` disagree with sdssplitargs: quotes, NUL
+#: (C ends the string there), and \v \f (blanks between arguments, but not
+#: argument terminators, for sdssplitargs)
+_NEEDS_SDSSPLIT = re.compile(b"[\"'\\x00\\x0b\\x0c]")
+_BLANKS = frozenset(b" \t\n\r\x0b\x0c")  # C isspace()
+_ENDS_TOKEN = frozenset(b" \n\r\t")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+
+
+def split_inline(line: bytes) -> list[bytes] | None:
+    """Split an inline request line like Redis's ``sdssplitargs``.
+
+    Returns the arguments, or None for unbalanced quotes (which includes a
+    closing quote followed by anything but a blank, as Redis has it).
+    """
+    if _NEEDS_SDSSPLIT.search(line) is None:
+        return line.split()
+    return _sdssplitargs(line)
+
+
+def _sdssplitargs(line: bytes) -> list[bytes] | None:
+    """The full state machine, for lines with quotes or unusual blanks."""
+    nul = line.find(b"\0")
+    if nul >= 0:
+        line = line[:nul]
+    n = len(line)
+
+    def at(i: int) -> int:
+        return line[i] if i < n else 0
+
+    argv: list[bytes] = []
+    i = 0
+    while True:
+        while i < n and line[i] in _BLANKS:
+            i += 1
+        if i >= n:
+            return argv
+        current = bytearray()
+        in_double = in_single = False
+        while True:
+            c = at(i)
+            if in_double:
+                if c == 0x5C and at(i + 1) == 0x78 and at(i + 2) in _HEX and at(i + 3) in _HEX:
+                    current.append(int(line[i + 2:i + 4], 16))
+                    i += 3
+                elif c == 0x5C and at(i + 1):
+                    i += 1
+                    current.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 0x22:
+                    if at(i + 1) and at(i + 1) not in _BLANKS:
+                        return None
+                    i += 1
+                    break
+                elif c == 0:
+                    return None
+                else:
+                    current.append(c)
+            elif in_single:
+                if c == 0x5C and at(i + 1) == 0x27:
+                    i += 1
+                    current.append(0x27)
+                elif c == 0x27:
+                    if at(i + 1) and at(i + 1) not in _BLANKS:
+                        return None
+                    i += 1
+                    break
+                elif c == 0:
+                    return None
+                else:
+                    current.append(c)
+            elif c == 0 or c in _ENDS_TOKEN:
+                break
+            elif c == 0x22:
+                in_double = True
+            elif c == 0x27:
+                in_single = True
+            else:
+                current.append(c)
+            i += 1
+        argv.append(bytes(current))
+
+
+# -- the parser -----------------------------------------------------------------
+
+_INVALID_MULTIBULK = "Protocol error: invalid multibulk length"
+_INVALID_BULK = "Protocol error: invalid bulk length"
+_BIG_MULTIBULK = "Protocol error: too big mbulk count string"
+_BIG_BULK = "Protocol error: too big bulk count string"
+_BIG_INLINE = "Protocol error: too big inline request"
+_UNBALANCED = "Protocol error: unbalanced quotes in request"
+_NO_CRLF = "Protocol error: expected '\\r\\n' after a bulk string"
+
+#: "$<n>", the canonical bulk header of each small n, for the fast path
+_HEADERS = [b"$%d" % i for i in range(1024)]
+
+#: what feed() returns: requests, possibly ending with the error that stopped it
+Parsed = list[list[bytes] | ProtocolError]
+
+
+class RequestParser:
+    """Turns a client's byte stream into requests, incrementally.
+
+    ``feed()`` may be given the stream cut anywhere.  It parses every request
+    of a chunk in one pass -- well-formed multibulk requests from one
+    ``split`` of the chunk, anything else by offsets -- and keeps only the
+    unconsumed tail.  While that tail is an unfinished element it is not
+    parsed again until it can have become complete: until the pending bulk
+    string has all its bytes (by count), or until a chunk brings the byte
+    that ends the pending line (each new chunk is searched once, the tail
+    never again).  A large value trickling in a byte at a time therefore
+    costs linear time.  ``feed()`` takes ``bytes``, as Twisted delivers them.
+    """
+
+    __slots__ = (
+        "max_bulk_bytes", "max_args", "max_inline_bytes",
+        "_parts", "_size", "_need", "_until", "_limit", "_too_big", "_inline",
+        "_args", "_remaining", "_bulk", "_failed", "_known",
+    )
+
+    def __init__(
+        self,
+        max_bulk_bytes: int = 1024 * 1024,
+        max_args: int = 1024,
+        max_inline_bytes: int = 64 * 1024,
+    ) -> None:
+        self.max_bulk_bytes = max_bulk_bytes
+        self.max_args = max_args
+        self.max_inline_bytes = max_inline_bytes
+        # the unconsumed tail, as the chunks it arrived in; it always starts
+        # at the beginning of the element being waited for
+        self._parts: list[bytes] = []
+        self._size = 0
+        # waiting by count: nothing to do until len(tail) >= _need ...
+        self._need = 0
+        # ... or by terminator: nothing to do until a chunk holds _until,
+        # and the line (less a final \r when _inline) may not pass _limit
+        self._until = b""
+        self._limit = 0
+        self._too_big = ""
+        self._inline = False
+        # the multibulk request in progress
+        self._args: list[bytes] = []
+        self._remaining = 0  # arguments still to come
+        self._bulk = -1  # length of the bulk string whose header was read
+        self._failed = False
+        # sizes the fast path may check against _HEADERS (all within the limit)
+        self._known = min(len(_HEADERS), max_bulk_bytes + 1)
+
+    def feed(self, data: bytes) -> Parsed:
+        """Every request completed by ``data``, in order.
+
+        After malformed input the list ends with a ``ProtocolError`` and the
+        parser ignores anything fed later (the connection is to be closed).
+        """
+        if self._failed or not data:
+            return []
+        parts = self._parts
+        if parts:
+            parts.append(data)
+            self._size += len(data)
+            if self._until:
+                if self._until not in data:
+                    size = self._size
+                    if self._inline and data[-1] == 0x0D:
+                        size -= 1  # may yet be the \r of \r\n
+                    if size > self._limit:
+                        return self._fail([], self._too_big)
+                    return []
+            elif self._size < self._need:
+                return []
+            data = b"".join(parts)
+            self._parts = []
+        return self._parse(data)
+
+    def _parse(self, buf: bytes) -> Parsed:
+        n = len(buf)
+        if self._remaining or buf[0] != 0x2A:
+            out: Parsed = []
+            pos = 0
+        else:
+            out, pos = self._parse_split(buf)
+            if pos >= n:
+                return out
+        args = self._args
+        remaining = self._remaining
+        bulk = self._bulk
+        small = _SMALL
+        max_line = self.max_inline_bytes
+        while True:
+            if remaining:
+                if bulk < 0:
+                    if pos >= n:
+                        break
+                    if buf[pos] != 0x24:  # '$'
+                        return self._fail(out, _expected_dollar(buf[pos]))
+                    cr = buf.find(b"\r", pos)
+                    if cr < 0:
+                        if n - pos > max_line:
+                            return self._fail(out, _BIG_BULK)
+                        self._wait_line(buf, pos, b"\r", _BIG_BULK, inline=False)
+                        break
+                    if cr - pos > max_line:
+                        return self._fail(out, _BIG_BULK)
+                    if cr + 1 >= n:
+                        self._wait_count(buf, pos, cr - pos + 2)
+                        break
+                    bulk = small.get(buf[pos + 1:cr])
+                    if bulk is None:
+                        bulk = parse_integer(buf[pos + 1:cr])
+                    if (
+                        bulk is None or bulk < 0 or bulk > self.max_bulk_bytes
+                        or buf[cr + 1] != 0x0A
+                    ):
+                        return self._fail(out, _INVALID_BULK)
+                    pos = cr + 2
+                end = pos + bulk
+                if end + 2 > n:
+                    self._wait_count(buf, pos, bulk + 2)
+                    break
+                if buf[end] != 0x0D or buf[end + 1] != 0x0A:
+                    return self._fail(out, _NO_CRLF)
+                args.append(buf[pos:end])
+                pos = end + 2
+                bulk = -1
+                remaining -= 1
+                if not remaining:
+                    out.append(args)
+                continue
+
+            if pos >= n:
+                break
+            if buf[pos] == 0x2A:  # '*'
+                cr = buf.find(b"\r", pos)
+                if cr < 0:
+                    if n - pos > max_line:
+                        return self._fail(out, _BIG_MULTIBULK)
+                    self._wait_line(buf, pos, b"\r", _BIG_MULTIBULK, inline=False)
+                    break
+                if cr - pos > max_line:
+                    return self._fail(out, _BIG_MULTIBULK)
+                if cr + 1 >= n:
+                    self._wait_count(buf, pos, cr - pos + 2)
+                    break
+                count = small.get(buf[pos + 1:cr])
+                if count is None:
+                    count = parse_integer(buf[pos + 1:cr])
+                if count is None or count > self.max_args or buf[cr + 1] != 0x0A:
+                    return self._fail(out, _INVALID_MULTIBULK)
+                pos = cr + 2
+                if count > 0:  # Redis skips *0 and *-1 (and any count <= 0)
+                    args = []
+                    remaining = count
+                continue
+
+            newline = buf.find(b"\n", pos)
+            if newline < 0:
+                line = n - pos - (buf[n - 1] == 0x0D)
+                if line > max_line:
+                    return self._fail(out, _BIG_INLINE)
+                self._wait_line(buf, pos, b"\n", _BIG_INLINE, inline=True)
+                break
+            end = newline - 1 if newline > pos and buf[newline - 1] == 0x0D else newline
+            if end - pos > max_line:
+                return self._fail(out, _BIG_INLINE)
+            argv = split_inline(buf[pos:end])
+            if argv is None:
+                return self._fail(out, _UNBALANCED)
+            pos = newline + 1
+            if argv:  # an empty line is no request
+                out.append(argv)
+
+        self._args = args
+        self._remaining = remaining
+        self._bulk = bulk
+        if pos >= n:
+            self._parts = []
+        return out
+
+    def _parse_split(self, buf: bytes) -> tuple[Parsed, int]:
+        """The fast path: well-formed multibulk requests, split at every CRLF.
+
+        One ``bytes.split`` in C replaces a ``find`` and a slice per line.  A
+        request is taken only if each of its bulk strings is a token exactly as
+        long as its header says (``$<len>`` written canonically), which also
+        proves the CRLF after it.  Anything else -- a CRLF inside a value, an
+        unfinished request, a limit, an inline request, an error -- stops
+        here, and ``_parse`` goes on from the returned offset byte by byte.
+        """
+        tokens = buf.split(b"\r\n")
+        last = len(tokens) - 1  # the one token no CRLF ends
+        small = _SMALL
+        headers = _HEADERS
+        known = self._known
+        max_args = self.max_args
+        max_bulk = self.max_bulk_bytes
+        out: Parsed = []
+        i = 0
+        while i < last:
+            token = tokens[i]
+            if token[:1] != b"*":
+                break
+            count = small.get(token[1:])
+            if count is None or count <= 0 or count > max_args:
+                break
+            end = i + 2 * count
+            if end >= last:
+                break
+            args = tokens[i + 2:end + 1:2]
+            if count == 2:  # GET key: the request that matters most, unrolled
+                a, b = args
+                if (
+                    len(a) < known and tokens[i + 1] == headers[len(a)]
+                    and len(b) < known and tokens[i + 3] == headers[len(b)]
+                ):
+                    out.append(args)
+                    i = end + 1
+                    continue
+            j = i + 1
+            for arg in args:
+                size = len(arg)
+                if size < known:
+                    if tokens[j] != headers[size]:
+                        break
+                elif size > max_bulk or tokens[j] != b"$%d" % size:
+                    break
+                j += 2
+            else:
+                out.append(args)
+                i = end + 1
+                continue
+            break
+        if i == last and not tokens[last]:
+            return out, len(buf)
+        return out, sum(map(len, tokens[:i])) + 2 * i
+
+    def _wait_count(self, buf: bytes, pos: int, need: int) -> None:
+        tail = buf[pos:] if pos else buf
+        self._parts = [tail]
+        self._size = len(tail)
+        self._need = need
+        self._until = b""
+
+    def _wait_line(self, buf: bytes, pos: int, until: bytes, too_big: str, inline: bool) -> None:
+        tail = buf[pos:] if pos else buf
+        self._parts = [tail]
+        self._size = len(tail)
+        self._until = until
+        self._limit = self.max_inline_bytes
+        self._too_big = too_big
+        self._inline = inline
+
+    def _fail(self, out: Parsed, message: str) -> Parsed:
+        self._failed = True
+        self._parts = []
+        self._args = []
+        out.append(ProtocolError(message))
+        return out
+
+
+def _expected_dollar(byte: int) -> str:
+    # Redis prints the byte with %c, then blanks \r and \n so the reply
+    # stays one line.
+    shown = " " if byte in (0x0D, 0x0A) else chr(byte)
+    return f"Protocol error: expected '$', got '{shown}'"
+
+
+# -- replies ----------------------------------------------------------------------
+
+CRLF = b"\r\n"
+OK = b"+OK\r\n"
+PONG = b"+PONG\r\n"
+EMPTY_ARRAY = b"*0\r\n"
+
+#: "$<n>\r\n" for the value sizes most replies have
+_BULK_HEADERS = [b"$%d\r\n" % i for i in range(1024)]
+
+
+def bulk(value: bytes) -> bytes:
+    """A bulk string, the same in both protocols."""
+    size = len(value)
+    if size < 1024:
+        return _BULK_HEADERS[size] + value + CRLF
+    return b"$%d\r\n%b\r\n" % (size, value)
+
+
+def simple(text: str) -> bytes:
+    """A simple (status) string such as ``+OK``; ``text`` must be one line."""
+    return b"+" + text.encode() + CRLF
+
+
+def error(message: str | bytes) -> bytes:
+    """An error reply; ``message`` starts with its code word (``ERR ...``).
+
+    Line breaks become blanks, as Redis does, since the reply is one line and
+    the text may quote a client's input.
+    """
+    if isinstance(message, str):
+        message = message.encode("utf-8", "replace")
+    return b"-" + message.replace(b"\r", b" ").replace(b"\n", b" ") + CRLF
+
+
+def integer(value: int) -> bytes:
+    return b":%d\r\n" % value
+
+
+def array(items: list[bytes]) -> bytes:
+    """An array of already encoded replies."""
+    return b"*%d\r\n" % len(items) + b"".join(items)
+
+
+class Encoder:
+    """The replies whose encoding depends on the connection's protocol.
+
+    One instance per protocol version (``RESP2``, ``RESP3``); a connection
+    holds the one ``HELLO`` chose.  Protocol-independent encoders are here
+    too, so a command needs nothing but its connection's encoder.
+    """
+
+    __slots__ = ("version", "null", "null_array")
+
+    bulk = staticmethod(bulk)
+    simple = staticmethod(simple)
+    error = staticmethod(error)
+    integer = staticmethod(integer)
+    array = staticmethod(array)
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        #: a missing value: ``$-1`` / ``_``
+        self.null = b"_\r\n" if version == 3 else b"$-1\r\n"
+        #: a missing array (``*-1`` in RESP2, where Redis uses it)
+        self.null_array = b"_\r\n" if version == 3 else b"*-1\r\n"
+
+    def map(self, pairs: list[tuple[bytes, bytes]]) -> bytes:
+        """A map of encoded keys to encoded values: ``%N`` in RESP3, a flat
+        array of 2N elements in RESP2."""
+        body = b"".join(key + value for key, value in pairs)
+        if self.version == 3:
+            return b"%%%d\r\n" % len(pairs) + body
+        return b"*%d\r\n" % (2 * len(pairs)) + body
+
+    def set(self, items: list[bytes]) -> bytes:
+        """A set of encoded replies: ``~N`` in RESP3, an array in RESP2."""
+        marker = b"~" if self.version == 3 else b"*"
+        return marker + b"%d\r\n" % len(items) + b"".join(items)
+
+    def __repr__(self) -> str:
+        return f"<Encoder RESP{self.version}>"
+
+
+RESP2 = Encoder(2)
+RESP3 = Encoder(3)
+
+
+def encoder_for(version: int) -> Encoder:
+    """The encoder of protocol ``version`` (2 or 3)."""
+    return RESP3 if version == 3 else RESP2

@@ -1,0 +1,245 @@
+"""The RESP front door: bytes in, requests parsed, replies out in order.
+
+Each connection runs its requests as they are parsed, many per packet when
+the client pipelines, and answers strictly in request order from a queue of
+pending replies: a reply that is ready at once (a cache hit) waits behind an
+earlier one still fetching from the backing Redis.  When a whole packet's
+replies are ready at once -- the common case under load -- they leave in one
+``transport.write``.
+
+The connection pauses reading when more than ``MAX_PENDING`` replies are
+owed, and also when the client stops reading its replies (the connection is
+registered as the transport's producer, so a full send buffer pauses it).
+Either way the memory one client can pin is bounded, and a slow client
+slows down only itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from redisp.clients import ClientSlots
+from redisp.commands import OTHER, PROTOCOL_ERROR, Session, execute
+from redisp.config import Config
+from redisp.metrics import Metrics
+from redisp.resp import ProtocolError, RequestParser, error
+
+log = Logger()
+
+#: replies owed to one client before it is no longer read from ...
+MAX_PENDING = 1024
+#: ... and how few must remain before it is read from again
+RESUME_PENDING = MAX_PENDING // 2
+
+MAX_CLIENTS_REPLY = b"-ERR max number of clients reached\r\n"
+INTERNAL_ERROR_REPLY = error("ERR internal error")
+
+DOOR = "resp"
+
+
+@implementer(IPushProducer)
+class RespProtocol(Protocol):
+    """One client connection of the RESP door."""
+
+    def __init__(self, factory: RespFactory, client_id: int) -> None:
+        self.factory = factory
+        config = factory.config
+        self._metrics = factory.metrics
+        self._slots = factory.slots
+        self._session = Session(client_id, factory.reader, factory.metrics, config, factory.clock)
+        self._parser = RequestParser(
+            config.max_bulk_bytes, config.max_args, config.max_inline_bytes
+        )
+        # replies in request order; each slot is [encoded reply or None while owed]
+        self._pending: deque[list[bytes | None]] = deque()
+        # replies ready to write, every one of them before anything pending
+        self._out: list[bytes] = []
+        self._dispatching = False  # inside dataReceived: write once, at its end
+        self._admitted = False  # holds a client slot, to give back once
+        self._closing = False  # QUIT or protocol error: no more requests, close when flushed
+        self._closed = False
+        self._lost = False
+        self._backlogged = False  # paused because too many replies are owed
+        self._consumer_paused = False  # paused because the client is not reading
+        self._reading_paused = False
+
+    # -- connection ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if not self._slots.acquire():
+            # like Redis: say why, then hang up; the slot was never taken
+            self._closing = self._closed = True
+            self.transport.write(MAX_CLIENTS_REPLY)
+            self.transport.loseConnection()
+            return
+        self._admitted = True
+        if ITCPTransport.providedBy(self.transport):
+            # replies are written whole; never hold one back for Nagle
+            self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Replies still owed are dropped; their Deferreds settle into
+        # _answered, which sees _lost and writes nothing.
+        self._lost = True
+        self._pending.clear()
+        self._out.clear()
+        if self._admitted:
+            self._admitted = False
+            self._slots.release()
+
+    # -- requests ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        requests = self._parser.feed(data)
+        if not requests:
+            return
+        session = self._session
+        pending = self._pending
+        out = self._out
+        count = self._metrics.request
+        self._dispatching = True
+        try:
+            for argv in requests:
+                if argv.__class__ is not list:
+                    self._protocol_error(argv)  # type: ignore[arg-type]
+                    break
+                try:
+                    result = execute(session, argv)
+                except Exception:
+                    log.failure("internal error in RESP command {command!r}", command=argv[0])
+                    result = (INTERNAL_ERROR_REPLY, OTHER)
+                if result.__class__ is tuple:
+                    count(DOOR, result[1])
+                    if pending:
+                        pending.append([result[0]])
+                    else:
+                        out.append(result[0])
+                else:
+                    slot: list[bytes | None] = [None]
+                    pending.append(slot)
+                    d: Deferred = result  # type: ignore[assignment]
+                    d.addCallbacks(self._answered, self._crashed, (slot,), None, (slot,))
+                    d.addErrback(self._log_failure)
+                if session.closing:  # QUIT: later requests are not run, as in Redis
+                    self._closing = True
+                    break
+        finally:
+            self._dispatching = False
+        self._flush()
+        if not self._backlogged and len(pending) > MAX_PENDING:
+            self._backlogged = True
+            self._update_reading()
+
+    def _protocol_error(self, problem: ProtocolError) -> None:
+        """Answer the error after every earlier reply, then hang up (as Redis)."""
+        self._metrics.request(DOOR, PROTOCOL_ERROR)
+        log.debug("RESP protocol error from {peer}: {problem}",
+                  peer=self.transport.getPeer(), problem=str(problem))
+        reply = error("ERR " + str(problem))
+        if self._pending:
+            self._pending.append([reply])
+        else:
+            self._out.append(reply)
+        self._closing = True
+
+    def _answered(self, result: tuple[bytes, str], slot: list[bytes | None]) -> None:
+        self._metrics.request(DOOR, result[1])
+        slot[0] = result[0]
+        if not self._dispatching:
+            self._flush()
+
+    def _crashed(self, failure: Failure, slot: list[bytes | None]) -> None:
+        log.failure("internal error answering a RESP request", failure)
+        self._answered((INTERNAL_ERROR_REPLY, OTHER), slot)
+
+    def _log_failure(self, failure: Failure) -> None:
+        log.failure("error while writing a RESP reply", failure)
+
+    def _flush(self) -> None:
+        """Write every reply that is ready and has no owed reply before it."""
+        if self._lost:
+            return
+        pending = self._pending
+        out = self._out
+        while pending and pending[0][0] is not None:
+            out.append(pending.popleft()[0])  # type: ignore[arg-type]
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        if pending:
+            if self._backlogged and len(pending) <= RESUME_PENDING:
+                self._backlogged = False
+                self._update_reading()
+        elif self._closing:
+            self._close()
+        elif self._backlogged:
+            self._backlogged = False
+            self._update_reading()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # a registered producer would keep the transport open after its
+        # buffer is flushed (see FileDescriptor.loseConnection)
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # -- flow control -----------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        paused = self._backlogged or self._consumer_paused
+        if paused != self._reading_paused and not (self._lost or self._closed):
+            self._reading_paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """The client is not reading its replies: stop reading its requests."""
+        self._consumer_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._consumer_paused = False
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost does the cleanup."""
+
+
+class RespFactory(Factory):
+    """Builds the RESP door's connections; everything they share comes in here."""
+
+    noisy = False  # no log line per connection
+
+    def __init__(
+        self,
+        reader: Any,
+        metrics: Metrics,
+        slots: ClientSlots,
+        config: Config,
+        clock: IReactorTime,
+    ) -> None:
+        self.reader = reader
+        self.metrics = metrics
+        self.slots = slots
+        self.config = config
+        self.clock = clock
+        self._last_id = 0
+
+    def buildProtocol(self, addr: Any) -> RespProtocol:
+        self._last_id += 1  # CLIENT ID / HELLO id: unique per door, from 1
+        return RespProtocol(self, self._last_id)

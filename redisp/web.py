@@ -1,0 +1,464 @@
+"""The HTTP front door (SPEC §2): ``/get``, ``/healthz`` and ``/metrics``.
+
+Everything here is built for the hot path, a cache hit, to cost as little
+Python as twisted.web allows.  What we cut from a stock ``Site`` and why:
+
+* **No resource traversal.**  Three fixed paths need no tree: the request's
+  raw ``path`` picks a handler from a dict.  ``Request.process`` normally
+  splits and unquotes the path into ``postpath``, copies ``prepath``, walks
+  ``getChildWithDefault`` and checks for an encoder; all of it is skipped.
+* **No ``Server`` header, and ``Date`` formatted once a second** instead of
+  on every request (it is a gmtime and a string format each time).
+* **No access log** unless ``config.access_log``: the combined-log line is
+  formatted and written for every request, a measurable cost.  Its
+  once-a-second timestamp timer is not started either.
+* **A plain ``HTTPChannel``** instead of the HTTP/2-switching proxy wrapper:
+  HTTP/2 is negotiated only by TLS ALPN with the ``h2`` package, which redisp
+  does not ship, and the wrapper adds an indirection on every packet.
+* **No request bodies**: no endpoint reads one, so bodies are dropped as
+  they arrive instead of being buffered in memory or spooled to a temporary
+  file, and twisted.web never parses a POSTed form into ``args`` (every
+  POST gets a 405 anyway).
+* **No sessions or cookies**: nothing here calls ``getSession``.
+* A hit is answered synchronously: ``CachedReader.get`` hands back a tuple,
+  and no Deferred is made.
+
+The key is read from the raw query string, not from ``request.args``:
+twisted's parser also splits on ``;`` (so ``key=a;b`` would lose ``;b``),
+and WHATWG form decoding, which browsers and ``urllib.parse.urlencode`` use,
+does not.  Like both of those, ``+`` decodes to a space; a key holding a
+literal ``+`` is sent as ``%2B``.  ``%XX`` decodes to any byte, ``%00`` and
+``%FF`` included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+
+# names, not http.X: twisted.web.http is a deprecation proxy whose every
+# attribute lookup runs Python code, once per request on the hot path
+from twisted.web.http import (
+    BAD_GATEWAY,
+    BAD_REQUEST,
+    GATEWAY_TIMEOUT,
+    INTERNAL_SERVER_ERROR,
+    NOT_ALLOWED,
+    NOT_FOUND,
+    OK,
+    SERVICE_UNAVAILABLE,
+    HTTPChannel,
+    datetimeToString,
+)
+from twisted.web.http import Request as HTTPRequest
+from twisted.web.resource import Resource
+
+from redisp.backing import Backing, BackingError, BackingTimeout, BackingUnavailable
+from redisp.clients import ClientSlots
+from redisp.config import Config
+from redisp.metrics import Metrics
+from redisp.reader import CachedReader, Lookup
+
+log = Logger()
+
+TEXT = b"text/plain; charset=utf-8"
+OCTETS = b"application/octet-stream"
+ALLOWED = b"GET, HEAD"
+_READS = (b"GET", b"HEAD")
+
+#: what a client past ``max_clients`` reads before the connection closes
+REFUSAL_BODY = b"max number of clients reached\n"
+REFUSAL = b"".join([
+    b"HTTP/1.1 503 Service Unavailable\r\n",
+    b"Content-Type: %s\r\n" % TEXT,
+    b"Content-Length: %d\r\n" % len(REFUSAL_BODY),
+    b"Connection: close\r\n",
+    b"\r\n",
+    REFUSAL_BODY,
+])
+
+
+class BadKey(ValueError):
+    """The query string names no usable key; ``str()`` is the one-line reason."""
+
+
+def key_from_query(uri: bytes) -> bytes:
+    """The bytes of the single ``key`` parameter in ``uri``'s query string.
+
+    Raises BadKey when ``key`` is missing, empty or given twice; other
+    parameters are ignored.  The common case, a query that is exactly
+    ``key=...``, takes no loop.
+    """
+    query = uri.partition(b"?")[2]
+    if query.startswith(b"key=") and b"&" not in query:
+        raw = query[4:]
+    else:
+        found: bytes | None = None
+        for field in query.split(b"&"):
+            name, _, value = field.partition(b"=")
+            if name != b"key" and _form_decode(name) != b"key":
+                continue
+            if found is not None:
+                raise BadKey("key given more than once")
+            found = value
+        if found is None:
+            raise BadKey("missing key parameter: use /get?key=...")
+        raw = found
+    key = _form_decode(raw)
+    if not key:
+        raise BadKey("empty key")
+    return key
+
+
+def _form_decode(text: bytes) -> bytes:
+    """application/x-www-form-urlencoded decoding to bytes: '+' is a space, %XX any byte."""
+    if b"+" in text:
+        text = text.replace(b"+", b" ")
+    return unquote_to_bytes(text) if b"%" in text else text
+
+
+def respond(
+    request: server.Request,
+    code: int,
+    body: bytes,
+    content_type: bytes = TEXT,
+    x_cache: bytes | None = None,
+) -> None:
+    """Send a whole response with an exact Content-Length, then finish.
+
+    For HEAD, http.Request.write sends the headers and drops the body, so the
+    length stays that of the GET answer.
+    """
+    request.setResponseCode(code)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Content-Type", [content_type])
+    headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    if x_cache is not None:
+        headers.setRawHeaders(b"X-Cache", [x_cache])
+    request.write(body)
+    request.finish()
+
+
+def _line(text: str, fallback: str) -> bytes:
+    """One line of text for a response body: error texts come from outside."""
+    text = " ".join(text.split()) or fallback
+    return text.encode("utf-8", "replace") + b"\n"
+
+
+class _Pending:
+    """A request waiting on a Deferred, forgotten if its client goes away.
+
+    Writing to (or finishing) a request whose connection was lost raises;
+    ``request`` turns None as soon as twisted.web reports the loss, and the
+    answer, when it comes, is dropped.  The work itself is not cancelled: a
+    fetch is shared with other waiters and its result still fills the cache.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: server.Request) -> None:
+        self.request: server.Request | None = request
+        request.notifyFinish().addErrback(self._gone)
+
+    def _gone(self, reason: Failure) -> None:
+        self.request = None
+
+
+class FrontDoor(Resource):
+    """The root, and only, resource: dispatches on the raw request path.
+
+    ``isLeaf`` stops traversal if a stock ``server.Request`` ever renders it;
+    redisp's own request class calls ``route`` directly.
+    """
+
+    isLeaf = True
+
+    def __init__(self, reader: CachedReader, backing: Backing, metrics: Metrics) -> None:
+        super().__init__()
+        self._reader = reader
+        self._backing = backing
+        self._metrics = metrics
+        self._routes: dict[bytes, Callable[[server.Request], None]] = {
+            b"/get": self._get,
+            b"/healthz": self._healthz,
+            b"/metrics": self._metrics_page,
+        }
+
+    def render(self, request: server.Request) -> Any:
+        """IResource entry point; overridden whole, so no method ever gets a 501."""
+        self.route(request)
+        return server.NOT_DONE_YET
+
+    def route(self, request: server.Request) -> None:
+        """Answer ``request``; anything unexpected becomes a logged 500, never a crash."""
+        handler = self._routes.get(request.path)
+        try:
+            if handler is None:
+                respond(request, NOT_FOUND, b"not found\n")
+            else:
+                handler(request)
+        except Exception:
+            self._internal_error(Failure(), request)
+
+    # /get
+
+    def _get(self, request: server.Request) -> None:
+        if request.method not in _READS:
+            self._metrics.request("http", "bad_request")
+            self._not_allowed(request)
+            return
+        try:
+            key = key_from_query(request.uri)
+        except BadKey as e:
+            self._metrics.request("http", "bad_request")
+            respond(request, BAD_REQUEST, str(e).encode() + b"\n")
+            return
+        try:
+            lookup = self._reader.get(key)
+        except Exception:
+            self._metrics.request("http", "other")
+            raise
+        if isinstance(lookup, Deferred):
+            pending = _Pending(request)
+            lookup.addCallbacks(self._got, self._get_failed, (pending,), None, (pending,))
+            lookup.addErrback(self._late_error, pending)
+        else:
+            self._answer(lookup, request)
+
+    def _answer(self, lookup: Lookup, request: server.Request | None) -> None:
+        """Count the outcome, and send it unless the client has gone."""
+        value, hit = lookup
+        if value is None:
+            self._metrics.request("http", "absent")
+            if request is not None:
+                respond(request, NOT_FOUND, b"not found\n")
+        elif hit:
+            self._metrics.request("http", "hit")
+            if request is not None:
+                respond(request, OK, value, OCTETS, b"HIT")
+        else:
+            self._metrics.request("http", "miss")
+            if request is not None:
+                respond(request, OK, value, OCTETS, b"MISS")
+
+    def _got(self, lookup: Lookup, pending: _Pending) -> None:
+        self._answer(lookup, pending.request)
+
+    def _get_failed(self, failure: Failure, pending: _Pending) -> None:
+        error = failure.value
+        if not isinstance(error, BackingError):
+            self._metrics.request("http", "other")
+            self._internal_error(failure, pending.request)
+            return
+        self._metrics.request("http", "backing_error")
+        if pending.request is None:
+            return
+        if isinstance(error, BackingTimeout):
+            code, fallback = GATEWAY_TIMEOUT, "backing redis timed out"
+        elif isinstance(error, BackingUnavailable):
+            code, fallback = SERVICE_UNAVAILABLE, "backing redis unavailable"
+        else:  # BackingReplyError, or any other error Redis reported
+            code, fallback = BAD_GATEWAY, "backing redis error"
+        respond(pending.request, code, _line(str(error), fallback))
+
+    def _late_error(self, failure: Failure, pending: _Pending) -> None:
+        """A bug in answering a finished lookup: log it, answer 500 if still possible."""
+        self._internal_error(failure, pending.request)
+
+    # /healthz and /metrics
+
+    def _healthz(self, request: server.Request) -> None:
+        if request.method not in _READS:
+            self._not_allowed(request)
+            return
+        pending = _Pending(request)
+        d = maybeDeferred(self._backing.ping)
+        d.addCallbacks(self._healthy, self._unhealthy, (pending,), None, (pending,))
+        d.addErrback(self._late_error, pending)
+
+    def _healthy(self, _: object, pending: _Pending) -> None:
+        if pending.request is not None:
+            respond(pending.request, OK, b"ok\n")
+
+    def _unhealthy(self, failure: Failure, pending: _Pending) -> None:
+        if not failure.check(BackingError):
+            log.failure("health check failed unexpectedly", failure)
+        if pending.request is not None:
+            reason = failure.getErrorMessage()
+            respond(pending.request, SERVICE_UNAVAILABLE, _line(reason, "unhealthy"))
+
+    def _metrics_page(self, request: server.Request) -> None:
+        if request.method not in _READS:
+            self._not_allowed(request)
+            return
+        respond(request, OK, self._metrics.exposition(), CONTENT_TYPE_LATEST.encode())
+
+    # shared answers
+
+    def _not_allowed(self, request: server.Request) -> None:
+        request.responseHeaders.setRawHeaders(b"Allow", [ALLOWED])
+        respond(request, NOT_ALLOWED, b"method not allowed: use GET or HEAD\n")
+
+    def _internal_error(self, failure: Failure, request: server.Request | None) -> None:
+        uri = request.uri if request is not None else b"(client gone)"
+        log.failure("unexpected error answering {uri!r}", failure, uri=uri)
+        if request is None or request.finished or getattr(request, "channel", None) is None:
+            return
+        if request.startedWriting:
+            # headers are out: the only honest signal left is a cut connection
+            request.channel.loseConnection()
+            return
+        request.responseHeaders.removeHeader(b"X-Cache")
+        respond(request, INTERNAL_SERVER_ERROR, b"internal error\n")
+
+
+class _DiscardedBody:
+    """Where request bodies go: nowhere (see the module docstring).
+
+    twisted.web asks the site for this file (``Site.getContentFile``).  It
+    stays empty, so ``requestReceived`` sees a zero-length body and never
+    parses it, whatever the headers claim.
+    """
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class _Request(server.Request):
+    """A Request that skips traversal and the per-request Server/Date work."""
+
+    # server.Request.write adds a default Content-Type, fake-HEAD and encoder
+    # support, none of which is used here: respond() sets every header itself.
+    write = HTTPRequest.write
+
+    def process(self) -> None:
+        site: RedispSite = self.channel.site
+        self.site = site
+        self.responseHeaders.setRawHeaders(b"Date", [site.http_date()])
+        site.resource.route(self)
+
+
+class _Channel(HTTPChannel):
+    """An HTTP/1.x connection holding one of the shared client slots."""
+
+    _slots: ClientSlots | None = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            slots, self._slots = self._slots, None  # released exactly once
+            if slots is not None:
+                slots.release()
+
+
+class _Refusal(Protocol):
+    """What a connection past ``max_clients`` gets: a 503, then the door shut.
+
+    It answers at once rather than waiting for a request, so a refused client
+    holds nothing here.  Like Redis's own refusal, this may race a client that
+    is still sending, which can then see a reset instead of the 503.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.write(REFUSAL)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class RedispSite(server.Site):
+    """A Site with slot-capped connections, an optional access log and a cached Date."""
+
+    protocol = _Channel
+    requestFactory = _Request
+
+    def __init__(
+        self,
+        resource: FrontDoor,
+        slots: ClientSlots,
+        access_log: bool = False,
+        reactor: IReactorTime | None = None,
+    ) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.resource: FrontDoor = resource
+        self.slots = slots
+        self.access_log = access_log
+        self._date_second = -1
+        self._date = b""
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        """Admit the connection into a client slot, or refuse it with a 503."""
+        if not self.slots.acquire():
+            return _Refusal()
+        try:
+            channel = super().buildProtocol(addr)
+        except BaseException:
+            self.slots.release()
+            raise
+        channel._slots = self.slots
+        return channel
+
+    def getContentFile(self, length: int | None) -> _DiscardedBody:
+        """twisted.web's hook for where a request body is stored: nowhere."""
+        return _DiscardedBody()
+
+    def http_date(self) -> bytes:
+        """The Date header value, formatted again only when the second changes."""
+        now = int(self.reactor.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = datetimeToString(now)
+        return self._date
+
+    def startFactory(self) -> None:
+        """Open the access log (and its once-a-second timestamp timer) only if asked for."""
+        if self.access_log:
+            super().startFactory()
+
+    def log(self, request: server.Request) -> None:
+        """Called by twisted.web for every finished request: a no-op unless asked for."""
+        if self.access_log:
+            super().log(request)
+
+
+def build_site(
+    reader: CachedReader,
+    backing: Backing,
+    metrics: Metrics,
+    slots: ClientSlots,
+    config: Config,
+    reactor: IReactorTime | None = None,
+) -> RedispSite:
+    """The HTTP front door of one proxy, ready to be listened on.
+
+    ``backing`` needs only ``ping()``.  ``reactor`` drives idle timeouts and
+    the Date header; when None, twisted.web falls back to the global reactor
+    (this module never imports it).
+    """
+    return RedispSite(
+        FrontDoor(reader, backing, metrics), slots, access_log=config.access_log, reactor=reactor,
+    )
+

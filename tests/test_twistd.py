@@ -1,0 +1,144 @@
+"""`twistd redisp` as a user runs it: plugin discovery, help, start-up, config
+errors and SIGTERM, in a subprocess of the venv's own twistd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import RedisServer, free_port, read_until
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def twistd(*args: str, cwd: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([TWISTD, *args], cwd=cwd, env=env or clean_env(), capture_output=True,
+                          timeout=60, **kw)
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("REDISP_")}
+
+
+def test_twistd_help_lists_the_plugin(tmp_path):
+    out = twistd("--help", cwd=str(tmp_path))
+    assert out.returncode == 0
+    assert b"redisp" in out.stdout
+
+
+def test_plugin_help_documents_every_option(tmp_path):
+    from redisp.config import PARSERS
+
+    out = twistd("redisp", "--help", cwd=str(tmp_path))
+    assert out.returncode == 0
+    for key in ["config", *PARSERS]:
+        assert f"--{key.replace('_', '-')}".encode() in out.stdout, key
+
+
+def test_plugin_module_stays_lazy():
+    code = ("import sys; import twisted.plugins.redisp_plugin; "
+            "bad = [m for m in ('twisted.internet.reactor', 'txredisapi', 'redisp.service') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("conf, words", [
+    ("capacity: -5\n", b"capacity"),
+    ("bogus: 1\n", b"unknown key 'bogus'"),
+    ("ttl: [\n", b"not valid YAML"),
+
+])
+def test_bad_configuration_stops_start_up_with_one_line(tmp_path, conf, words):
+    (tmp_path / "conf.yaml").write_text(conf)
+    out = twistd("-n", "--pidfile=", "redisp", cwd=str(tmp_path))
+    assert out.returncode != 0
+    assert words in out.stderr
+    assert b"Traceback" not in out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_unreadable_config_file_is_named(tmp_path):
+    out = twistd("-n", "--pidfile=", "redisp", "--config", "missing.yaml", cwd=str(tmp_path))
+    assert out.returncode != 0 and b"missing.yaml" in out.stderr
+    assert b"Traceback" not in out.stdout + out.stderr
+
+
+def test_bad_option_value_on_the_command_line(tmp_path):
+    out = twistd("-n", "--pidfile=", "redisp", "--ttl", "soon", cwd=str(tmp_path))
+    assert out.returncode != 0 and b"--ttl" in out.stderr
+    assert b"Traceback" not in out.stdout + out.stderr
+
+
+def test_port_in_use_stops_start_up_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = twistd("-n", "--pidfile=", "redisp", "--resp", f"tcp:{port}:interface=127.0.0.1",
+                     "--http", "none", cwd=str(tmp_path))
+    # logging has started by then, so the line goes to the log (stdout with -n)
+    assert out.returncode != 0 and b"cannot listen for resp" in out.stdout + out.stderr
+    assert b"Traceback" not in out.stdout + out.stderr
+
+
+@pytest.fixture
+def own_redis():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def test_serves_logs_its_setup_and_stops_cleanly_on_sigterm(tmp_path, own_redis):
+    own_redis.client().set("abc", "xyz")
+    http_port, resp_port = free_port(), free_port()
+    env = clean_env() | {"REDISP_TTL": "30"}
+    (tmp_path / "conf.yaml").write_text("capacity: 123\n")
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "redisp", "--http", f"tcp:{http_port}:interface=127.0.0.1",
+         "--resp", f"tcp:{resp_port}:interface=127.0.0.1", "--redis",
+         f"redis://127.0.0.1:{own_redis.port}/0"],
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        log = read_until(proc, b"backing redis")
+        log += read_until(proc, b"connected")
+        line = next(x for x in log.decode().splitlines() if "concurrency" in x)
+        for part in (f"127.0.0.1:{http_port}", f"127.0.0.1:{resp_port}",
+                     f"127.0.0.1:{own_redis.port}/0", "ttl 30s", "capacity 123",
+                     "concurrency 1", "invalidation off"):
+            assert part in line, (part, line)
+        import redis
+
+        client = redis.Redis(port=resp_port)
+        assert client.get("abc") == b"xyz"
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"Traceback" not in log + rest
+    assert proc.returncode in (-signal.SIGTERM, 0, 128 + signal.SIGTERM)
+
+
+def test_tracking_against_a_redis_without_client_tracking_stops_start_up(tmp_path):
+    server = RedisServer(None, "--rename-command", "CLIENT", "").start()
+    try:
+        out = twistd("-n", "--pidfile=", "redisp", "--invalidation", "tracking",
+                     "--redis", server.url, "--http", "none", "--resp", "none",
+                     cwd=str(tmp_path))
+    finally:
+        server.stop()
+    assert out.returncode != 0
+    assert b"tracking needs Redis >= 6" in out.stderr
+    assert b"Traceback" not in out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr

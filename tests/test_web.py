@@ -1,0 +1,654 @@
+"""The HTTP front door (SPEC §2), driven through a real Site and HTTPChannel.
+
+Bytes go in through ``dataReceived`` on an in-memory transport and the raw
+response bytes are parsed back, so every test covers what a client sees:
+status line, headers, Content-Length, HEAD, persistence.  The reader and the
+backing are small fakes; the clock is a ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from redisp.backing import BackingReplyError, BackingTimeout, BackingUnavailable
+from redisp.clients import ClientSlots
+from redisp.config import Config
+from redisp.metrics import Metrics
+from redisp.web import BadKey, build_site, key_from_query
+
+ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+# fakes and plumbing
+
+
+class FakeReader:
+    """Answers from ``answers`` (a Lookup, a Deferred, or an exception to raise)."""
+
+    def __init__(self):
+        self.answers: dict[bytes, object] = {}
+        self.calls: list[bytes] = []
+
+    def get(self, key):
+        self.calls.append(key)
+        answer = self.answers.get(key, (None, False))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class FakeBacking:
+    """``ping()`` hands out Deferreds the test fires."""
+
+    def __init__(self):
+        self.pings: list[Deferred] = []
+
+    def ping(self):
+        self.pings.append(Deferred())
+        return self.pings[-1]
+
+
+@dataclass
+class Response:
+    status: int
+    reason: bytes
+    headers: dict[bytes, list[bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.get(name.lower())
+        assert values is None or len(values) == 1, values
+        return values[0] if values else None
+
+
+def parse(data: bytes, head: bool = False) -> list[Response]:
+    """Every complete response in ``data`` (Content-Length framing only)."""
+    responses = []
+    while data:
+        head_block, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, f"incomplete headers: {head_block!r}"
+        status_line, *lines = head_block.split(b"\r\n")
+        version, code, reason = status_line.split(b" ", 2)
+        assert version in (b"HTTP/1.1", b"HTTP/1.0")
+        headers: dict[bytes, list[bytes]] = {}
+        for line in lines:
+            name, _, value = line.partition(b": ")
+            headers.setdefault(name.lower(), []).append(value)
+        assert b"transfer-encoding" not in headers
+        length = 0 if head else int(headers[b"content-length"][0])
+        body, data = data[:length], data[length:]
+        assert len(body) == length, "truncated body"
+        responses.append(Response(int(code), reason, headers, body))
+    return responses
+
+
+@dataclass
+class Proxy:
+    site: object
+    reader: FakeReader
+    backing: FakeBacking
+    metrics: Metrics
+    slots: ClientSlots
+    clock: Clock
+    connections: list = field(default_factory=list)
+
+    def connect(self):
+        protocol = self.site.buildProtocol(ADDR)
+        transport = StringTransport(peerAddress=ADDR)
+        protocol.makeConnection(transport)
+        self.connections.append(protocol)
+        return protocol, transport
+
+    def send(self, raw: bytes, head: bool = False) -> list[Response]:
+        """Send ``raw`` on a new connection; the responses written so far."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(raw)
+        return parse(transport.value(), head)
+
+    def get(self, target: bytes, method: bytes = b"GET") -> Response:
+        (response,) = self.send(request(target, method), head=method == b"HEAD")
+        return response
+
+    def counted(self, outcome: str) -> int:
+        return self.metrics.requests["http", outcome]
+
+
+def request(target: bytes, method: bytes = b"GET", body: bytes = b"") -> bytes:
+    length = b"Content-Length: %d\r\n" % len(body) if body else b""
+    return method + b" " + target + b" HTTP/1.1\r\nHost: x\r\n" + length + b"\r\n" + body
+
+
+@pytest.fixture
+def proxy():
+    return make_proxy()
+
+
+def make_proxy(max_clients: int = 100, access_log: bool = False) -> Proxy:
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    metrics = Metrics(started=clock.seconds())
+    slots = ClientSlots(max_clients, metrics)
+    reader, backing = FakeReader(), FakeBacking()
+    config = Config(access_log=access_log)
+    site = build_site(reader, backing, metrics, slots, config, reactor=clock)
+    return Proxy(site, reader, backing, metrics, slots, clock)
+
+
+@pytest.fixture
+def logged():
+    """Every log event emitted during the test (failures, access log lines)."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def failures(events: list[dict]) -> list[Failure]:
+    gc.collect()  # an unhandled error in a Deferred is logged when it is collected
+    return [e["log_failure"] for e in events if "log_failure" in e]
+
+
+def lose(protocol) -> None:
+    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+# /get: 200, 404
+
+
+def test_hit_is_answered_synchronously_with_the_raw_value(proxy):
+    """A hit comes straight back from the reader: 200, octet-stream, X-Cache: HIT."""
+    proxy.reader.answers[b"k"] = (b"value", True)
+    r = proxy.get(b"/get?key=k")
+    assert (r.status, r.body) == (200, b"value")
+    assert r.header(b"Content-Type") == b"application/octet-stream"
+    assert r.header(b"X-Cache") == b"HIT"
+    assert r.header(b"Content-Length") == b"5"
+    assert r.header(b"Server") is None
+    assert proxy.counted("hit") == 1
+
+
+@pytest.mark.parametrize("hit, x_cache, outcome", [(False, b"MISS", "miss"), (True, b"HIT", "hit")])
+def test_deferred_lookup_answers_when_it_fires(proxy, hit, x_cache, outcome):
+    """A miss (or a hit queued behind the gate) is answered when its Deferred fires."""
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    assert transport.value() == b""
+    d.callback((b"fetched", hit))
+    (r,) = parse(transport.value())
+    assert (r.status, r.body, r.header(b"X-Cache")) == (200, b"fetched", x_cache)
+    assert r.header(b"Content-Type") == b"application/octet-stream"
+    assert proxy.counted(outcome) == 1
+
+
+def test_binary_value_comes_back_byte_for_byte(proxy):
+    value = bytes(range(256)) + b"\r\n\r\nHTTP/1.1 200 OK\r\n"
+    proxy.reader.answers[b"bin"] = (value, True)
+    assert proxy.get(b"/get?key=bin").body == value
+
+
+def test_empty_value_is_a_200_with_empty_body(proxy):
+    """An empty string is a value, not an absence."""
+    proxy.reader.answers[b"e"] = (b"", True)
+    r = proxy.get(b"/get?key=e")
+    assert (r.status, r.body, r.header(b"Content-Length")) == (200, b"", b"0")
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_absent_key_is_404(proxy, deferred):
+    proxy.reader.answers[b"gone"] = Deferred() if deferred else (None, False)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=gone"))
+    if deferred:
+        proxy.reader.answers[b"gone"].callback((None, False))
+    (r,) = parse(transport.value())
+    assert (r.status, r.body) == (404, b"not found\n")
+    assert r.header(b"X-Cache") is None
+    assert proxy.counted("absent") == 1
+
+
+# /get: HEAD
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_head_sends_the_get_headers_without_a_body(proxy, deferred):
+    value = b"twelve bytes"
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d if deferred else (value, True)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k", b"HEAD"))
+    if deferred:
+        d.callback((value, False))
+    (r,) = parse(transport.value(), head=True)
+    assert transport.value().endswith(b"\r\n\r\n")  # nothing after the headers
+    assert r.status == 200
+    assert r.header(b"Content-Length") == b"12"
+    assert r.header(b"Content-Type") == b"application/octet-stream"
+    assert r.header(b"X-Cache") == (b"MISS" if deferred else b"HIT")
+    assert proxy.counted("miss" if deferred else "hit") == 1
+
+
+# /get: 400 and 405
+
+
+@pytest.mark.parametrize("target, reason", [
+    (b"/get", b"missing key parameter"),
+    (b"/get?", b"missing key parameter"),
+    (b"/get?other=1", b"missing key parameter"),
+    (b"/get?KEY=a", b"missing key parameter"),
+    (b"/get?key=", b"empty key"),
+    (b"/get?key", b"empty key"),
+    (b"/get?x=1&key=", b"empty key"),
+    (b"/get?key=a&key=b", b"key given more than once"),
+    (b"/get?key=a&key=a", b"key given more than once"),
+    (b"/get?key=a&k%65y=b", b"key given more than once"),
+])
+def test_bad_key_parameter_is_400_with_one_line_reason(proxy, target, reason):
+    r = proxy.get(target)
+    assert r.status == 400
+    assert r.body.startswith(reason) and r.body.endswith(b"\n") and r.body.count(b"\n") == 1
+    assert r.header(b"Content-Type").startswith(b"text/plain")
+    assert proxy.reader.calls == []
+    assert proxy.counted("bad_request") == 1
+
+
+@pytest.mark.parametrize("method", [b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO"])
+def test_other_methods_on_get_are_405_with_allow_never_501(proxy, method):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    r = proxy.get(b"/get?key=k", method)
+    assert r.status == 405
+    assert r.header(b"Allow") == b"GET, HEAD"
+    assert proxy.reader.calls == []
+    assert proxy.counted("bad_request") == 1
+
+
+def test_post_body_is_not_parsed_or_used(proxy):
+    """A form body naming a key must not be read as the key: POST is simply 405."""
+    form = b"key=k"
+    raw = (b"POST /get HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
+           b"\r\nContent-Length: %d\r\n\r\n" % len(form)) + form
+    (r,) = proxy.send(raw)
+    assert r.status == 405 and proxy.reader.calls == []
+
+
+def test_large_request_body_is_discarded_and_the_connection_goes_on(proxy):
+    """Bodies are dropped as they arrive (never buffered); the next request is served."""
+    proxy.reader.answers[b"k"] = (b"v", True)
+    body = b"x" * 300_000
+    protocol, transport = proxy.connect()
+    raw = request(b"/get?key=k", b"POST", body) + request(b"/get?key=k")
+    for i in range(0, len(raw), 65536):
+        protocol.dataReceived(raw[i:i + 65536])
+    assert [r.status for r in parse(transport.value())] == [405, 200]
+    chunked = (b"PUT /get?key=k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n0\r\n\r\n")
+    assert proxy.send(chunked)[0].status == 405
+
+
+# /get: the key on the wire
+
+
+@pytest.mark.parametrize("target, key", [
+    (b"/get?key=abc", b"abc"),
+    (b"/get?key=%00%FF", b"\x00\xff"),
+    (b"/get?key=%00%ff%0D%0A", b"\x00\xff\r\n"),
+    (b"/get?key=a+b", b"a b"),
+    (b"/get?key=a%2Bb", b"a+b"),
+    (b"/get?key=a%20b", b"a b"),
+    (b"/get?key=a;b", b"a;b"),
+    (b"/get?key=a=b", b"a=b"),
+    (b"/get?key=%E2%82%AC", "€".encode()),
+    (b"/get?key=%zz", b"%zz"),
+    (b"/get?a=1&key=k&b=2", b"k"),
+    (b"/get?k%65y=k", b"k"),
+])
+def test_key_is_percent_decoded_to_bytes(proxy, target, key):
+    proxy.reader.answers[key] = (b"v", True)
+    assert proxy.get(target).status == 200
+    assert proxy.reader.calls == [key]
+
+
+@given(st.binary(min_size=1, max_size=64))
+def test_any_key_survives_urlencode(key):
+    """What ``urllib.parse.urlencode`` (quote_plus) writes decodes to the same bytes."""
+    assert key_from_query(b"/get?" + urlencode({"key": key}).encode()) == key
+    assert key_from_query(b"/get?x=1&" + urlencode({"key": key}).encode()) == key
+
+
+def test_key_from_query_reasons():
+    for uri in (b"/get", b"/get?key=", b"/get?key=1&key=2"):
+        with pytest.raises(BadKey):
+            key_from_query(uri)
+
+
+# /get: backing errors and 500
+
+
+@pytest.mark.parametrize("error, status, text", [
+    (BackingReplyError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+     502, b"WRONGTYPE Operation against a key holding the wrong kind of value\n"),
+    (BackingUnavailable("backing redis unavailable (Connection refused)"),
+     503, b"backing redis unavailable (Connection refused)\n"),
+    (BackingTimeout("backing redis timed out after 2s"),
+     504, b"backing redis timed out after 2s\n"),
+    (BackingUnavailable(), 503, b"backing redis unavailable\n"),
+    (BackingTimeout(), 504, b"backing redis timed out\n"),
+])
+def test_backing_errors_map_to_502_503_504(proxy, logged, error, status, text):
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    d.errback(error)
+    (r,) = parse(transport.value())
+    assert (r.status, r.body) == (status, text)
+    assert r.header(b"X-Cache") is None
+    assert proxy.counted("backing_error") == 1
+    assert failures(logged) == []
+
+
+def test_multi_line_redis_error_is_one_line(proxy):
+    proxy.reader.answers[b"k"] = fail(BackingReplyError("ERR one\r\ntwo"))
+    assert proxy.get(b"/get?key=k").body == b"ERR one two\n"
+
+
+def test_unexpected_failure_is_500_and_logged(proxy, logged):
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    d.errback(ZeroDivisionError("bug"))
+    (r,) = parse(transport.value())
+    assert (r.status, r.body) == (500, b"internal error\n")
+    assert [f.type for f in failures(logged)] == [ZeroDivisionError]
+    assert proxy.counted("other") == 1
+
+
+def test_reader_raising_synchronously_is_500_and_logged(proxy, logged):
+    proxy.reader.answers[b"k"] = RuntimeError("bug")
+    r = proxy.get(b"/get?key=k")
+    assert r.status == 500
+    assert [f.type for f in failures(logged)] == [RuntimeError]
+    # the connection is still usable
+    proxy.reader.answers[b"k"] = (b"v", True)
+    assert proxy.get(b"/get?key=k").status == 200
+
+
+def test_bad_lookup_shape_is_500_not_a_hang(proxy, logged):
+    """Even a broken reader result ends the request (here: not a tuple)."""
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    d.callback(b"not a lookup")
+    (r,) = parse(transport.value())
+    assert r.status == 500
+    assert len(failures(logged)) == 1
+
+
+def test_failure_after_headers_went_out_cuts_the_connection(proxy, logged):
+    """A 500 cannot follow a started 200: the connection is closed instead."""
+    proxy.reader.answers[b"k"] = ("text, not bytes", True)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.disconnecting
+    assert len(failures(logged)) == 1
+
+
+def test_http_1_0_is_answered_and_closed(proxy):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(b"GET /get?key=k HTTP/1.0\r\n\r\n")
+    (r,) = parse(transport.value())
+    assert (r.status, r.body) == (200, b"v")
+    assert transport.disconnecting
+
+
+def test_front_door_renders_as_a_plain_resource(proxy):
+    """FrontDoor is a usable IResource (e.g. under a stock Site): it never returns bytes."""
+    proxy.reader.answers[b"k"] = (b"v", True)
+    dummy = DummyRequest([b"get"])
+    dummy.path, dummy.uri = b"/get", b"/get?key=k"
+    dummy.startedWriting = False
+    assert proxy.site.resource.render(dummy) is NOT_DONE_YET
+    assert (dummy.responseCode, b"".join(dummy.written), dummy.finished) == (200, b"v", 1)
+    assert dummy.responseHeaders.getRawHeaders(b"X-Cache") == [b"HIT"]
+
+
+# client disconnects while waiting
+
+
+@pytest.mark.parametrize("outcome", ["value", "absent", "backing_error", "bug"])
+def test_client_gone_while_pending_gets_no_write_and_no_error(proxy, logged, outcome):
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    lose(protocol)
+    if outcome == "value":
+        d.callback((b"v", False))
+    elif outcome == "absent":
+        d.callback((None, False))
+    elif outcome == "backing_error":
+        d.errback(BackingTimeout("timed out"))
+    else:
+        d.errback(ZeroDivisionError("bug"))
+    assert transport.value() == b""
+    logged_types = [f.type for f in failures(logged)]
+    assert logged_types == ([ZeroDivisionError] if outcome == "bug" else [])
+    assert sum(proxy.metrics.requests.values()) == 1  # still counted once
+
+
+def test_client_gone_while_health_check_pending(proxy, logged):
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/healthz"))
+    lose(protocol)
+    proxy.backing.pings[0].callback(b"PONG")
+    assert transport.value() == b""
+    assert failures(logged) == []
+
+
+# /healthz, /metrics, unknown paths
+
+
+def test_healthz_ok_when_ping_answers(proxy):
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/healthz"))
+    assert transport.value() == b""  # waits for the ping
+    proxy.backing.pings[0].callback(b"PONG")
+    (r,) = parse(transport.value())
+    assert (r.status, r.body) == (200, b"ok\n")
+
+
+@pytest.mark.parametrize("error, text", [
+    (BackingUnavailable("backing redis unavailable (Connection refused)"),
+     b"backing redis unavailable (Connection refused)\n"),
+    (BackingTimeout("backing redis timed out after 2s"), b"backing redis timed out after 2s\n"),
+])
+def test_healthz_503_with_the_reason(proxy, logged, error, text):
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/healthz"))
+    proxy.backing.pings[0].errback(error)
+    (r,) = parse(transport.value())
+    assert (r.status, r.body) == (503, text)
+    assert failures(logged) == []
+
+
+def test_healthz_503_when_ping_raises(proxy, logged):
+    def broken():
+        raise RuntimeError("no ping for you")
+    proxy.backing.ping = broken
+    r = proxy.get(b"/healthz")
+    assert (r.status, r.body) == (503, b"no ping for you\n")
+    assert len(failures(logged)) == 1
+
+
+def test_healthz_head(proxy):
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/healthz", b"HEAD"))
+    proxy.backing.pings[0].callback(b"PONG")
+    (r,) = parse(transport.value(), head=True)
+    assert (r.status, r.header(b"Content-Length")) == (200, b"3")
+
+
+def test_metrics_is_prometheus_text(proxy):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.get(b"/get?key=k")
+    proxy.get(b"/get")
+    r = proxy.get(b"/metrics")
+    assert r.status == 200
+    assert r.header(b"Content-Type") == CONTENT_TYPE_LATEST.encode()
+    assert b'redisp_requests_total{door="http",outcome="hit"} 1.0' in r.body
+    assert b'redisp_requests_total{door="http",outcome="bad_request"} 1.0' in r.body
+    assert b"redisp_connected_clients 3.0" in r.body  # none of the three closed yet
+
+
+@pytest.mark.parametrize("path", [b"/healthz", b"/metrics"])
+def test_other_methods_on_healthz_and_metrics_are_405(proxy, path):
+    r = proxy.get(path, b"DELETE")
+    assert (r.status, r.header(b"Allow")) == (405, b"GET, HEAD")
+    assert proxy.backing.pings == []
+
+
+@pytest.mark.parametrize("target", [
+    b"/", b"/nope", b"/get/", b"/get/x", b"/get/?key=k", b"/healthz/", b"/metrics/x",
+    b"/GET?key=k", b"//get?key=k", b"/%67et?key=k", b"*",
+])
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+def test_unknown_paths_are_404(proxy, target, method):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    r = proxy.get(target, method)
+    assert (r.status, r.body) == (404, b"not found\n")
+    assert proxy.reader.calls == []
+    assert sum(proxy.metrics.requests.values()) == 0
+
+
+# the connection: persistence, pipelining, Date
+
+
+def test_pipelined_requests_answer_in_order(proxy):
+    slow = Deferred()
+    proxy.reader.answers[b"slow"] = slow
+    proxy.reader.answers[b"fast"] = (b"F", True)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=slow") + request(b"/get?key=fast"))
+    assert transport.value() == b""
+    slow.callback((b"S", False))
+    bodies = [r.body for r in parse(transport.value())]
+    assert bodies == [b"S", b"F"]
+
+
+def test_connection_is_persistent(proxy):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    for _ in range(3):
+        protocol.dataReceived(request(b"/get?key=k"))
+    assert [r.status for r in parse(transport.value())] == [200, 200, 200]
+    assert not transport.disconnecting
+
+
+def test_date_header_follows_the_clock(proxy):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    first = proxy.get(b"/get?key=k").header(b"Date")
+    assert first == b"Tue, 14 Nov 2023 22:13:20 GMT"
+    assert proxy.get(b"/get?key=k").header(b"Date") == first
+    proxy.clock.advance(1)
+    assert proxy.get(b"/get?key=k").header(b"Date") == b"Tue, 14 Nov 2023 22:13:21 GMT"
+
+
+# max clients
+
+
+def test_past_max_clients_the_connection_gets_503_and_is_closed():
+    proxy = make_proxy(max_clients=1)
+    proxy.reader.answers[b"k"] = (b"v", True)
+    first, first_transport = proxy.connect()
+    refused, refused_transport = proxy.connect()
+    (r,) = parse(refused_transport.value())
+    assert (r.status, r.reason) == (503, b"Service Unavailable")
+    assert r.body == b"max number of clients reached\n"
+    assert r.header(b"Connection") == b"close"
+    assert refused_transport.disconnecting
+    refused.dataReceived(request(b"/get?key=k"))  # ignored
+    lose(refused)
+    assert proxy.reader.calls == []
+    assert proxy.metrics.connected_clients == 1
+
+    first.dataReceived(request(b"/get?key=k"))
+    assert parse(first_transport.value())[0].status == 200
+
+
+def test_slot_is_released_once_when_the_connection_closes():
+    proxy = make_proxy(max_clients=1)
+    proxy.reader.answers[b"k"] = (b"v", True)
+    first, _ = proxy.connect()
+    assert proxy.metrics.connected_clients == 1
+    lose(first)
+    lose(first)  # a second notice must not free a slot that is not held
+    assert proxy.metrics.connected_clients == 0
+    (r,) = proxy.send(request(b"/get?key=k"))
+    assert r.status == 200
+    assert proxy.metrics.connected_clients == 1
+
+
+def test_slot_is_released_when_a_pending_request_is_cut():
+    proxy = make_proxy(max_clients=1)
+    proxy.reader.answers[b"k"] = Deferred()
+    protocol, _ = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    lose(protocol)
+    assert proxy.metrics.connected_clients == 0
+
+
+def test_idle_timeout_closes_and_releases(proxy):
+    """twisted.web's idle timeout runs on the injected clock and frees the slot."""
+    protocol, transport = proxy.connect()
+    proxy.clock.advance(proxy.site.timeOut + 1)
+    assert transport.disconnecting
+    lose(protocol)
+    assert proxy.metrics.connected_clients == 0
+
+
+# access log
+
+
+def access_lines(events: list[dict]) -> list[dict]:
+    return [e for e in events if "/get?key=k" in str(e.get("log_io", e.get("message", "")))]
+
+
+def test_access_log_is_off_by_default(logged):
+    proxy = make_proxy()
+    proxy.site.doStart()
+    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.get(b"/get?key=k")
+    lose(proxy.connections[0])
+    assert proxy.clock.getDelayedCalls() == []  # no once-a-second log timestamp timer
+    proxy.site.doStop()
+    assert access_lines(logged) == []
+
+
+def test_access_log_when_asked_for(logged):
+    proxy = make_proxy(access_log=True)
+    proxy.site.doStart()
+    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.get(b"/get?key=k")
+    proxy.site.doStop()
+    assert len(access_lines(logged)) == 1
