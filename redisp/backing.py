@@ -198,7 +198,7 @@ class Backing:
 
         d = protocol.whenConnected()
         for command in commands:
-            d.addCallback(lambda p, c=command: p.execute_command(*c, apply_timeout=False))
+            d.addCallback(lambda _, c=command: protocol.execute_command(*c, apply_timeout=False))
         d.addTimeout(self.timeout, self._clock)
         d.addCallbacks(lambda _: self._ready(protocol), self._rejected, errbackArgs=(protocol,))
         return d
@@ -219,8 +219,7 @@ class Backing:
             log.warn("backing redis {url} refused the connection setup: {reason}",
                      url=self.url.redacted(), reason=reason)
         self._down_reason = reason
-        protocol.transport.abortConnection()
-        return failure
+        return failure  # ClientService closes the connection and retries
 
     def _lost(self, protocol: Any) -> None:
         if self._protocol is protocol:

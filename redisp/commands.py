@@ -498,6 +498,9 @@ def render_info(session: Session, sections: set[str]) -> str:
             ("capacity", config.capacity),
             ("concurrency", config.concurrency),
             ("invalidation", config.invalidation),
+            ("invalidation_state", metrics.invalidation_state()),
+            ("invalidation_messages", metrics.invalidation_messages),
+            ("invalidation_flushes", metrics.invalidation_flushes),
         ],
     }
     blocks = []

@@ -52,6 +52,11 @@ class _InvalidationProtocol(txredisapi.SubscriberProtocol):
 
     on_message: Any = None
 
+    def deliver_to(self, on_message: Any) -> None:
+        # a method, not an attribute set from outside: ClientService hands out
+        # a proxy of this protocol, and setting attributes on it misses us
+        self.on_message = on_message
+
     def messageReceived(self, pattern: Any, channel: bytes, message: Any) -> None:
         if self.on_message is not None and channel == CHANNEL:
             self.on_message(message)
@@ -125,7 +130,7 @@ class Invalidator:
             raise txredisapi.ResponseError(f"CLIENT TRACKING answered {reply!r}")
 
     def _established(self, protocol: _InvalidationProtocol) -> None:
-        protocol.on_message = self._message
+        protocol.deliver_to(self._message)
         protocol.whenDisconnected().addCallback(self._lost)
         # fetches in flight were read while nothing watched: none may be stored
         self._reader.invalidate_all()
@@ -140,9 +145,7 @@ class Invalidator:
             log.warn("invalidation: cannot enable tracking on {url}: {problem}; "
                      "caching stays off until it can", url=self.url.redacted(), problem=problem)
         self._problem = problem
-        if protocol.transport is not None:
-            protocol.transport.abortConnection()
-        return failure
+        return failure  # ClientService closes the connection and retries
 
     def _lost(self, _: object) -> None:
         self.active = False

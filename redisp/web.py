@@ -287,7 +287,14 @@ class FrontDoor(Resource):
 
     def _healthy(self, _: object, pending: _Pending) -> None:
         if pending.request is not None:
-            respond(pending.request, OK, b"ok\n")
+            state = self._metrics.invalidation_state()
+            if state == "off":
+                body = b"ok\n"
+            elif state == "active":
+                body = b"ok\ninvalidation: tracking active\n"
+            else:  # correct answers still, straight from Redis: healthy, but say so
+                body = b"ok\ninvalidation: tracking down, caching off until it is back\n"
+            respond(pending.request, OK, body)
 
     def _unhealthy(self, failure: Failure, pending: _Pending) -> None:
         if not failure.check(BackingError):

@@ -185,3 +185,25 @@ def test_a_redis_with_client_tracking_passes_the_start_up_check(redis_server):
 
 def test_an_unreachable_redis_is_not_a_start_up_problem():
     assert tracking_support_problem(parse_redis_url(RedisServer().url), 2.0) is None
+
+
+@inline
+def test_tracking_state_shows_in_healthz_info_and_metrics(redis_db, start_proxy):
+    redis_db.set("k", "v")
+    p = tracking_proxy(start_proxy)
+    yield ready(p)
+    status, _, body = yield in_thread(p.http_path, "/healthz")
+    assert status == 200 and b"invalidation: tracking active" in body
+    info = yield in_thread(p.redis_py(protocol=2).info, "proxy")
+    assert info["invalidation"] == "tracking" and info["invalidation_state"] == "active"
+    yield read(p, "k")
+    redis_db.set("k", "v2")
+    yield until(lambda: len(p.proxy.cache) == 0)
+    _, _, body = yield in_thread(p.http_path, "/metrics")
+    assert b"redisp_invalidation_active 1.0" in body
+    assert b"redisp_invalidation_messages_total 1.0" in body
+    assert b"redisp_cache_invalidations_total 1.0" in body
+    redis_db.client_kill_filter(_type="pubsub")
+    yield until(lambda: not p.proxy.invalidator.active)
+    _, _, body = yield in_thread(p.http_path, "/metrics")
+    assert b"redisp_invalidation_active 0.0" in body or p.proxy.invalidator.active
