@@ -533,6 +533,8 @@ def test_info_proxy_section():
     metrics.backing_up = lambda: True
     metrics.cache_hits, metrics.cache_misses = 10, 11
     metrics.cache_evictions, metrics.cache_expirations, metrics.cache_invalidations = 1, 2, 3
+    metrics.invalidation_state = lambda: "active"
+    metrics.invalidation_messages, metrics.invalidation_flushes = 6, 1
     clock.advance(90061)
     text = info_text(session, b"proxy")
     assert text.startswith("# Proxy\r\n")
@@ -542,6 +544,7 @@ def test_info_proxy_section():
         "cache_evictions": "1", "cache_expirations": "2", "cache_invalidations": "3",
         "backing_redis": "redis://127.0.0.1:6379/0", "backing_status": "up",
         "ttl": "2.5", "capacity": "7", "concurrency": "3", "invalidation": "tracking",
+        "invalidation_state": "active", "invalidation_messages": "6", "invalidation_flushes": "1",
     }
     server = fields(info_text(session, b"server"))
     assert (server["uptime_in_seconds"], server["uptime_in_days"]) == ("90061", "1")
