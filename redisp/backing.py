@@ -163,7 +163,10 @@ class Backing:
             if protocol is not None and protocol is self._protocol:
                 error = BackingTimeout(f"backing redis timed out after {self.timeout:g}s")
                 # its reply may still come, or never (a half-open connection):
-                # start afresh rather than trust the stream, as txredisapi does
+                # start afresh rather than trust the stream, as txredisapi does.
+                # Forget it now, not when connectionLost comes round: calls in
+                # between wait for the next connection instead of failing on it
+                self._protocol = None
                 protocol.transport.abortConnection()
             else:
                 reason = self._down_reason or "not connected"
