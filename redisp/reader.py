@@ -17,13 +17,18 @@ off (tracking lost) nothing is stored at all.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from redisp.backing import Backing
-from redisp.cache import Cache
+from redisp.cache import STAMP, Cache
 from redisp.gate import Gate
 from redisp.metrics import Metrics
+
+#: a cache entry's value (C code: no Python call per entry)
+_value_of = itemgetter(slice(STAMP, None))
 
 #: (value or None when absent, True when answered from the cache)
 Lookup = tuple[bytes | None, bool]
@@ -58,6 +63,23 @@ class CachedReader:
                 return value, True
         return self._gate.run(self._lookup, key)
 
+    def cached(self, keys: list[bytes]) -> list[bytes] | None:
+        """The values of ``keys`` if the gate is idle and every one is a cache
+        hit (each counted as one), else None and nothing counted.
+
+        The RESP door answers a packet of pipelined GETs with this in one call:
+        idle gate, so as unobservable as ``get``'s shortcut; one clock reading
+        for the packet.  (bench/profile, GET hot -P16: dispatch, ``get`` and
+        metrics per request were ~30% of the time.)
+        """
+        if not self._gate.idle():
+            return None
+        entries = self._cache.get_all(keys)
+        if entries is None:
+            return None
+        self._metrics.cache_hits += len(entries)
+        return list(map(_value_of, entries))
+
     def get_many(self, keys: list[bytes]) -> list | Deferred:
         """Values (or None) for ``keys``, as one request through the gate.
 
@@ -77,7 +99,7 @@ class CachedReader:
             self._metrics.cache_hits += 1
             return value, True
         self._metrics.cache_misses += 1
-        return self._fetch(key).addCallback(lambda fetched: (fetched, False))
+        return self._fetch(key)
 
     def invalidate(self, key: bytes) -> None:
         """``key`` changed in Redis: drop it, and never store a fetch in flight."""
@@ -96,7 +118,12 @@ class CachedReader:
         return self._cache.clear()
 
     def _fetch(self, key: bytes) -> Deferred:
-        """Join the fetch of ``key`` in flight, or start one (singleflight)."""
+        """Join the fetch of ``key`` in flight, or start one (singleflight).
+
+        Each waiter fires with the Lookup ``(value, False)``, built once in
+        ``_settle`` rather than by a callback per waiter (one Deferred hop
+        less on the pass-through path, bench/profile WORKLOAD=miss).
+        """
         waiter: Deferred = Deferred()
         fetch = self._inflight.get(key)
         if fetch is not None:
@@ -116,8 +143,9 @@ class CachedReader:
             return
         if result is not None and self.caching and not fetch.poisoned:
             self._cache.put(key, result)
+        lookup = (result, False)
         for waiter in fetch.waiters:
-            waiter.callback(result)
+            waiter.callback(lookup)
 
     def _lookup_many(self, keys: list[bytes]) -> list | Deferred:
         values = [self._cache.get(key) for key in keys]

@@ -157,3 +157,26 @@ def test_cache_agrees_with_a_reference_model(capacity, ops):
                 model.pop(0)
             model.append((key, value, now + ttl))
         assert len(cache) == len(model)
+
+
+def test_get_all_answers_only_when_every_key_is_alive():
+    cache, clock, metrics = make(capacity=3, ttl=10)
+    cache.put(b"a", b"1")
+    clock.advance(5)
+    cache.put(b"b", b"2")
+    assert [e[8:] for e in cache.get_all([b"a", b"b", b"a"])] == [b"1", b"2", b"1"]
+    assert cache.get_all([b"a", b"x"]) is None
+    assert cache.get_all([]) is None
+    clock.advance(5)  # a expires exactly now: stored at 0 with ttl 10
+    assert cache.get_all([b"b", b"a"]) is None
+    assert len(cache) == 2 and metrics.cache_expirations == 0  # nothing dropped
+    assert cache.get(b"a") is None and metrics.cache_expirations == 1
+
+
+def test_get_all_marks_every_key_used():
+    cache, _, _ = make(capacity=2)
+    cache.put(b"a", b"1")
+    cache.put(b"b", b"2")
+    cache.get_all([b"a"])
+    cache.put(b"c", b"3")  # b is the least recently used now
+    assert cache.get(b"b") is None and cache.get(b"a") == b"1"

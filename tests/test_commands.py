@@ -42,6 +42,13 @@ class FakeReader:
             return d
         return self.values.get(key), key in self.values
 
+    def cached(self, keys: list[bytes]) -> list[bytes] | None:
+        if all(self.values.get(key) is not None and key not in self.later
+               and key not in self.failures
+               for key in keys):
+            return [self.values[key] for key in keys]
+        return None
+
     def get_many(self, keys: list[bytes]):
         if any(key in self.later for key in keys):
             d: Deferred = Deferred()

@@ -95,3 +95,16 @@ def test_drained_gives_up_after_its_timeout():
     gate.drained(timeout=5).addCallback(drained.append)
     clock.advance(5)
     assert drained == [None]
+
+
+def test_releases_due_in_one_turn_share_one_timer():
+    clock = Clock()
+    gate = Gate(3, clock)
+    blockers = [Deferred() for _ in range(3)]
+    for i in range(3):
+        gate.run(lambda i=i: blockers[i])
+    for blocker in blockers:
+        blocker.callback(None)
+    assert len(clock.getDelayedCalls()) == 1 and not gate.idle()
+    clock.advance(0)
+    assert gate.idle() and not clock.getDelayedCalls()

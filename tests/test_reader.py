@@ -218,3 +218,18 @@ def test_a_fetch_that_fails_at_once_answers_and_frees_the_gate():
             assert failure.check(BackingUnavailable)
             clock.advance(0)
         assert gate.idle() and reader._inflight == {}
+
+
+def test_cached_answers_a_batch_of_hits_only_while_the_gate_is_idle():
+    reader, backing, cache, clock, metrics = make()
+    cache.put(b"a", b"1")
+    cache.put(b"b", b"2")
+    assert reader.cached([b"a", b"b", b"a"]) == [b"1", b"2", b"1"]
+    assert metrics.cache_hits == 3
+    assert reader.cached([b"a", b"missing"]) is None
+    assert metrics.cache_hits == 3
+    reader.get(b"slow")  # a miss holds the gate: hits must wait their turn
+    assert reader.cached([b"a"]) is None
+    backing.pending[0].callback(b"v")
+    clock.advance(0)
+    assert reader.cached([b"a", b"slow"]) == [b"1", b"v"]

@@ -20,6 +20,7 @@ from redisp.resp import (
     RequestParser,
     array,
     bulk,
+    bulks,
     encoder_for,
     error,
     integer,
@@ -424,3 +425,53 @@ def test_any_input_parses_the_same_in_any_chunking(tokens, size):
     data = b"".join(tokens)
     limits = {"max_bulk_bytes": 8, "max_args": 4, "max_inline_bytes": 12}
     assert feed_in_chunks(data, size, **limits) == feed_in_chunks(data, len(data) or 1, **limits)
+
+
+# -- the pipelined-GET fast path ------------------------------------------------
+
+
+def test_only_gets_returns_the_keys_of_whole_get_requests():
+    """Exactly what ``feed`` would parse, for one request or many."""
+    parser = RequestParser(**LIMITS)
+    assert parser.idle
+    for data in (
+        encode(b"GET", b"k"),
+        encode(b"get", b"a") + encode(b"GET", b"") + encode(b"GET", b"x" * 1000),
+    ):
+        keys = parser.only_gets(data)
+        assert [[b"GET", key] for key in keys] == [
+            [b"GET", argv[1]] for argv in RequestParser(**LIMITS).feed(data)
+        ]
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    encode(b"GET", b"k")[:-1],  # unfinished
+    encode(b"GET", b"k") + b"*2",  # a second request begun
+    encode(b"GET", b"a\r\nb"),  # CRLF inside the key: not canonical tokens
+    encode(b"GET", b"k") + encode(b"PING", b"k"),
+    encode(b"Get", b"k"),  # valid, but left to the general path
+    encode(b"GET", b"k", b"j"),
+    encode(b"MGET", b"k"),
+    b"*2\r\n$3\r\nGET\r\n$2\r\nk\r\n",  # length does not match
+    b"*2\r\n$3\r\nGET\r\n$01\r\nk\r\n",  # not canonical
+    b"GET k\r\n",  # inline
+    encode(b"GET", b"x" * 2000),  # past the canonical header table
+])
+def test_only_gets_refuses_anything_else(data):
+    assert RequestParser(**LIMITS).only_gets(data) is None
+
+
+def test_parser_is_not_idle_inside_a_request():
+    parser = RequestParser(**LIMITS)
+    parser.feed(b"*2\r\n$3\r\nGET\r\n")
+    assert not parser.idle
+    parser.feed(b"$1\r\nk\r\n")
+    assert parser.idle
+    parser.feed(b"*2\r\n$3\r")
+    assert not parser.idle
+
+
+@pytest.mark.parametrize("values", [[], [b"v"], [b"", b"a\r\nb", b"x" * 5000, b"y" * 1023]])
+def test_bulks_is_bulk_of_each_value(values):
+    assert bulks(values) == b"".join(map(bulk, values))
