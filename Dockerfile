@@ -8,7 +8,10 @@ RUN pip install --no-cache-dir . && useradd --system redisp
 
 USER redisp
 # Inside the container the doors listen on every interface; publish the ports you need.
-ENV REDISP_HTTP=tcp:9997:interface=0.0.0.0 \
+# MALLOC_MMAP_THRESHOLD_: glibc hands large freed tables back to the system (the cache's
+# dict grows by doubling); 202 -> 185 bytes per cached entry at 1M keys (bench/run memory).
+ENV MALLOC_MMAP_THRESHOLD_=131072 \
+    REDISP_HTTP=tcp:9997:interface=0.0.0.0 \
     REDISP_RESP=tcp:6380:interface=0.0.0.0 \
     REDISP_REDIS=redis://redis:6379/0
 EXPOSE 9997 6380

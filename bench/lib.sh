@@ -140,7 +140,8 @@ start_redisp() {
   local name=$1; shift
   local dir="$TMP/$name.d"; mkdir -p "$dir"
   RESP_PORT[$name]=$(free_port); HTTP_PORT[$name]=$(free_port)
-  spawn "$name" "$dir" "$VENV/bin/twistd" -n --pidfile= redisp \
+  # as scripts/run and the Dockerfile run it: glibc returns large freed tables to the system
+  spawn "$name" "$dir" env MALLOC_MMAP_THRESHOLD_=131072 "$VENV/bin/twistd" -n --pidfile= redisp \
     --http "tcp:${HTTP_PORT[$name]}:interface=$HOST" --resp "tcp:${RESP_PORT[$name]}:interface=$HOST" \
     --redis "redis://$HOST:$RP/0" "$@"
   wait_port "$name" "${RESP_PORT[$name]}"

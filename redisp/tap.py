@@ -6,6 +6,7 @@ which the precedence (command line > environment > conf.yaml) needs.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -80,4 +81,21 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     from redisp.service import build_proxy
 
-    return build_proxy(config, reactor).service
+    service = build_proxy(config, reactor).service
+    tune_garbage_collector()
+    return service
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections for a long-running server process.
+
+    Every request allocates short-lived Deferreds and lists; with the default
+    gen0 threshold (700) the collector ran so often that it was a large share
+    of a cache-miss profile (bench/profile WORKLOAD=miss: 13.3k -> 18.9k
+    misses/s with thresholds (50000, 50, 50)).  Freezing moves everything
+    built at start-up (modules, the proxy's objects) out of every later
+    collection's way.  Process-wide, so done here, in the twistd entry point,
+    and not in build_proxy (tests build many proxies in one process).
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 50)
