@@ -64,6 +64,19 @@ def _protocol() -> txredisapi.BaseRedisProtocol:
     return txredisapi.RedisProtocol(charset=None, convertNumbers=False)
 
 
+def reconnecting(
+    endpoint: IStreamClientEndpoint, protocol: Callable[[], Any], reactor: Any,
+    prepare: Callable[[Any], Deferred],
+) -> ClientService:
+    """One connection to Redis, re-established by itself with a backoff capped
+    at one second (a restarted Redis is picked up quickly), and prepared by
+    ``prepare`` before anyone may use it."""
+    return ClientService(
+        endpoint, Factory.forProtocol(protocol), clock=reactor, prepareConnection=prepare,
+        retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=1.0, factor=2.0),
+    )
+
+
 class _RecordingEndpoint:
     """Remembers why the last connection attempt failed, for error messages."""
 
@@ -101,14 +114,8 @@ class Backing:
         self._ever_up = False
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
-        self._service = ClientService(
-            _RecordingEndpoint(endpoint, self._attempt_failed),
-            Factory.forProtocol(_protocol),
-            retryPolicy=self._retry_delay,
-            clock=reactor,
-            prepareConnection=self._prepare,
-        )
-        self._backoff = backoffPolicy(initialDelay=0.1, maxDelay=1.0, factor=2.0)
+        self._service = reconnecting(
+            _RecordingEndpoint(endpoint, self._attempt_failed), _protocol, reactor, self._prepare)
 
     @property
     def up(self) -> bool:
@@ -187,15 +194,10 @@ class Backing:
             )
         self._down_reason = _short(first)
 
-    def _retry_delay(self, attempt: int) -> float:
-        return self._backoff(attempt)
-
     def _prepare(self, protocol: Any) -> Deferred:
         """AUTH and SELECT on every new connection, before anyone may use it."""
-        commands: list[tuple[bytes, ...]] = []
-        if self.url.password is not None:
-            auth = (self.url.username.encode(),) if self.url.username else ()
-            commands.append((b"AUTH", *auth, self.url.password.encode()))
+        auth = self.url.auth_command()
+        commands = [auth] if auth is not None else []
         if self.url.db:
             commands.append((b"SELECT", str(self.url.db).encode()))
 

@@ -31,6 +31,13 @@ class RedisURL:
     username: str | None = None
     password: str | None = None
 
+    def auth_command(self) -> tuple[bytes, ...] | None:
+        """The AUTH command every connection to this Redis starts with, if any."""
+        if self.password is None:
+            return None
+        user = (self.username.encode(),) if self.username else ()
+        return (b"AUTH", *user, self.password.encode())
+
     def redacted(self) -> str:
         """The URL as it may be logged: never with the password."""
         auth = ""

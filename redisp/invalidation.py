@@ -30,14 +30,13 @@ import socket
 from typing import Any
 
 import txredisapi
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from redisp.backing import reconnecting
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
@@ -87,11 +86,7 @@ class Invalidator:
         self._problem: str | None = None
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
-        self._service = ClientService(
-            endpoint, Factory.forProtocol(_protocol),
-            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=1.0, factor=2.0),
-            clock=reactor, prepareConnection=self._enable,
-        )
+        self._service = reconnecting(endpoint, _protocol, reactor, self._enable)
 
     @property
     def state(self) -> str:
@@ -108,10 +103,9 @@ class Invalidator:
     def _enable(self, protocol: _InvalidationProtocol) -> Deferred:
         """Tracking on this connection, redirected to itself, then subscribe."""
         d = protocol.whenConnected()
-        if self.url.password is not None:
-            user = (self.url.username.encode(),) if self.url.username else ()
-            d.addCallback(lambda _: protocol.execute_command(
-                b"AUTH", *user, self.url.password.encode(), apply_timeout=False))
+        auth = self.url.auth_command()
+        if auth is not None:
+            d.addCallback(lambda _: protocol.execute_command(*auth, apply_timeout=False))
         d.addCallback(lambda _: protocol.execute_command(b"CLIENT", b"ID", apply_timeout=False))
         d.addCallback(lambda client_id: protocol.execute_command(
             b"CLIENT", b"TRACKING", b"on", b"REDIRECT", str(client_id).encode(), b"BCAST",
@@ -181,10 +175,8 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
         with socket.create_connection((url.host, url.port), timeout=timeout) as s:
             s.settimeout(timeout)
             reader = s.makefile("rb")
-            commands: list[tuple[bytes, ...]] = []
-            if url.password is not None:
-                user = (url.username.encode(),) if url.username else ()
-                commands.append((b"AUTH", *user, url.password.encode()))
+            auth = url.auth_command()
+            commands = [auth] if auth is not None else []
             commands += [(b"CLIENT", b"TRACKING", b"on", b"BCAST"),
                          (b"CLIENT", b"TRACKING", b"off")]
             for command in commands:
