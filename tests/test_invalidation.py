@@ -69,7 +69,8 @@ def test_a_write_during_a_fetch_never_leaves_the_old_value_cached(
         yield ready(p)
         forwarder.hold()  # the data connection's replies wait; invalidations flow
         fetch = in_thread(p.redis_py().get, "k")
-        yield until(lambda: p.proxy.metrics.cache_misses == 1)
+        # Redis has answered the GET (the reply is held): the write comes after it
+        yield until(lambda: bool(forwarder.held))
         seen = p.proxy.metrics.invalidation_messages
         redis_db.set("k", "new")
         yield until(lambda: p.proxy.metrics.invalidation_messages > seen)
