@@ -25,7 +25,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -210,6 +210,9 @@ class Backing:
 
     def _ready(self, protocol: Any) -> None:
         self._protocol = protocol
+        if ITCPTransport.providedBy(protocol.transport):
+            # pipelined GETs must not wait for Nagle's algorithm, as every Redis client does
+            protocol.transport.setTcpNoDelay(True)
         # ``protocol`` is ClientService's proxy of the real one, which is what
         # whenDisconnected fires with: bind the proxy, compared in _lost
         protocol.whenDisconnected().addCallback(lambda _: self._lost(protocol))
