@@ -65,12 +65,17 @@ def _protocol() -> txredisapi.BaseRedisProtocol:
 
 
 def reconnecting(
-    endpoint: IStreamClientEndpoint, protocol: Callable[[], Any], reactor: Any,
-    prepare: Callable[[Any], Deferred],
+    url: RedisURL, timeout: float, reactor: Any, protocol: Callable[[], Any],
+    prepare: Callable[[Any], Deferred], endpoint: IStreamClientEndpoint | None = None,
+    failed: Callable[[Failure], None] | None = None,
 ) -> ClientService:
     """One connection to Redis, re-established by itself with a backoff capped
     at one second (a restarted Redis is picked up quickly), and prepared by
-    ``prepare`` before anyone may use it."""
+    ``prepare`` before anyone may use it; ``failed`` hears why an attempt failed."""
+    if endpoint is None:
+        endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+    if failed is not None:
+        endpoint = _RecordingEndpoint(endpoint, failed)
     return ClientService(
         endpoint, Factory.forProtocol(protocol), clock=reactor, prepareConnection=prepare,
         retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=1.0, factor=2.0),
@@ -112,10 +117,8 @@ class Backing:
         self._protocol: txredisapi.BaseRedisProtocol | None = None
         self._down_reason: str | None = None
         self._ever_up = False
-        if endpoint is None:
-            endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
-        self._service = reconnecting(
-            _RecordingEndpoint(endpoint, self._attempt_failed), _protocol, reactor, self._prepare)
+        self._service = reconnecting(url, timeout, reactor, _protocol, self._prepare, endpoint,
+                                     failed=self._attempt_failed)
 
     @property
     def up(self) -> bool:

@@ -31,7 +31,6 @@ from typing import Any
 
 import txredisapi
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -84,9 +83,7 @@ class Invalidator:
         self._metrics = metrics
         self.active = False
         self._problem: str | None = None
-        if endpoint is None:
-            endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
-        self._service = reconnecting(endpoint, _protocol, reactor, self._enable)
+        self._service = reconnecting(url, timeout, reactor, _protocol, self._enable, endpoint)
 
     @property
     def state(self) -> str:
