@@ -359,3 +359,13 @@ def test_metrics_endpoint_reports_counters(redis_db, start_proxy):
 
 def test_free_port_is_loopback():
     assert 0 < free_port() < 65536
+
+
+@inline
+def test_the_backing_connection_does_not_wait_for_nagle(redis_db, start_proxy):
+    import socket
+
+    p = start_proxy()
+    yield until(lambda: p.proxy.backing.up)
+    handle = p.proxy.backing._protocol.transport.getHandle()
+    assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

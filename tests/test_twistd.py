@@ -142,3 +142,18 @@ def test_tracking_against_a_redis_without_client_tracking_stops_start_up(tmp_pat
     assert b"tracking needs Redis >= 6" in out.stderr
     assert b"Traceback" not in out.stdout + out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_twistd_entry_point_tunes_the_garbage_collector():
+    import gc
+
+    from redisp.tap import tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold()[0] == 50_000
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
