@@ -195,7 +195,7 @@ class Backing:
                 "backing redis {url} unavailable: {reason}; retrying",
                 url=self.url.redacted(), reason=first,
             )
-        self._down_reason = _short(first)
+        self._down_reason = first_line(first)
 
     def _prepare(self, protocol: Any) -> Deferred:
         """AUTH and SELECT on every new connection, before anyone may use it."""
@@ -225,7 +225,7 @@ class Backing:
         self._ever_up = True
 
     def _rejected(self, failure: Failure, protocol: Any) -> Failure:
-        reason = _short(failure.getErrorMessage())
+        reason = first_line(failure.getErrorMessage())
         if self._down_reason != reason:
             log.warn("backing redis {url} refused the connection setup: {reason}",
                      url=self.url.redacted(), reason=reason)
@@ -238,7 +238,7 @@ class Backing:
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
 
 
-def _short(text: str) -> str:
-    """First line of an error message, trimmed: it goes into one-line replies."""
+def first_line(text: str) -> str:
+    """First line of an error message, trimmed: it goes into one-line replies and logs."""
     line = text.strip().splitlines()[0] if text.strip() else "unknown error"
     return line[:200]

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import reconnecting
+from redisp.backing import first_line, reconnecting
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
@@ -131,7 +131,7 @@ class Invalidator:
         log.info("invalidation: tracking active (BCAST); caching on")
 
     def _failed(self, failure: Failure, protocol: Any) -> Failure:
-        problem = failure.getErrorMessage().strip().splitlines()[0][:200] or "failed"
+        problem = first_line(failure.getErrorMessage())
         if problem != self._problem:
             log.warn("invalidation: cannot enable tracking on {url}: {problem}; "
                      "caching stays off until it can", url=self.url.redacted(), problem=problem)

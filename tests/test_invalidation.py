@@ -208,3 +208,24 @@ def test_tracking_state_shows_in_healthz_info_and_metrics(redis_db, start_proxy)
     yield until(lambda: not p.proxy.invalidator.active)
     _, _, body = yield in_thread(p.http_path, "/metrics")
     assert b"redisp_invalidation_active 0.0" in body or p.proxy.invalidator.active
+
+
+def test_a_failure_without_a_message_is_logged_not_raised():
+    """An error with empty text once raised IndexError while being reported."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    from redisp.cache import Cache
+    from redisp.gate import Gate
+    from redisp.invalidation import Invalidator
+    from redisp.metrics import Metrics
+    from redisp.reader import CachedReader
+
+    clock = MemoryReactorClock()
+    metrics = Metrics(started=0)
+    reader = CachedReader(Cache(10, 10, clock, metrics), Gate(1, clock), None, metrics)
+    invalidator = Invalidator(parse_redis_url("redis://127.0.0.1:1/0"), 1.0, clock, reader,
+                              metrics)
+    failure = Failure(TimeoutError(""))
+    assert invalidator._failed(failure, None) is failure
+    assert invalidator._problem == "unknown error"
