@@ -86,11 +86,9 @@ class CachedReader:
         Misses are fetched with one backing MGET, so a non-string key reads
         as None, exactly as Redis's own MGET answers.
         """
-        if self._gate.idle():
-            values = [self._cache.get(key) for key in keys]
-            if None not in values:
-                self._metrics.cache_hits += len(values)
-                return values
+        values = self.cached(keys)
+        if values is not None:
+            return values
         return self._gate.run(self._lookup_many, keys)
 
     def _lookup(self, key: bytes) -> Lookup | Deferred:
