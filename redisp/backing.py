@@ -30,6 +30,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from redisp.batching import Done, GetBatcher
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
 
@@ -119,6 +120,7 @@ class Backing:
         self._ever_up = False
         self._service = reconnecting(url, timeout, reactor, _protocol, self._prepare, endpoint,
                                      failed=self._attempt_failed)
+        self._batcher = GetBatcher(self.call, reactor)
 
     @property
     def up(self) -> bool:
@@ -134,7 +136,16 @@ class Backing:
 
     def get(self, key: bytes) -> Deferred:
         """Fires with the value of ``key`` (bytes) or None when it is absent."""
-        return self.call(b"GET", key)
+        d: Deferred = Deferred()
+        self.fetch(key, d.callback)  # a Failure given to callback runs the errbacks
+        return d
+
+    def fetch(self, key: bytes, done: Done) -> None:
+        """Calls ``done`` with the value of ``key``, None, or a Failure.
+
+        The fetches of one reactor turn share one MGET (see batching.py).
+        """
+        self._batcher.fetch(key, done)
 
     def mget(self, keys: list[bytes]) -> Deferred:
         """Fires with a list of values or None, Redis's MGET semantics."""

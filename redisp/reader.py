@@ -17,7 +17,10 @@ off (tracking lost) nothing is stored at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from operator import itemgetter
+from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
@@ -49,19 +52,33 @@ class CachedReader:
         self._invalidations = 0  # any invalidation bumps it (for MGET fetches)
 
     def get(self, key: bytes) -> Lookup | Deferred:
-        """A Lookup at once for a hit while the gate is idle, else a Deferred.
+        """A Lookup at once for a hit while the gate is idle, else a Deferred
+        firing with one (or failing with a BackingError)."""
+        lookup = self.read(key, None)
+        if lookup is not None:
+            return lookup
+        waiter: Deferred = Deferred()
+        self._gate.enter(self._lookup, key, waiter.callback)  # callback(Failure) = errback
+        return waiter
+
+    def read(self, key: bytes, done: Callable[[Any], None] | None) -> Lookup | None:
+        """``get`` without a Deferred: a Lookup at once, or None and later
+        ``done(Lookup or Failure)``; ``done`` must not raise.  (With ``done``
+        None it only tries the shortcut.)
 
         Skipping the gate for an immediate hit is unobservable: nothing is
         running or queued, so the request would be admitted and finished
-        before anything else could happen anyway.  It saves a Deferred and
-        a lock round trip on the path that matters most for speed.
+        before anything else could happen anyway.  It saves a lock round
+        trip on the path that matters most for speed.
         """
         if self._gate.idle():
             value = self._cache.get(key)
             if value is not None:
                 self._metrics.cache_hits += 1
                 return value, True
-        return self._gate.run(self._lookup, key)
+        if done is not None:
+            self._gate.enter(self._lookup, key, done)
+        return None
 
     def cached(self, keys: list[bytes]) -> list[bytes] | None:
         """The values of ``keys`` if the gate is idle and every one is a cache
@@ -91,13 +108,22 @@ class CachedReader:
             return values
         return self._gate.run(self._lookup_many, keys)
 
-    def _lookup(self, key: bytes) -> Lookup | Deferred:
+    def _lookup(self, key: bytes, done: Callable[[Any], None]) -> None:
+        """Admitted by the gate: a hit at once, else join or start the fetch."""
         value = self._cache.get(key)
         if value is not None:
             self._metrics.cache_hits += 1
-            return value, True
+            self._gate.leave()
+            done((value, True))
+            return
         self._metrics.cache_misses += 1
-        return self._fetch(key)
+        fetch = self._inflight.get(key)
+        if fetch is not None:  # singleflight: one backing GET per key in flight
+            fetch.waiters.append(done)
+            return
+        fetch = self._inflight[key] = _Fetch()
+        fetch.waiters.append(done)  # before the fetch: it may settle at once
+        self._backing.fetch(key, partial(self._settle, key, fetch))
 
     def invalidate(self, key: bytes) -> None:
         """``key`` changed in Redis: drop it, and never store a fetch in flight."""
@@ -115,35 +141,21 @@ class CachedReader:
         self._inflight.clear()
         return self._cache.clear()
 
-    def _fetch(self, key: bytes) -> Deferred:
-        """Join the fetch of ``key`` in flight, or start one (singleflight).
-
-        Each waiter fires with the Lookup ``(value, False)``, built once in
-        ``_settle`` rather than by a callback per waiter (one Deferred hop
-        less on the pass-through path, bench/profile WORKLOAD=miss).
-        """
-        waiter: Deferred = Deferred()
-        fetch = self._inflight.get(key)
-        if fetch is not None:
-            fetch.waiters.append(waiter)
-            return waiter
-        fetch = self._inflight[key] = _Fetch()
-        fetch.waiters.append(waiter)  # before the fetch: it may settle at once
-        maybeDeferred(self._backing.get, key).addBoth(self._settle, key, fetch)
-        return waiter
-
-    def _settle(self, result: bytes | None | Failure, key: bytes, fetch: _Fetch) -> None:
+    def _settle(self, key: bytes, fetch: _Fetch, result: bytes | None | Failure) -> None:
+        """The fetch is over: store its value (unless poisoned), free each
+        waiter's token and answer it with ``(value, False)``, built once."""
         if self._inflight.get(key) is fetch:
             del self._inflight[key]
-        if isinstance(result, Failure):
-            for waiter in fetch.waiters:
-                waiter.errback(result)
-            return
-        if result is not None and self.caching and not fetch.poisoned:
-            self._cache.put(key, result)
-        lookup = (result, False)
-        for waiter in fetch.waiters:
-            waiter.callback(lookup)
+        if result.__class__ is Failure:
+            answer: Any = result
+        else:
+            if result is not None and self.caching and not fetch.poisoned:
+                self._cache.put(key, result)
+            answer = (result, False)
+        leave = self._gate.leave
+        for done in fetch.waiters:
+            leave()
+            done(answer)
 
     def _lookup_many(self, keys: list[bytes]) -> list | Deferred:
         values = [self._cache.get(key) for key in keys]
@@ -173,5 +185,5 @@ class _Fetch:
     __slots__ = ("waiters", "poisoned")
 
     def __init__(self) -> None:
-        self.waiters: list[Deferred] = []
+        self.waiters: list[Callable[[Any], None]] = []
         self.poisoned = False

@@ -191,6 +191,29 @@ def test_slow_backing_times_out_with_504_and_err(redis_server, redis_db, start_p
 
 
 @inline
+def test_misses_of_one_turn_share_an_mget_and_keep_gets_answers(redis_db, start_proxy):
+    """Batched as one MGET, each GET still gets its own answer: value, nil, WRONGTYPE."""
+    redis_db.set("str", "v")
+    redis_db.lpush("list", "x")
+    p = start_proxy(capacity=0, concurrency=64)
+    yield until(lambda: p.proxy.backing.up)
+    redis_db.config_resetstat()
+
+    def pipelined():
+        pipe = p.redis_py().pipeline(transaction=False)  # one packet, one reactor turn
+        for key in ("str", "absent", "list", "str"):
+            pipe.get(key)
+        return pipe.execute(raise_on_error=False)
+
+    value, absent, wrongtype, again = yield in_thread(pipelined)
+    assert (value, absent, again) == (b"v", None, b"v")
+    assert isinstance(wrongtype, redis.ResponseError) and "WRONGTYPE" in str(wrongtype)
+    stats = redis_db.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert stats["cmdstat_get"]["calls"] == 2, "only the two nils are asked again"
+
+
+@inline
 def test_wrongtype_is_reported_with_redis_text(redis_db, start_proxy):
     redis_db.lpush("list", "x")
     p = start_proxy()

@@ -108,3 +108,38 @@ def test_releases_due_in_one_turn_share_one_timer():
     assert len(clock.getDelayedCalls()) == 1 and not gate.idle()
     clock.advance(0)
     assert gate.idle() and not clock.getDelayedCalls()
+
+
+def test_enter_runs_at_once_or_in_turn_and_leave_frees_on_the_next_turn():
+    clock = Clock()
+    gate = Gate(2, clock)
+    started = []
+    for i in range(4):
+        gate.enter(started.append, i)
+    assert started == [0, 1] and gate.waiting == 2
+    gate.leave()
+    assert started == [0, 1], "a token comes back on the next reactor turn"
+    clock.advance(0)
+    assert started == [0, 1, 2]
+    gate.leave()
+    gate.leave()
+    clock.advance(0)
+    assert started == [0, 1, 2, 3] and gate.idle() and gate.waiting == 0
+    gate.leave()
+    clock.advance(0)
+    assert gate._free == 2
+
+
+def test_enter_and_run_share_one_queue_in_arrival_order():
+    clock = Clock()
+    gate = Gate(1, clock)
+    order = []
+    gate.enter(order.append, "entered")
+    gate.run(lambda: order.append("run"))
+    gate.enter(order.append, "entered again")
+    gate.leave()
+    clock.advance(0)  # Clock runs the release "run" schedules in the same advance
+    assert order == ["entered", "run", "entered again"]
+    gate.leave()
+    clock.advance(0)
+    assert gate.idle()

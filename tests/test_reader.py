@@ -18,10 +18,9 @@ class FakeBacking:
         self.calls: list[tuple[bytes, ...]] = []
         self.pending: list[Deferred] = []
 
-    def get(self, key):
+    def fetch(self, key, done):
         self.calls.append((b"GET", key))
-        self.pending.append(Deferred())
-        return self.pending[-1]
+        self.pending.append(Deferred().addBoth(done))
 
     def mget(self, keys):
         self.calls.append((b"MGET", *keys))
@@ -187,17 +186,12 @@ def test_invalidate_drops_a_cached_key():
 class FailingBacking(FakeBacking):
     """Fails at once, the way Backing does while Redis is known to be down."""
 
-    def get(self, key):
+    def fetch(self, key, done):
         self.calls.append((b"GET", key))
-        from twisted.internet.defer import fail
-
-        return fail(BackingUnavailable("backing redis unavailable (refused)"))
+        done(Failure(BackingUnavailable("backing redis unavailable (refused)")))
 
 
-class RaisingBacking(FakeBacking):
-    def get(self, key):
-        raise BackingUnavailable("backing redis unavailable (not connected)")
-
+class RaisingBacking(FailingBacking):
     def mget(self, keys):
         raise BackingUnavailable("backing redis unavailable (not connected)")
 
