@@ -186,15 +186,19 @@ def _backing_failed(failure: Failure) -> tuple[bytes, str]:
 def _get(session: Session, argv: list[bytes]) -> Reply:
     result = session.reader.get(argv[1])
     if result.__class__ is tuple:  # a cache hit, answered at once: the hot path
-        value = result[0]
-        if value is None:
-            return session.encoder.null, ABSENT
-        return bulk(value), HIT if result[1] else MISS
-    return result.addCallbacks(_got, _backing_failed, callbackArgs=(session.encoder,))
+        return get_answer(result, session.encoder)
+    return result.addBoth(get_answer, session.encoder)
 
 
-def _got(result: tuple[bytes | None, bool], encoder: Encoder) -> tuple[bytes, str]:
-    value, hit = result
+def get_answer(result: tuple[bytes | None, bool] | Failure, encoder: Encoder) -> tuple[bytes, str]:
+    """GET's reply and outcome for the reader's Lookup or Failure; raises
+    anything but a BackingError (the server answers it as an internal error).
+
+    Shared by ``_get`` and the RESP door's path for packets of GETs.
+    """
+    if result.__class__ is Failure:
+        return _backing_failed(result)  # type: ignore[arg-type]
+    value, hit = result  # type: ignore[misc]
     if value is None:
         return encoder.null, ABSENT
     return bulk(value), HIT if hit else MISS

@@ -54,17 +54,15 @@ class CachedReader:
     def get(self, key: bytes) -> Lookup | Deferred:
         """A Lookup at once for a hit while the gate is idle, else a Deferred
         firing with one (or failing with a BackingError)."""
-        lookup = self.read(key, None)
+        lookup = self.read(key)
         if lookup is not None:
             return lookup
         waiter: Deferred = Deferred()
-        self._gate.enter(self._lookup, key, waiter.callback)  # callback(Failure) = errback
+        self.read_later(key, waiter.callback)  # callback(Failure) = errback
         return waiter
 
-    def read(self, key: bytes, done: Callable[[Any], None] | None) -> Lookup | None:
-        """``get`` without a Deferred: a Lookup at once, or None and later
-        ``done(Lookup or Failure)``; ``done`` must not raise.  (With ``done``
-        None it only tries the shortcut.)
+    def read(self, key: bytes) -> Lookup | None:
+        """The Lookup of a cache hit while the gate is idle, else None.
 
         Skipping the gate for an immediate hit is unobservable: nothing is
         running or queued, so the request would be admitted and finished
@@ -76,9 +74,13 @@ class CachedReader:
             if value is not None:
                 self._metrics.cache_hits += 1
                 return value, True
-        if done is not None:
-            self._gate.enter(self._lookup, key, done)
         return None
+
+    def read_later(self, key: bytes, done: Callable[[Any], None]) -> None:
+        """``get`` without a Deferred, for a key ``read`` did not answer:
+        ``done(Lookup or Failure)`` once the gate admits the request and the
+        cache or the backing has answered.  ``done`` must not raise."""
+        self._gate.enter(self._lookup, key, done)
 
     def cached(self, keys: list[bytes]) -> list[bytes] | None:
         """The values of ``keys`` if the gate is idle and every one is a cache

@@ -42,6 +42,14 @@ class FakeReader:
             return d
         return self.values.get(key), key in self.values
 
+    def read(self, key: bytes):
+        if key in self.failures or key in self.later:
+            return None
+        return self.values.get(key), key in self.values
+
+    def read_later(self, key: bytes, done) -> None:
+        self.get(key).addBoth(done)
+
     def cached(self, keys: list[bytes]) -> list[bytes] | None:
         if all(self.values.get(key) is not None and key not in self.later
                and key not in self.failures

@@ -390,3 +390,36 @@ def test_quit_really_closes_the_socket():
             assert (yield client.closed) == expected
     finally:
         yield port.stopListening()
+
+
+def test_a_packet_of_gets_mixing_hits_misses_and_errors_answers_in_order(door, logged_failures):
+    """The GET-packet path (no general dispatch) keeps order, outcomes and errors."""
+    door.reader.values[b"hot"] = b"H"
+    door.reader.later.update({b"slow", b"list", b"bug"})
+    proto, transport = door.connect()
+    keys = [b"slow", b"hot", b"absent", b"list", b"bug", b"hot"]
+    proto.dataReceived(b"".join(encode(b"GET", key) for key in keys))
+    assert transport.value() == b""
+    door.reader.fail(b"bug", RuntimeError("boom"))
+    door.reader.fail(b"list", BackingReplyError("WRONGTYPE Operation against a key"))
+    assert transport.value() == b"", "every reply waits for the first"
+    door.reader.answer(b"slow", b"S")
+    assert transport.value() == (
+        b"$1\r\nS\r\n$1\r\nH\r\n$-1\r\n-WRONGTYPE Operation against a key\r\n"
+        b"-ERR internal error\r\n$1\r\nH\r\n"
+    )
+    assert door.outcomes() == {"miss": 1, "hit": 2, "absent": 1, "backing_error": 1, "other": 1}
+    assert [f.type for f in logged_failures] == [RuntimeError]
+
+
+def test_a_packet_of_gets_answers_the_same_as_the_general_path(door):
+    """``GET k`` alone (the GET-packet path) and ``GET k`` + ``PING`` (general
+    dispatch) give the same GET reply, for every kind of answer."""
+    door.reader.values[b"hot"] = b"H"
+    door.reader.failures[b"down"] = BackingUnavailable("backing redis unavailable (refused)")
+    for key in (b"hot", b"absent", b"down"):
+        alone, t1 = door.connect()
+        alone.dataReceived(encode(b"GET", key))
+        mixed, t2 = door.connect()
+        mixed.dataReceived(encode(b"GET", key) + b"PING\r\n")
+        assert t2.value() == t1.value() + b"+PONG\r\n"
