@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -75,6 +75,7 @@ class RespProtocol(Protocol):
         self._consumer_paused = False  # paused because the client is not reading
         self._reading_paused = False
         self._direct = False  # see _send
+        self._flush_due = False  # a late reply is ready; the factory flushes at turn's end
 
     # -- connection ------------------------------------------------------------
 
@@ -215,9 +216,15 @@ class RespProtocol(Protocol):
     def _answered(self, result: tuple[bytes, str], slot: list[bytes | None]) -> None:
         self._metrics.request(DOOR, result[1])
         slot[0] = result[0]
-        if not self._dispatching:
-            # buffered: replies settling in one reactor turn leave in one send
-            self._flush(self.transport.write)
+        if not (self._dispatching or self._flush_due):
+            # the replies settling in one reactor turn leave in one send
+            self._flush_due = True
+            self.factory.flush_later(self)
+
+    def flush_late(self) -> None:
+        """Write the replies that settled after ``dataReceived`` (misses)."""
+        self._flush_due = False
+        self._flush(self._send)
 
     def _crashed(self, failure: Failure, slot: list[bytes | None]) -> None:
         log.failure("internal error answering a RESP request", failure)
@@ -256,11 +263,11 @@ class RespProtocol(Protocol):
         (``redis-benchmark -P 1``).  A plain TCP transport with an empty
         buffer can take the bytes straight away; whatever the socket does not
         take (or an error) goes through ``write`` as before.  Measured, GET hot
-        -P 1 -c 50: ~27k/s buffered, ~31k/s sent at once.  Used for what
-        ``dataReceived`` answers at once; replies settling later go through
-        ``write``, so those of one reactor turn share a send (one send per
-        late reply made the miss path ~20% slower, bench/profile
-        PROFILER=cprofile WORKLOAD=miss).
+        -P 1 -c 50: ~27k/s buffered, ~31k/s sent at once.  Replies settling
+        later (misses) come here once per reactor turn through the factory's
+        ``flush_later``, so those of one turn share a send (one send per late
+        reply made the miss path ~20% slower, bench/profile PROFILER=cprofile
+        WORKLOAD=miss).
         """
         transport = self.transport
         if (
@@ -330,6 +337,26 @@ class RespFactory(Factory):
         self.config = config
         self.clock = clock
         self._last_id = 0
+        self._late: list[RespProtocol] = []  # connections with replies to flush
+        self._late_call: IDelayedCall | None = None
+
+    def flush_later(self, protocol: RespProtocol) -> None:
+        """Flush ``protocol``'s settled replies at the end of this reactor turn.
+
+        A batch of misses settles many replies of one connection in one turn;
+        one ``callLater(0)`` for all connections lets each write them in one
+        send, without the epoll registration a buffered ``write`` costs
+        (bench/cpu_per_request WORKLOAD=miss, see bench/NOTES-perf.md).
+        """
+        self._late.append(protocol)
+        if self._late_call is None:
+            self._late_call = self.clock.callLater(0, self._flush_late)
+
+    def _flush_late(self) -> None:
+        self._late_call = None
+        late, self._late = self._late, []
+        for protocol in late:
+            protocol.flush_late()
 
     def buildProtocol(self, addr: Any) -> RespProtocol:
         self._last_id += 1  # CLIENT ID / HELLO id: unique per door, from 1

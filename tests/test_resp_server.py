@@ -9,8 +9,10 @@ from twisted.internet import protocol, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from redisp.backing import BackingReplyError, BackingUnavailable
 from redisp.clients import ClientSlots
@@ -35,6 +37,23 @@ class RecordingTransport(StringTransport):
         super().write(data)
 
 
+class TurnEndingReader(FakeReader):
+    """Each answer the test gives ends the reactor turn it arrived in, as a
+    reply from the backing does: late replies are flushed at a turn's end."""
+
+    def __init__(self, values: dict[bytes, bytes], clock: task.Clock) -> None:
+        super().__init__(values)
+        self.clock = clock
+
+    def answer(self, key: bytes, value: bytes | None = None, hit: bool = False) -> None:
+        super().answer(key, value, hit)
+        self.clock.advance(0)
+
+    def fail(self, key: bytes, error: BaseException) -> None:
+        super().fail(key, error)
+        self.clock.advance(0)
+
+
 class Door:
     """One factory and its shared parts, and connections made to it."""
 
@@ -42,7 +61,7 @@ class Door:
         self.clock = task.Clock()
         self.metrics = Metrics(started=self.clock.seconds())
         self.slots = ClientSlots(max_clients, self.metrics)
-        self.reader = FakeReader(values if values is not None else {b"k": b"v"})
+        self.reader = TurnEndingReader(values if values is not None else {b"k": b"v"}, self.clock)
         self.factory = RespFactory(self.reader, self.metrics, self.slots, Config(), self.clock)
 
     def connect(self) -> tuple[RespProtocol, RecordingTransport]:
@@ -423,3 +442,24 @@ def test_a_packet_of_gets_answers_the_same_as_the_general_path(door):
         mixed, t2 = door.connect()
         mixed.dataReceived(encode(b"GET", key) + b"PING\r\n")
         assert t2.value() == t1.value() + b"+PONG\r\n"
+
+
+def test_late_replies_of_one_turn_leave_in_one_write_at_its_end(door):
+    door.reader.later.update({b"a", b"b"})
+    proto, transport = door.connect()
+    proto.dataReceived(encode(b"GET", b"a") + encode(b"GET", b"b"))
+    FakeReader.answer(door.reader, b"a", b"A")  # both settle within one turn ...
+    FakeReader.answer(door.reader, b"b", b"B")
+    assert transport.value() == b"", "... and nothing is written before the turn ends"
+    door.clock.advance(0)
+    assert transport.writes == [b"$1\r\nA\r\n$1\r\nB\r\n"]
+
+
+def test_a_late_reply_to_a_connection_gone_meanwhile_is_dropped(door):
+    door.reader.later.add(b"a")
+    proto, transport = door.connect()
+    proto.dataReceived(encode(b"GET", b"a"))
+    FakeReader.answer(door.reader, b"a", b"A")
+    proto.connectionLost(Failure(ConnectionDone()))
+    door.clock.advance(0)
+    assert transport.value() == b""
