@@ -79,9 +79,9 @@ class Gate:
         else:
             self._queue.append((f, args))
 
-    def leave(self) -> None:
-        """Give back the token of an entered request, on the next reactor turn."""
-        self._due += 1
+    def leave(self, count: int = 1) -> None:
+        """Give back the tokens of ``count`` entered requests, on the next reactor turn."""
+        self._due += count
         if self._release_call is None:
             self._release_call = self._clock.callLater(0, self._released)
 

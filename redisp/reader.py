@@ -154,9 +154,8 @@ class CachedReader:
             if result is not None and self.caching and not fetch.poisoned:
                 self._cache.put(key, result)
             answer = (result, False)
-        leave = self._gate.leave
+        self._gate.leave(len(fetch.waiters))
         for done in fetch.waiters:
-            leave()
             done(answer)
 
     def _lookup_many(self, keys: list[bytes]) -> list | Deferred:

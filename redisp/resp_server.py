@@ -149,7 +149,8 @@ class RespProtocol(Protocol):
         out = self._out
         count = self._metrics.request
         for key in keys:
-            lookup = reader.read(key)
+            # the idle gate's shortcut: no use trying once a key had to queue
+            lookup = reader.read(key) if not pending else None
             if lookup is not None:
                 reply, outcome = get_answer(lookup, encoder)
                 count(DOOR, outcome)
@@ -214,7 +215,7 @@ class RespProtocol(Protocol):
         self._closing = True
 
     def _answered(self, result: tuple[bytes, str], slot: list[bytes | None]) -> None:
-        self._metrics.request(DOOR, result[1])
+        self._metrics.requests[DOOR, result[1]] += 1
         slot[0] = result[0]
         if not (self._dispatching or self._flush_due):
             # the replies settling in one reactor turn leave in one send

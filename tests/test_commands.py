@@ -48,7 +48,11 @@ class FakeReader:
         return self.values.get(key), key in self.values
 
     def read_later(self, key: bytes, done) -> None:
-        self.get(key).addBoth(done)
+        result = self.get(key)
+        if isinstance(result, tuple):  # admitted at once, a hit
+            done(result)
+        else:
+            result.addBoth(done)
 
     def cached(self, keys: list[bytes]) -> list[bytes] | None:
         if all(self.values.get(key) is not None and key not in self.later

@@ -1,0 +1,77 @@
+"""Python time of one RESP miss through redisp, in-process and without Redis.
+
+The RESP door, reader, gate and GET batcher are the real ones (capacity 0,
+concurrency 64, as ``bench/run``'s miss row); only ``Backing.call`` is
+replaced by a stand-in answering each MGET/GET at once with 100-byte values,
+and sockets by StringTransports.  So the figure is redisp's own CPU per miss,
+free of the VM noise that makes socket benchmarks swing by +-30%, and
+excluding txredisapi and the kernel.  It is the A/B figure behind the miss
+path's changes (bench/NOTES-perf.md).
+Run: .venv/bin/python bench/miss_micro.py
+"""
+
+import time
+
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from redisp.batching import GetBatcher
+from redisp.cache import Cache
+from redisp.clients import ClientSlots
+from redisp.config import Config
+from redisp.gate import Gate
+from redisp.metrics import Metrics
+from redisp.reader import CachedReader
+from redisp.resp_server import RespFactory
+
+CLIENTS, PIPELINE, ROUNDS = 50, 16, 200
+VALUE = b"v" * 100
+
+
+class InstantBacking:
+    """Backing.fetch through the real GetBatcher; Redis answers at once."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.fetch = GetBatcher(self.call, clock).fetch
+
+    def call(self, command: bytes, *keys: bytes):
+        return succeed(VALUE if command == b"GET" else [VALUE] * len(keys))
+
+
+def main() -> None:
+    clock = Clock()
+    metrics = Metrics(started=0)
+    config = Config()
+    reader = CachedReader(Cache(0, 60.0, clock, metrics), Gate(64, clock),
+                          InstantBacking(clock), metrics)
+    factory = RespFactory(reader, metrics, ClientSlots(1000, metrics), config, clock)
+    clients = []
+    for _ in range(CLIENTS):
+        protocol, transport = factory.buildProtocol(None), StringTransport()
+        protocol.makeConnection(transport)
+        clients.append((protocol, transport))
+    packets = [
+        b"".join(b"*2\r\n$3\r\nGET\r\n$16\r\nkey:%012d\r\n" % (c * PIPELINE + i)
+                 for i in range(PIPELINE))
+        for c in range(CLIENTS)
+    ]
+    expected = len(b"$100\r\n" + VALUE + b"\r\n") * PIPELINE
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(ROUNDS):
+            for (protocol, _), packet in zip(clients, packets):
+                protocol.dataReceived(packet)
+            while clock.getDelayedCalls():
+                clock.advance(0)
+            for _, transport in clients:
+                assert len(transport.value()) == expected
+                transport.clear()
+        best = min(best, (time.perf_counter() - started) / (ROUNDS * CLIENTS * PIPELINE))
+    print(f"RESP miss, {CLIENTS} clients x {PIPELINE} pipelined, capacity 0, concurrency 64:"
+          f" {best * 1e6:.2f} us of Python a request (best of 5)")
+
+
+if __name__ == "__main__":
+    main()
