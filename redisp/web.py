@@ -135,9 +135,13 @@ def respond(
 ) -> None:
     """Send a whole response with an exact Content-Length, then finish.
 
-    For HEAD, http.Request.write sends the headers and drops the body, so the
-    length stays that of the GET answer.
+    For HEAD the body is left out and Content-Length stays that of the GET
+    answer.  redisp's own requests send it in one piece (``_Request.send``);
+    any other IRequest (FrontDoor under a stock Site) the generic way.
     """
+    if request.__class__ is _Request:
+        request.send(code, body, content_type, x_cache)
+        return
     request.setResponseCode(code)
     headers = request.responseHeaders
     headers.setRawHeaders(b"Content-Type", [content_type])
@@ -358,6 +362,36 @@ class _Request(server.Request):
     # server.Request.write adds a default Content-Type, fake-HEAD and encoder
     # support, none of which is used here: respond() sets every header itself.
     write = HTTPRequest.write
+
+    def send(self, code: int, body: bytes, content_type: bytes, x_cache: bytes | None) -> None:
+        """The whole response in one ``write``, then finish (see ``respond``).
+
+        Status line, headers and body are composed here: ``http.Request.write``
+        would set each header through the ``Headers`` object (name encoding
+        and sanitising on every call), write headers and body separately, and
+        check for chunking, cookies and ETags that never apply here.  The
+        values are redisp's own constants, plus what twisted.web has set
+        already (Date, Connection, Allow).  All or nothing: a failure while
+        composing leaves nothing written, so a 500 can still follow.
+        bench/http_micro.py: ~39 -> ~35 us of Python a hit.
+        """
+        self.setResponseCode(code)
+        parts = [self.clientproto, b" %d " % code, self.code_message, b"\r\n"]
+        for name, values in self.responseHeaders.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts += (b"Content-Type: ", content_type, b"\r\nContent-Length: %d\r\n" % len(body))
+        if x_cache is not None:
+            parts += (b"X-Cache: ", x_cache, b"\r\n")
+        parts.append(b"\r\n")
+        if self.method != b"HEAD":
+            parts.append(body)
+        response = b"".join(parts)
+        self.startedWriting = 1  # finish() must not write headers again
+        if not self._disconnected:
+            self.sentLength = len(body)
+            self.channel.write(response)
+        self.finish()
 
     def process(self) -> None:
         site: RedispSite = self.channel.site

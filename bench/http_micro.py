@@ -1,0 +1,59 @@
+"""Python time of one HTTP cache hit through redisp's door, in-process.
+
+The real Site, channel, request and FrontDoor, over a StringTransport, with
+the key cached; wrk's request shape (``GET /get?key=hot``, a Host header,
+keep-alive).  Stable where socket benchmarks on a shared VM swing by +-30%:
+the A/B figure for the HTTP door's changes (bench/NOTES-perf.md).
+Run: .venv/bin/python bench/http_micro.py [profile]
+"""
+
+import sys
+import time
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from redisp.cache import Cache
+from redisp.clients import ClientSlots
+from redisp.config import Config
+from redisp.gate import Gate
+from redisp.metrics import Metrics
+from redisp.reader import CachedReader
+from redisp.web import build_site
+
+REQUESTS = 4000
+REQUEST = b"GET /get?key=hot HTTP/1.1\r\nHost: 127.0.0.1:9997\r\n\r\n"
+
+
+def main() -> float:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    metrics = Metrics(started=0)
+    cache = Cache(10, 3600.0, clock, metrics)
+    cache.put(b"hot", b"v" * 100)
+    reader = CachedReader(cache, Gate(1, clock), None, metrics)
+    site = build_site(reader, None, metrics, ClientSlots(10, metrics), Config(), clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    best = float("inf")
+    for _ in range(25):
+        started = time.process_time()
+        for _ in range(REQUESTS):
+            channel.dataReceived(REQUEST)
+        best = min(best, (time.process_time() - started) / REQUESTS)
+        assert transport.value().count(b"X-Cache: HIT") == REQUESTS, transport.value()[:300]
+        transport.clear()
+    return best
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["profile"]:
+        import cProfile
+        import pstats
+
+        cProfile.run("main()", "/tmp/http_micro.prof")
+        pstats.Stats("/tmp/http_micro.prof").sort_stats("tottime").print_stats(30)
+    else:
+        print(f"HTTP GET hit through the door: {main() * 1e6:.2f} us of Python a request"
+              " (best of 25)")
