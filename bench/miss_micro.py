@@ -25,7 +25,7 @@ from redisp.metrics import Metrics
 from redisp.reader import CachedReader
 from redisp.resp_server import RespFactory
 
-CLIENTS, PIPELINE, ROUNDS = 50, 16, 200
+CLIENTS, PIPELINE, ROUNDS = 50, 16, 40
 VALUE = b"v" * 100
 
 
