@@ -21,7 +21,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -34,6 +33,7 @@ from redisp.commands import HIT, OTHER, PROTOCOL_ERROR, Session, execute, get_an
 from redisp.config import Config
 from redisp.metrics import Metrics
 from redisp.resp import Encoder, ProtocolError, RequestParser, bulks, error
+from redisp.sending import can_send_now, send_now
 
 log = Logger()
 
@@ -90,11 +90,7 @@ class RespProtocol(Protocol):
         if ITCPTransport.providedBy(self.transport):
             # replies are written whole; never hold one back for Nagle
             self.transport.setTcpNoDelay(True)
-            # plain TCP (not TLS, which rewrites write): _send may use the socket
-            self._direct = (
-                isinstance(self.transport, tcp.Connection)
-                and not getattr(self.transport, "TLS", False)
-            )
+            self._direct = can_send_now(self.transport)
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -256,35 +252,16 @@ class RespProtocol(Protocol):
             self._update_reading()
 
     def _send(self, data: bytes) -> None:
-        """``transport.write(data)``, sending at once when nothing is queued.
-
-        Twisted's ``write`` only buffers: the bytes leave on the next reactor
-        turn, after an ``epoll_ctl`` to watch for writability and before
-        another to stop, for every reply of a client that waits for it
-        (``redis-benchmark -P 1``).  A plain TCP transport with an empty
-        buffer can take the bytes straight away; whatever the socket does not
-        take (or an error) goes through ``write`` as before.  Measured, GET hot
-        -P 1 -c 50: ~27k/s buffered, ~31k/s sent at once.  Replies settling
-        later (misses) come here once per reactor turn through the factory's
-        ``flush_later``, so those of one turn share a send (one send per late
-        reply made the miss path ~20% slower, bench/profile PROFILER=cprofile
-        WORKLOAD=miss).
+        """``transport.write(data)``, sent at once when nothing is queued
+        (sending.py).  Replies settling later (misses) come here once per
+        reactor turn through the factory's ``flush_later``, so those of one
+        turn share a send (one send per late reply made the miss path ~20%
+        slower, bench/profile PROFILER=cprofile WORKLOAD=miss).
         """
-        transport = self.transport
-        if (
-            self._direct
-            and not transport.dataBuffer
-            and not transport._tempDataBuffer
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-        ):
-            sent = transport.writeSomeData(data)
-            if sent.__class__ is int:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        transport.write(data)
+        if self._direct:
+            send_now(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def _close(self) -> None:
         if self._closed:

@@ -654,3 +654,27 @@ def test_access_log_when_asked_for(logged):
     proxy.get(b"/get?key=k")
     proxy.site.doStop()
     assert len(access_lines(logged)) == 1
+
+
+class CountingTransport(StringTransport):
+    def __init__(self):
+        super().__init__(peerAddress=ADDR)
+        self.host_asked = 0
+
+    def getHost(self):
+        self.host_asked += 1
+        return super().getHost()
+
+
+def test_the_local_address_is_asked_once_per_connection(proxy):
+    """twisted.web wants it for every request; a TCP transport answers each
+    time with a getsockname system call, for an address that never changes."""
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol = proxy.site.buildProtocol(ADDR)
+    transport = CountingTransport()
+    protocol.makeConnection(transport)
+    for _ in range(3):
+        protocol.dataReceived(request(b"/get?key=k"))
+    assert [r.status for r in parse(transport.value())] == [200, 200, 200]
+    assert transport.host_asked == 1
+    protocol.connectionLost(Failure(ConnectionDone()))
