@@ -52,6 +52,14 @@ class FakeReader:
             raise answer
         return answer
 
+    def read(self, key):
+        """CachedReader.read: only a hit (answered at once) is an answer."""
+        answer = self.answers.get(key)
+        if isinstance(answer, tuple) and answer[1] and answer[0] is not None:
+            self.calls.append(key)
+            return answer
+        return None
+
 
 class FakeBacking:
     """``ping()`` hands out Deferreds the test fires."""
@@ -678,3 +686,105 @@ def test_the_local_address_is_asked_once_per_connection(proxy):
     assert [r.status for r in parse(transport.value())] == [200, 200, 200]
     assert transport.host_asked == 1
     protocol.connectionLost(Failure(ConnectionDone()))
+
+
+# the plain-GET path (_Channel.dataReceived): hits without twisted.web's Request
+
+PLAIN = b"GET /get?key=k HTTP/1.1\r\nHost: 127.0.0.1:9997\r\nUser-Agent: wrk\r\n\r\n"
+
+
+def routed(proxy) -> list[bytes]:
+    """Targets that went through twisted.web (FrontDoor.route), recorded from now."""
+    seen: list[bytes] = []
+    door = proxy.site.resource
+    original = door.route
+
+    def route(request):
+        seen.append(request.uri)
+        original(request)
+
+    door.route = route
+    return seen
+
+
+def test_a_plain_hit_skips_twisted_web_and_answers_the_same_bytes(proxy):
+    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    seen = routed(proxy)
+    protocol, fast = proxy.connect()
+    protocol.dataReceived(PLAIN)
+    assert seen == [], "a plain hit must not go through twisted.web"
+    protocol, slow = proxy.connect()
+    protocol.dataReceived(PLAIN.replace(b"\r\n\r\n", b"\r\nX-Slow: 1\r\n\r\n"))
+    assert seen == [b"/get?key=k"]
+    assert fast.value() == slow.value()
+    (r,) = parse(fast.value())
+    assert (r.status, r.header(b"X-Cache"), r.body) == (200, b"HIT", b"v" * 100)
+    assert proxy.metrics.requests["http", "hit"] == 2
+
+
+def test_plain_hits_keep_the_connection_and_answer_each_in_turn(proxy):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    for _ in range(3):
+        protocol.dataReceived(PLAIN)
+    assert [r.body for r in parse(transport.value())] == [b"v"] * 3
+    assert not transport.disconnecting
+
+
+@pytest.mark.parametrize("raw", [
+    b"HEAD /get?key=k HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /get?key=k HTTP/1.0\r\n\r\n",
+    b"GET /get?key=k HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET /get?key=k HTTP/1.1\r\nContent-Length: 2\r\n\r\nab",
+    b"GET /get?key=k HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+    b"GET /get?key=k HTTP/1.1\r\nHost: h\r\n\r\nGET /get?key=k HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /get?key=k HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n",
+    b"GET /get?key=k HTTP/1.1\r\nHost : h\r\n\r\n",
+    b"GET /get?key=k HTTP/1.1\r\nHost: \x00\r\n\r\n",
+    b"GET /get?key=%zz HTTP/1.1\r\n\r\n",
+    b"GET /get?key=k&key=j HTTP/1.1\r\n\r\n",
+    b"GET /getx?key=k HTTP/1.1\r\n\r\n",
+    b"GET /get?key=k HTTP/1.1\n\n",
+], ids=["head", "http/1.0", "close", "body", "expect", "pipelined", "folded", "bad-name",
+        "nul", "bad-key", "two-keys", "other-path", "bare-lf"])
+def test_anything_but_a_plain_get_goes_through_twisted_web(proxy, raw):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    seen = routed(proxy)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(raw)
+    # answered by twisted.web (routed, or refused by its parser), or not yet at all
+    answered_here = proxy.metrics.requests["http", "hit"] and not seen
+    assert not answered_here, transport.value()
+
+
+def test_a_plain_get_that_misses_goes_through_twisted_web(proxy):
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d
+    seen = routed(proxy)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(PLAIN)
+    assert seen == [b"/get?key=k"]
+    d.callback((b"v", False))
+    (r,) = parse(transport.value())
+    assert (r.status, r.header(b"X-Cache"), r.body) == (200, b"MISS", b"v")
+
+
+def test_a_plain_hit_behind_a_request_in_progress_waits_its_turn(proxy):
+    d = Deferred()
+    proxy.reader.answers[b"slow"] = d
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=slow"))
+    protocol.dataReceived(PLAIN)
+    assert transport.value() == b""
+    d.callback((b"s", False))
+    assert [r.body for r in parse(transport.value())] == [b"s", b"v"]
+
+
+def test_with_the_access_log_on_every_request_goes_through_twisted_web(logged):
+    proxy = make_proxy(access_log=True)
+    proxy.reader.answers[b"k"] = (b"v", True)
+    seen = routed(proxy)
+    protocol, _ = proxy.connect()
+    protocol.dataReceived(PLAIN)
+    assert seen == [b"/get?key=k"]
