@@ -61,8 +61,36 @@ class BackingTimeout(BackingError):
     kind = "timeout"
 
 
+class BinaryRedisProtocol(txredisapi.RedisProtocol):
+    """txredisapi's protocol for bytes in and bytes out, with its two per-item
+    hot spots replaced for that case.
+
+    With ``charset=None, convertNumbers=False`` (binary-safe replies),
+    ``tryConvertData`` returns every reply unchanged, yet walks each MGET
+    reply element by element; and ``_build_command`` encodes each argument
+    through two type-dispatching calls.  Together they were ~15% of the
+    pass-through profile (bench/profile WORKLOAD=miss, batched MGETs);
+    bench/batching_micro.py: ~1.9 -> ~1.2 us a key of a 16-key MGET.
+    Arguments that are not all bytes still go txredisapi's own way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(charset=None, convertNumbers=False)
+
+    def tryConvertData(self, data: Any) -> Any:
+        return data  # nothing to convert without a charset or number conversion
+
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        for arg in args:
+            if arg.__class__ is not bytes:
+                return super()._build_command(*args, **kwargs)
+        return b"*%d\r\n" % len(args) + b"".join(
+            [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
+        )
+
+
 def _protocol() -> txredisapi.BaseRedisProtocol:
-    return txredisapi.RedisProtocol(charset=None, convertNumbers=False)
+    return BinaryRedisProtocol()
 
 
 def reconnecting(
