@@ -148,7 +148,10 @@ class Backing:
         self._ever_up = False
         self._service = reconnecting(url, timeout, reactor, _protocol, self._prepare, endpoint,
                                      failed=self._attempt_failed)
-        self._batcher = GetBatcher(self.call, reactor)
+        #: ``fetch(key, done)`` calls ``done`` with the value of ``key``, None,
+        #: or a Failure; the fetches of one reactor turn share one MGET
+        #: (batching.py).  The batcher's own method: no wrapper call per miss.
+        self.fetch: Callable[[bytes, Done], None] = GetBatcher(self.call, reactor).fetch
 
     @property
     def up(self) -> bool:
@@ -168,12 +171,6 @@ class Backing:
         self.fetch(key, d.callback)  # a Failure given to callback runs the errbacks
         return d
 
-    def fetch(self, key: bytes, done: Done) -> None:
-        """Calls ``done`` with the value of ``key``, None, or a Failure.
-
-        The fetches of one reactor turn share one MGET (see batching.py).
-        """
-        self._batcher.fetch(key, done)
 
     def mget(self, keys: list[bytes]) -> Deferred:
         """Fires with a list of values or None, Redis's MGET semantics."""

@@ -121,10 +121,9 @@ class CachedReader:
         self._metrics.cache_misses += 1
         fetch = self._inflight.get(key)
         if fetch is not None:  # singleflight: one backing GET per key in flight
-            fetch.waiters.append(done)
+            fetch.append(done)
             return
-        fetch = self._inflight[key] = _Fetch()
-        fetch.waiters.append(done)  # before the fetch: it may settle at once
+        fetch = self._inflight[key] = _Fetch((done,))  # waiting before it may settle
         self._backing.fetch(key, partial(self._settle, key, fetch))
 
     def invalidate(self, key: bytes) -> None:
@@ -154,8 +153,8 @@ class CachedReader:
             if result is not None and self.caching and not fetch.poisoned:
                 self._cache.put(key, result)
             answer = (result, False)
-        self._gate.leave(len(fetch.waiters))
-        for done in fetch.waiters:
+        self._gate.leave(len(fetch))
+        for done in fetch:
             done(answer)
 
     def _lookup_many(self, keys: list[bytes]) -> list | Deferred:
@@ -180,11 +179,11 @@ class CachedReader:
         return [found[key] if value is None else value for key, value in zip(keys, values)]
 
 
-class _Fetch:
-    """One backing GET in flight and the callers waiting on it."""
+class _Fetch(list):
+    """One backing GET in flight: the list of callers waiting on it.
 
-    __slots__ = ("waiters", "poisoned")
+    A list subclass, so making one runs no Python ``__init__`` (one per miss).
+    """
 
-    def __init__(self) -> None:
-        self.waiters: list[Callable[[Any], None]] = []
-        self.poisoned = False
+    #: set on the record when an invalidation lands while it is in flight
+    poisoned = False
