@@ -32,7 +32,7 @@ from redisp.clients import ClientSlots
 from redisp.commands import HIT, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
 from redisp.config import Config
 from redisp.metrics import Metrics
-from redisp.resp import Encoder, ProtocolError, RequestParser, bulks, error
+from redisp.resp import Encoder, ProtocolError, RequestParser, bulk, bulks, error
 from redisp.sending import can_send_now, send_now
 
 log = Logger()
@@ -46,6 +46,7 @@ MAX_CLIENTS_REPLY = b"-ERR max number of clients reached\r\n"
 INTERNAL_ERROR_REPLY = error("ERR internal error")
 
 DOOR = "resp"
+_RESP_HIT = (DOOR, HIT)  # metrics key, built once
 
 
 @implementer(IPushProducer)
@@ -134,11 +135,18 @@ class RespProtocol(Protocol):
         chains were the largest share once misses were batched).
         """
         if not self._pending:
-            values = self._reader.cached(keys)
-            if values is not None:
-                self._metrics.requests[DOOR, HIT] += len(values)
-                self._out.append(bulks(values))
-                return
+            if len(keys) == 1:  # -P 1: one dict lookup, no batch machinery
+                lookup = self._reader.read(keys[0])
+                if lookup is not None:
+                    self._metrics.requests[_RESP_HIT] += 1
+                    self._out.append(bulk(lookup[0]))
+                    return
+            else:
+                values = self._reader.cached(keys)
+                if values is not None:
+                    self._metrics.requests[_RESP_HIT] += len(values)
+                    self._out.append(bulks(values))
+                    return
         reader = self._reader
         encoder = self._session.encoder
         pending = self._pending

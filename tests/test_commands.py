@@ -43,9 +43,10 @@ class FakeReader:
         return self.values.get(key), key in self.values
 
     def read(self, key: bytes):
-        if key in self.failures or key in self.later:
+        """CachedReader.read: only a hit is answered at once."""
+        if key in self.failures or key in self.later or self.values.get(key) is None:
             return None
-        return self.values.get(key), key in self.values
+        return self.values[key], True
 
     def read_later(self, key: bytes, done) -> None:
         result = self.get(key)
