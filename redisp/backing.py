@@ -12,7 +12,8 @@ txredisapi leaves open:
   queued behind the single-client gate do not each wait out the timeout;
 * typed errors the front doors map to 502/503/504 and RESP errors;
 * binary-safe replies: ``charset=None, convertNumbers=False`` (the defaults
-  turn ``b"007"`` into ``7``).
+  turn ``b"007"`` into ``7``), in ``BinaryRedisProtocol``;
+* GETs batched per reactor turn into MGETs (``fetch``, batching.py).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class _RecordingEndpoint:
 
 
 class Backing:
-    """GET, MGET and PING against one backing Redis, never waiting forever."""
+    """GETs (batched), MGET and PING against one backing Redis, never waiting forever."""
 
     def __init__(
         self,
@@ -164,13 +165,6 @@ class Backing:
     def stop(self) -> Deferred:
         """Close the connection and stop reconnecting."""
         return self._service.stopService()
-
-    def get(self, key: bytes) -> Deferred:
-        """Fires with the value of ``key`` (bytes) or None when it is absent."""
-        d: Deferred = Deferred()
-        self.fetch(key, d.callback)  # a Failure given to callback runs the errbacks
-        return d
-
 
     def mget(self, keys: list[bytes]) -> Deferred:
         """Fires with a list of values or None, Redis's MGET semantics."""

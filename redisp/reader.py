@@ -13,6 +13,13 @@ poisoned, and a poisoned fetch answers its waiters but is never stored.  An
 MGET fetch is rarer; it notes the invalidation count when it starts and
 stores nothing if any invalidation arrived meanwhile.  While ``caching`` is
 off (tracking lost) nothing is stored at all.
+
+The GET path threads plain callbacks (``read_later``, the gate's ``enter``
+and ``leave``, ``Backing.fetch``) rather than Deferreds: a queued miss used to
+build two Deferred chains, the largest cost of a miss once the backing
+batched them (bench/NOTES-perf.md).  ``get`` wraps it in one Deferred for
+callers that want one.  A GET fetch may travel in a batched MGET
+(batching.py); its record is handled the same either way.
 """
 
 from __future__ import annotations
