@@ -42,8 +42,8 @@ class InstantBacking:
 def main() -> None:
     clock = Clock()
     metrics = Metrics(started=0)
-    config = Config()
-    reader = CachedReader(Cache(0, 60.0, clock, metrics), Gate(64, clock),
+    config = Config(capacity=0, concurrency=64)
+    reader = CachedReader(Cache(0, 60.0, clock, metrics), Gate(config.concurrency, clock),
                           InstantBacking(clock), metrics)
     factory = RespFactory(reader, metrics, ClientSlots(1000, metrics), config, clock)
     clients = []

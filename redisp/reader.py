@@ -126,12 +126,49 @@ class CachedReader:
             done((value, True))
             return
         self._metrics.cache_misses += 1
+        self._join(key, done)
+
+    def _join(self, key: bytes, done: Callable[[Any], None]) -> None:
+        """Wait on the fetch of ``key`` in flight, or start one (singleflight)."""
         fetch = self._inflight.get(key)
-        if fetch is not None:  # singleflight: one backing GET per key in flight
+        if fetch is not None:
             fetch.append(done)
             return
         fetch = self._inflight[key] = _Fetch((done,))  # waiting before it may settle
         self._backing.fetch(key, partial(self._settle, key, fetch))
+
+    def read_packet(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
+        """``read_later`` for a client's packet of GETs, as one gate entry.
+
+        ``done(results, hits)`` once every key is answered: ``results[i]`` is
+        the value of ``keys[i]`` (None when absent) or a Failure, ``hits`` how
+        many came from the cache.  Each key is still its own request: it holds
+        its own token (``len(keys)`` at most ``concurrency``), which a hit
+        gives back at once and a miss when its fetch settles, and it joins
+        the same singleflight records as ``get``.  What the packet saves is
+        the per-request plumbing: one admission, one callback per missed key,
+        one answer (bench/miss_micro.py).  ``done`` must not raise.
+        """
+        self._gate.enter_many(len(keys), self._lookup_packet, keys, done)
+
+    def _lookup_packet(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
+        packet = _Packet(keys, done)
+        results = packet.results
+        hits = 0
+        for i, value in enumerate(map(self._cache.get, keys)):
+            if value is not None:
+                results[i] = value
+                hits += 1
+            else:
+                self._join(keys[i], partial(packet.got, i))
+        packet.hits = hits
+        self._metrics.cache_hits += hits
+        self._metrics.cache_misses += len(keys) - hits
+        if hits:
+            self._gate.leave(hits)
+        packet.left -= hits + 1  # the hits, and this lookup (see _Packet.left)
+        if not packet.left:
+            done(results, hits)
 
     def invalidate(self, key: bytes) -> None:
         """``key`` changed in Redis: drop it, and never store a fetch in flight."""
@@ -184,6 +221,28 @@ class CachedReader:
                 if value is not None:
                     self._cache.put(key, value)
         return [found[key] if value is None else value for key, value in zip(keys, values)]
+
+
+class _Packet:
+    """The answers owed to one ``read_packet`` call, filled in as they come."""
+
+    __slots__ = ("results", "left", "hits", "done")
+
+    def __init__(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
+        self.results: list = [None] * len(keys)
+        # answers owed, plus one for the lookup that is filling ``results``:
+        # a miss settling during it (a backing known to be down fails at
+        # once) cannot finish the packet early, nor twice
+        self.left = len(keys) + 1
+        self.hits = 0
+        self.done = done
+
+    def got(self, index: int, answer: Any) -> None:
+        """A fetch waiter: ``answer`` is ``(value, False)`` or a Failure."""
+        self.results[index] = answer if answer.__class__ is Failure else answer[0]
+        self.left -= 1
+        if not self.left:
+            self.done(self.results, self.hits)
 
 
 class _Fetch(list):

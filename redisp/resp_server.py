@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from redisp.clients import ClientSlots
-from redisp.commands import HIT, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
+from redisp.commands import HIT, MISS, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
 from redisp.config import Config
 from redisp.metrics import Metrics
 from redisp.resp import Encoder, ProtocolError, RequestParser, bulk, bulks, error
@@ -46,7 +46,8 @@ MAX_CLIENTS_REPLY = b"-ERR max number of clients reached\r\n"
 INTERNAL_ERROR_REPLY = error("ERR internal error")
 
 DOOR = "resp"
-_RESP_HIT = (DOOR, HIT)  # metrics key, built once
+_RESP_HIT = (DOOR, HIT)  # metrics keys, built once
+_RESP_MISS = (DOOR, MISS)
 
 
 @implementer(IPushProducer)
@@ -60,6 +61,7 @@ class RespProtocol(Protocol):
         self._slots = factory.slots
         self._reader = factory.reader
         self._session = Session(client_id, factory.reader, factory.metrics, config, factory.clock)
+        self._concurrency = config.concurrency  # packets of GETs up to this size: one gate entry
         self._parser = RequestParser(
             config.max_bulk_bytes, config.max_args, config.max_inline_bytes
         )
@@ -150,6 +152,12 @@ class RespProtocol(Protocol):
         reader = self._reader
         encoder = self._session.encoder
         pending = self._pending
+        if len(keys) <= self._concurrency:
+            # the packet as one gate entry, answered in one piece (one slot)
+            slot: list[bytes | None] = [None]
+            pending.append(slot)
+            reader.read_packet(keys, partial(self._read_packet, slot, encoder))
+            return
         out = self._out
         count = self._metrics.request
         for key in keys:
@@ -163,7 +171,7 @@ class RespProtocol(Protocol):
                 else:
                     out.append(reply)
             else:
-                slot: list[bytes | None] = [None]
+                slot = [None]
                 pending.append(slot)
                 reader.read_later(key, partial(self._read, slot, encoder))
 
@@ -174,6 +182,43 @@ class RespProtocol(Protocol):
             log.failure("internal error answering a RESP GET")
             answer = (INTERNAL_ERROR_REPLY, OTHER)
         self._answered(answer, slot)
+
+    def _read_packet(
+        self, slot: list[bytes | None], encoder: Encoder, results: list, hits: int
+    ) -> None:
+        """The replies of a packet of GETs (``CachedReader.read_packet``), as one."""
+        requests = self._metrics.requests
+        try:
+            if None not in results and all(map(bytes.__instancecheck__, results)):
+                reply = bulks(results)  # the common case: every key had a value
+                values = len(results)
+            else:
+                replies = []
+                values = 0
+                for result in results:
+                    if result.__class__ is bytes:
+                        replies.append(bulk(result))
+                        values += 1
+                    else:
+                        try:
+                            answer, outcome = get_answer(
+                                (None, False) if result is None else result, encoder
+                            )
+                        except Exception:
+                            log.failure("internal error answering a RESP GET")
+                            answer, outcome = INTERNAL_ERROR_REPLY, OTHER
+                        replies.append(answer)
+                        requests[DOOR, outcome] += 1
+                reply = b"".join(replies)
+            if hits:
+                requests[_RESP_HIT] += hits
+            if values > hits:
+                requests[_RESP_MISS] += values - hits
+        except Exception:  # it must not raise: it runs inside a fetch's settling
+            log.failure("internal error answering a packet of RESP GETs")
+            reply = INTERNAL_ERROR_REPLY * len(results)
+            requests[DOOR, OTHER] += len(results)
+        self._fill(slot, reply)
 
     def _run(self, requests: list) -> None:
         """Run parsed requests in order; a reply owed holds back every later one."""
@@ -220,7 +265,10 @@ class RespProtocol(Protocol):
 
     def _answered(self, result: tuple[bytes, str], slot: list[bytes | None]) -> None:
         self._metrics.requests[DOOR, result[1]] += 1
-        slot[0] = result[0]
+        self._fill(slot, result[0])
+
+    def _fill(self, slot: list[bytes | None], reply: bytes) -> None:
+        slot[0] = reply
         if not (self._dispatching or self._flush_due):
             # the replies settling in one reactor turn leave in one send
             self._flush_due = True

@@ -9,6 +9,7 @@ import hiredis
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 
 import redisp
 from redisp.backing import BackingReplyError, BackingTimeout, BackingUnavailable
@@ -54,6 +55,30 @@ class FakeReader:
             done(result)
         else:
             result.addBoth(done)
+
+    def read_packet(self, keys: list[bytes], done) -> None:
+        """CachedReader.read_packet over ``get``: one answer once all are in."""
+        results: list = [None] * len(keys)
+        owed = [len(keys) + 1]
+        hits = 0
+
+        def got(index, answer):
+            results[index] = answer if isinstance(answer, Failure) else answer[0]
+            owed[0] -= 1
+            if not owed[0]:
+                done(results, hits)
+
+        for index, key in enumerate(keys):
+            result = self.get(key)
+            if isinstance(result, tuple):
+                results[index] = result[0]
+                hits += result[1]
+                owed[0] -= 1
+            else:
+                result.addBoth(lambda answer, index=index: got(index, answer))
+        owed[0] -= 1
+        if not owed[0]:
+            done(results, hits)
 
     def cached(self, keys: list[bytes]) -> list[bytes] | None:
         if all(self.values.get(key) is not None and key not in self.later

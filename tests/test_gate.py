@@ -143,3 +143,40 @@ def test_enter_and_run_share_one_queue_in_arrival_order():
     gate.leave()
     clock.advance(0)
     assert gate.idle()
+
+
+def test_a_group_waits_for_all_its_tokens_and_holds_back_later_arrivals():
+    clock = Clock()
+    gate = Gate(4, clock)
+    started = []
+    gate.enter(started.append, "one")
+    gate.enter(started.append, "two")
+    gate.enter_many(3, started.append, "group of three")
+    gate.enter(started.append, "late single")
+    assert started == ["one", "two"], "the group needs 3 tokens, 2 are free"
+    assert gate.waiting == 4 and not gate.idle(), "a free token is not for the late single"
+    gate.leave()
+    clock.advance(0)
+    assert started == ["one", "two", "group of three"]
+    gate.leave(4)
+    clock.advance(0)
+    assert started[-1] == "late single"
+    gate.leave()
+    clock.advance(0)
+    assert gate.idle() and gate.waiting == 0 and gate._free == 4
+
+
+def test_run_does_not_overtake_a_queued_group():
+    clock = Clock()
+    gate = Gate(2, clock)
+    order = []
+    gate.enter(order.append, "running")
+    gate.enter_many(2, order.append, "group")
+    gate.run(lambda: order.append("run"))
+    assert order == ["running"]
+    gate.leave()
+    clock.advance(0)
+    assert order == ["running", "group"]
+    gate.leave(2)
+    clock.advance(0)
+    assert order == ["running", "group", "run"]

@@ -227,3 +227,67 @@ def test_cached_answers_a_batch_of_hits_only_while_the_gate_is_idle():
     backing.pending[0].callback(b"v")
     clock.advance(0)
     assert reader.cached([b"a", b"slow"]) == [b"1", b"v"]
+
+
+def packet_answers():
+    answers = []
+    return answers, lambda results, hits: answers.append((list(results), hits))
+
+
+def test_read_packet_answers_hits_and_fetched_values_in_key_order_once():
+    reader, backing, cache, clock, metrics = make(concurrency=8)
+    cache.put(b"hot", b"H")
+    answers, done = packet_answers()
+    reader.read_packet([b"a", b"hot", b"b"], done)
+    assert backing.calls == [(b"GET", b"a"), (b"GET", b"b")]
+    backing.pending[1].callback(None)
+    assert answers == []
+    backing.pending[0].callback(b"A")
+    assert answers == [([b"A", b"H", None], 1)]
+    assert (metrics.cache_hits, metrics.cache_misses) == (1, 2)
+    clock.advance(0)
+    assert reader._gate.idle() and reader._gate._free == 8
+    assert cache.get(b"a") == b"A"
+
+
+def test_read_packet_joins_fetches_in_flight_and_keeps_failures_per_key():
+    reader, backing, cache, clock, _ = make(concurrency=8)
+    single = reader.get(b"a")
+    answers, done = packet_answers()
+    reader.read_packet([b"a", b"bad"], done)
+    assert backing.calls == [(b"GET", b"a"), (b"GET", b"bad")], "a joins the GET in flight"
+    backing.pending[1].errback(BackingUnavailable("backing redis unavailable (refused)"))
+    backing.pending[0].callback(b"A")
+    assert result_of(single) == (b"A", False)
+    ((results, hits),) = answers
+    assert results[0] == b"A" and hits == 0
+    assert isinstance(results[1], Failure) and results[1].check(BackingUnavailable)
+    clock.advance(0)
+    assert reader._gate.idle()
+
+
+def test_read_packet_all_hits_or_failing_at_once_answers_exactly_once():
+    for backing_class in (FakeBacking, FailingBacking):
+        clock = Clock()
+        metrics = Metrics(started=0)
+        cache = Cache(10, 10, clock, metrics)
+        cache.put(b"hot", b"H")
+        reader = CachedReader(cache, Gate(4, clock), backing_class(), metrics)
+        answers, done = packet_answers()
+        keys = [b"hot", b"hot"] if backing_class is FakeBacking else [b"x", b"hot", b"y"]
+        reader.read_packet(keys, done)
+        assert len(answers) == 1
+        clock.advance(0)
+        assert reader._gate.idle() and reader._gate._free == 4
+
+
+def test_read_packet_waits_its_turn_behind_a_miss_under_concurrency_1():
+    reader, backing, cache, clock, _ = make(concurrency=1)
+    cache.put(b"hot", b"H")
+    slow = reader.get(b"slow")
+    answers, done = packet_answers()
+    reader.read_packet([b"hot"], done)
+    assert answers == [], "a hit behind a miss in flight waits for the gate"
+    backing.pending[0].callback(b"S")
+    clock.advance(0)
+    assert result_of(slow) == (b"S", False) and answers == [([b"H"], 1)]

@@ -57,12 +57,17 @@ class TurnEndingReader(FakeReader):
 class Door:
     """One factory and its shared parts, and connections made to it."""
 
-    def __init__(self, values: dict[bytes, bytes] | None = None, max_clients: int = 100) -> None:
+    def __init__(
+        self, values: dict[bytes, bytes] | None = None, max_clients: int = 100,
+        concurrency: int = 1,
+    ) -> None:
         self.clock = task.Clock()
         self.metrics = Metrics(started=self.clock.seconds())
         self.slots = ClientSlots(max_clients, self.metrics)
         self.reader = TurnEndingReader(values if values is not None else {b"k": b"v"}, self.clock)
-        self.factory = RespFactory(self.reader, self.metrics, self.slots, Config(), self.clock)
+        self.factory = RespFactory(
+            self.reader, self.metrics, self.slots, Config(concurrency=concurrency), self.clock
+        )
 
     def connect(self) -> tuple[RespProtocol, RecordingTransport]:
         proto = self.factory.buildProtocol(PEER)
@@ -411,8 +416,14 @@ def test_quit_really_closes_the_socket():
         yield port.stopListening()
 
 
-def test_a_packet_of_gets_mixing_hits_misses_and_errors_answers_in_order(door, logged_failures):
-    """The GET-packet path (no general dispatch) keeps order, outcomes and errors."""
+@pytest.mark.parametrize("concurrency", [1, 64], ids=["key by key", "one gate entry"])
+def test_a_packet_of_gets_mixing_hits_misses_and_errors_answers_in_order(
+    concurrency, logged_failures
+):
+    """The GET-packet path (no general dispatch) keeps order, outcomes and
+    errors, whether its keys pass the gate one by one (a packet larger than
+    ``concurrency``) or as one entry (``CachedReader.read_packet``)."""
+    door = Door(concurrency=concurrency)
     door.reader.values[b"hot"] = b"H"
     door.reader.later.update({b"slow", b"list", b"bug"})
     proto, transport = door.connect()
