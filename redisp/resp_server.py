@@ -11,7 +11,9 @@ The connection pauses reading when more than ``MAX_PENDING`` replies are
 owed, and also when the client stops reading its replies (the connection is
 registered as the transport's producer, so a full send buffer pauses it).
 Either way the memory one client can pin is bounded, and a slow client
-slows down only itself.
+slows down only itself.  (A packet of GETs read as one gate entry owes one
+reply slot holding all its replies; a packet is at most one read's worth of
+bytes, so the bound stays.)
 """
 
 from __future__ import annotations
