@@ -133,10 +133,13 @@ class RespProtocol(Protocol):
         send), run without the general dispatch.
 
         All hits while the gate is idle and nothing is owed: answered with no
-        per-request call and one metrics update.  Otherwise each key is read
-        through the reader's callback API, straight into its reply slot: no
-        Deferred per miss (bench/profile WORKLOAD=miss: Deferred callback
-        chains were the largest share once misses were batched).
+        per-request call and one metrics update.  Otherwise, a packet of at
+        most ``concurrency`` keys goes through the gate as one entry and is
+        answered in one piece (``CachedReader.read_packet``); a larger one
+        key by key through the reader's callback API, each straight into its
+        reply slot.  No Deferred per miss either way (bench/profile
+        WORKLOAD=miss: Deferred callback chains were the largest share once
+        misses were batched).
         """
         if not self._pending:
             if len(keys) == 1:  # -P 1: one dict lookup, no batch machinery
@@ -178,12 +181,7 @@ class RespProtocol(Protocol):
                 reader.read_later(key, partial(self._read, slot, encoder))
 
     def _read(self, slot: list[bytes | None], encoder: Encoder, result: Any) -> None:
-        try:
-            answer = get_answer(result, encoder)
-        except Exception:
-            log.failure("internal error answering a RESP GET")
-            answer = (INTERNAL_ERROR_REPLY, OTHER)
-        self._answered(answer, slot)
+        self._answered(_get_reply(result, encoder), slot)
 
     def _read_packet(
         self, slot: list[bytes | None], encoder: Encoder, results: list, hits: int
@@ -202,13 +200,8 @@ class RespProtocol(Protocol):
                         replies.append(bulk(result))
                         values += 1
                     else:
-                        try:
-                            answer, outcome = get_answer(
-                                (None, False) if result is None else result, encoder
-                            )
-                        except Exception:
-                            log.failure("internal error answering a RESP GET")
-                            answer, outcome = INTERNAL_ERROR_REPLY, OTHER
+                        lookup = (None, False) if result is None else result
+                        answer, outcome = _get_reply(lookup, encoder)
                         replies.append(answer)
                         requests[DOOR, outcome] += 1
                 reply = b"".join(replies)
@@ -352,6 +345,15 @@ class RespProtocol(Protocol):
 
     def stopProducing(self) -> None:
         """The transport is going away; connectionLost does the cleanup."""
+
+
+def _get_reply(result: Any, encoder: Encoder) -> tuple[bytes, str]:
+    """GET's reply for a Lookup or Failure; a bug becomes a logged internal error."""
+    try:
+        return get_answer(result, encoder)
+    except Exception:
+        log.failure("internal error answering a RESP GET")
+        return INTERNAL_ERROR_REPLY, OTHER
 
 
 class RespFactory(Factory):
