@@ -226,6 +226,63 @@ def test_wrongtype_is_reported_with_redis_text(redis_db, start_proxy):
 
 
 @inline
+def test_batched_misses_fail_cleanly_while_redis_is_down_and_recover(start_proxy):
+    """A packet of misses (one gate entry, one MGET) while Redis is down: every
+    GET gets the unavailable error, the process stays up, and the same
+    packet reads every value once Redis is back."""
+    server = RedisServer().start()
+    try:
+        server.client().mset({"a": "1", "b": "2", "c": "3"})
+        p = start_proxy(redis_url=server.url, capacity=0, concurrency=64)
+        yield until(lambda: p.proxy.backing.up)
+
+        def pipelined():
+            pipe = p.redis_py().pipeline(transaction=False)
+            for key in ("a", "b", "c", "a"):
+                pipe.get(key)
+            return pipe.execute(raise_on_error=False)
+
+        assert (yield in_thread(pipelined)) == [b"1", b"2", b"3", b"1"]
+        server.stop()
+        yield until(lambda: not p.proxy.backing.up)
+        answers = yield in_thread(pipelined)
+        assert all(isinstance(a, redis.ResponseError) for a in answers), answers
+        assert all("backing redis unavailable" in str(a) for a in answers)
+        server.start()
+        server.client().mset({"a": "1", "b": "2", "c": "3"})
+        yield until(lambda: p.proxy.backing.up)
+        assert (yield in_thread(pipelined)) == [b"1", b"2", b"3", b"1"]
+    finally:
+        server.stop()
+
+
+@inline
+def test_a_batched_mget_that_times_out_fails_each_get_and_recovers(redis_server, redis_db,
+                                                                   start_proxy):
+    redis_db.mset({"a": "1", "b": "2"})
+    forwarder = HoldingForwarder(redis_server.port)
+    try:
+        p = start_proxy(redis_url=forwarder.url, capacity=0, concurrency=64, redis_timeout=0.3)
+        yield until(lambda: p.proxy.backing.up)
+
+        def pipelined():
+            pipe = p.redis_py().pipeline(transaction=False)
+            pipe.get("a")
+            pipe.get("b")
+            return pipe.execute(raise_on_error=False)
+
+        forwarder.hold()
+        answers = yield in_thread(pipelined)
+        forwarder.release()
+        assert all(isinstance(a, redis.ResponseError) for a in answers), answers
+        assert all("timed out" in str(a) for a in answers)
+        yield until(lambda: p.proxy.backing.up)
+        assert (yield in_thread(pipelined)) == [b"1", b"2"]
+    finally:
+        yield forwarder.stop()
+
+
+@inline
 def test_backing_stopped_and_restarted_mid_run(start_proxy):
     server = RedisServer().start()
     try:
