@@ -14,11 +14,11 @@ MGET fetch is rarer; it notes the invalidation count when it starts and
 stores nothing if any invalidation arrived meanwhile.  While ``caching`` is
 off (tracking lost) nothing is stored at all.
 
-The GET path threads plain callbacks (``read_later``, the gate's ``enter``
-and ``leave``, ``Backing.fetch``) rather than Deferreds: a queued miss used to
-build two Deferred chains, the largest cost of a miss once the backing
-batched them (bench/NOTES-perf.md).  ``get`` wraps it in one Deferred for
-callers that want one.  A GET fetch may travel in a batched MGET
+The GET path threads plain callbacks (the gate's ``enter`` and ``leave``,
+``Backing.fetch``, ``read_packet``) rather than Deferreds: a queued miss used
+to build two Deferred chains, the largest cost of a miss once the backing
+batched them (bench/NOTES-perf.md).  ``get`` makes one Deferred for callers
+that want one.  A GET fetch may travel in a batched MGET
 (batching.py); its record is handled the same either way.
 """
 
@@ -65,7 +65,7 @@ class CachedReader:
         if lookup is not None:
             return lookup
         waiter: Deferred = Deferred()
-        self.read_later(key, waiter.callback)  # callback(Failure) = errback
+        self._gate.enter(self._lookup, key, waiter.callback)  # callback(Failure) = errback
         return waiter
 
     def read(self, key: bytes) -> Lookup | None:
@@ -82,12 +82,6 @@ class CachedReader:
                 self._metrics.cache_hits += 1
                 return value, True
         return None
-
-    def read_later(self, key: bytes, done: Callable[[Any], None]) -> None:
-        """``get`` without a Deferred, for a key ``read`` did not answer:
-        ``done(Lookup or Failure)`` once the gate admits the request and the
-        cache or the backing has answered.  ``done`` must not raise."""
-        self._gate.enter(self._lookup, key, done)
 
     def cached(self, keys: list[bytes]) -> list[bytes] | None:
         """The values of ``keys`` if the gate is idle and every one is a cache
@@ -138,7 +132,7 @@ class CachedReader:
         self._backing.fetch(key, partial(self._settle, key, fetch))
 
     def read_packet(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
-        """``read_later`` for a client's packet of GETs, as one gate entry.
+        """``get`` for a client's packet of GETs, as one gate entry, without a Deferred.
 
         ``done(results, hits)`` once every key is answered: ``results[i]`` is
         the value of ``keys[i]`` (None when absent) or a Failure, ``hits`` how

@@ -133,11 +133,10 @@ class RespProtocol(Protocol):
         send), run without the general dispatch.
 
         All hits while the gate is idle and nothing is owed: answered with no
-        per-request call and one metrics update.  Otherwise, a packet of at
-        most ``concurrency`` keys goes through the gate as one entry and is
-        answered in one piece (``CachedReader.read_packet``); a larger one
-        key by key through the reader's callback API, each straight into its
-        reply slot.  No Deferred per miss either way (bench/profile
+        per-request call and one metrics update.  Otherwise the keys go
+        through the gate in groups of at most ``concurrency`` (one group, under
+        load), each answered in one piece into its reply slot
+        (``CachedReader.read_packet``).  No Deferred per miss (bench/profile
         WORKLOAD=miss: Deferred callback chains were the largest share once
         misses were batched).
         """
@@ -154,34 +153,14 @@ class RespProtocol(Protocol):
                     self._metrics.requests[_RESP_HIT] += len(values)
                     self._out.append(bulks(values))
                     return
-        reader = self._reader
+        read_packet = self._reader.read_packet
         encoder = self._session.encoder
         pending = self._pending
-        if len(keys) <= self._concurrency:
-            # the packet as one gate entry, answered in one piece (one slot)
+        size = self._concurrency  # a packet larger than that goes in groups of it
+        for start in range(0, len(keys), size):
             slot: list[bytes | None] = [None]
             pending.append(slot)
-            reader.read_packet(keys, partial(self._read_packet, slot, encoder))
-            return
-        out = self._out
-        count = self._metrics.request
-        for key in keys:
-            # the idle gate's shortcut: no use trying once a key had to queue
-            lookup = reader.read(key) if not pending else None
-            if lookup is not None:
-                reply, outcome = get_answer(lookup, encoder)
-                count(DOOR, outcome)
-                if pending:
-                    pending.append([reply])
-                else:
-                    out.append(reply)
-            else:
-                slot = [None]
-                pending.append(slot)
-                reader.read_later(key, partial(self._read, slot, encoder))
-
-    def _read(self, slot: list[bytes | None], encoder: Encoder, result: Any) -> None:
-        self._answered(_get_reply(result, encoder), slot)
+            read_packet(keys[start:start + size], partial(self._read_packet, slot, encoder))
 
     def _read_packet(
         self, slot: list[bytes | None], encoder: Encoder, results: list, hits: int
@@ -189,7 +168,7 @@ class RespProtocol(Protocol):
         """The replies of a packet of GETs (``CachedReader.read_packet``), as one."""
         requests = self._metrics.requests
         try:
-            if None not in results and all(map(bytes.__instancecheck__, results)):
+            if all(map(bytes.__instancecheck__, results)):
                 reply = bulks(results)  # the common case: every key had a value
                 values = len(results)
             else:

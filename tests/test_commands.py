@@ -49,13 +49,6 @@ class FakeReader:
             return None
         return self.values[key], True
 
-    def read_later(self, key: bytes, done) -> None:
-        result = self.get(key)
-        if isinstance(result, tuple):  # admitted at once, a hit
-            done(result)
-        else:
-            result.addBoth(done)
-
     def read_packet(self, keys: list[bytes], done) -> None:
         """CachedReader.read_packet over ``get``: one answer once all are in."""
         results: list = [None] * len(keys)

@@ -416,13 +416,13 @@ def test_quit_really_closes_the_socket():
         yield port.stopListening()
 
 
-@pytest.mark.parametrize("concurrency", [1, 64], ids=["key by key", "one gate entry"])
+@pytest.mark.parametrize("concurrency", [1, 64], ids=["groups of one", "one gate entry"])
 def test_a_packet_of_gets_mixing_hits_misses_and_errors_answers_in_order(
     concurrency, logged_failures
 ):
     """The GET-packet path (no general dispatch) keeps order, outcomes and
-    errors, whether its keys pass the gate one by one (a packet larger than
-    ``concurrency``) or as one entry (``CachedReader.read_packet``)."""
+    errors, whether its keys pass the gate in groups of one (a packet larger
+    than ``concurrency``) or as one entry (``CachedReader.read_packet``)."""
     door = Door(concurrency=concurrency)
     door.reader.values[b"hot"] = b"H"
     door.reader.later.update({b"slow", b"list", b"bug"})
