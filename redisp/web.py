@@ -465,11 +465,7 @@ class _Request(server.Request):
         self.startedWriting = 1  # finish() must not write headers again
         if not self._disconnected:
             self.sentLength = len(body)
-            channel = self.channel
-            if channel.direct:
-                send_now(channel.transport, response)
-            else:
-                channel.write(response)
+            self.channel.send(response)
         self.finish()
 
     def process(self) -> None:
@@ -528,12 +524,16 @@ class _Channel(HTTPChannel):
                     response = None
                 if response is not None:
                     self.resetTimeout()
-                    if self.direct:
-                        send_now(self.transport, response)
-                    else:
-                        self.transport.write(response)
+                    self.send(response)
                     return
         super().dataReceived(data)
+
+    def send(self, response: bytes) -> None:
+        """A whole response, straight to the socket when it can take it."""
+        if self.direct:
+            send_now(self.transport, response)
+        else:
+            self.transport.write(response)
 
     def connectionLost(self, reason: Failure) -> None:
         try:
