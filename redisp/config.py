@@ -80,11 +80,15 @@ class Config:
     ttl: float = 60.0
     capacity: int = 10000
     concurrency: int = 1
+    max_item_bytes: int = 1024 * 1024
     max_clients: int = 10000
     invalidation: str = "off"
-    max_bulk_bytes: int = 1024 * 1024
-    max_args: int = 1024
+    client_timeout: float = 0.0
+    request_timeout: float = 10.0
+    max_bulk_bytes: int = 512 * 1024 * 1024
+    max_args: int = 1024 * 1024
     max_inline_bytes: int = 64 * 1024
+    max_client_buffer: int = 1024 * 1024 * 1024
     access_log: bool = False
 
 
@@ -152,12 +156,16 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "redis_timeout": _number(float, 0, strict=True),
     "ttl": _number(float, 0, strict=True),
     "capacity": _number(int, 0, strict=False),
+    "max_item_bytes": _number(int, 0, strict=False),
     "concurrency": _number(int, 1, strict=False),
     "max_clients": _number(int, 1, strict=False),
     "invalidation": _invalidation,
+    "client_timeout": _number(float, 0, strict=False),
+    "request_timeout": _number(float, 0, strict=False),
     "max_bulk_bytes": _number(int, 1, strict=False),
     "max_args": _number(int, 1, strict=False),
     "max_inline_bytes": _number(int, 1, strict=False),
+    "max_client_buffer": _number(int, 1, strict=False),
     "access_log": _boolean,
 }
 assert set(PARSERS) == {f.name for f in fields(Config)}

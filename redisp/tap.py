@@ -26,14 +26,21 @@ OPTIONS = [
     ("redis-timeout", "seconds before a call to the backing Redis is given up [default: 2.0]"),
     ("ttl", "seconds an entry may live in the cache, from when it was stored [default: 60]"),
     ("capacity", "cache capacity in keys; 0 = no caching, pure pass-through [default: 10000]"),
+    ("max-item-bytes", "a value larger than this is served but not cached; 0 = no limit "
+                       "[default: 1048576]"),
     ("concurrency", "requests processed at once across all clients; 1 = one at a time "
                     "[default: 1]"),
     ("max-clients", "connections accepted at once over both front doors [default: 10000]"),
     ("invalidation", "off, or tracking: drop keys as soon as they change in Redis "
                      "(Redis >= 6) [default: off]"),
-    ("max-bulk-bytes", "largest bulk string argument accepted over RESP [default: 1048576]"),
-    ("max-args", "most arguments in one RESP request [default: 1024]"),
+    ("client-timeout", "close a connection idle for this many seconds; 0 = never [default: 0]"),
+    ("request-timeout", "close a connection that started a request and has not finished it "
+                        "within this many seconds; 0 = never [default: 10]"),
+    ("max-bulk-bytes", "largest bulk string argument accepted over RESP [default: 536870912]"),
+    ("max-args", "most arguments in one RESP request [default: 1048576]"),
     ("max-inline-bytes", "longest inline (telnet) RESP request line [default: 65536]"),
+    ("max-client-buffer", "bytes one client may have buffered, requests and replies together; "
+                          "past it the client is disconnected [default: 1073741824]"),
     ("access-log", "log every HTTP request: true or false [default: false]"),
 ]
 

@@ -22,6 +22,9 @@ def test_defaults_match_the_spec(tmp_path):
     assert (c.redis_timeout, c.ttl, c.capacity, c.concurrency, c.max_clients) == (
         2.0, 60.0, 10000, 1, 10000)
     assert c.invalidation == "off"
+    assert (c.max_item_bytes, c.client_timeout, c.request_timeout) == (1048576, 0.0, 10.0)
+    assert (c.max_bulk_bytes, c.max_args, c.max_inline_bytes, c.max_client_buffer) == (
+        536870912, 1048576, 65536, 1073741824)
 
 
 def test_command_line_beats_environment_beats_file(tmp_path):

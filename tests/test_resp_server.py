@@ -269,9 +269,10 @@ def test_input_after_a_protocol_error_is_ignored(door):
 
 
 def test_oversized_bulk_is_refused_before_its_body(door):
-    """1 MiB + 1 is refused on its header: the body never has to arrive."""
+    """512 MiB + 1 (Redis's proto-max-bulk-len) is refused on its header:
+    the body never has to arrive."""
     proto, transport = door.connect()
-    proto.dataReceived(b"*2\r\n$4\r\nECHO\r\n$%d\r\n" % (1024 * 1024 + 1))
+    proto.dataReceived(b"*2\r\n$4\r\nECHO\r\n$%d\r\n" % (512 * 1024 * 1024 + 1))
     assert transport.value() == b"-ERR Protocol error: invalid bulk length\r\n"
     assert transport.disconnecting
 
