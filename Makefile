@@ -1,5 +1,5 @@
 # Thin wrappers: each target is a plain script that works without make too.
-.PHONY: run test lint bench bench-invalidation clean
+.PHONY: run test lint bench bench-invalidation chaos soak clean
 
 run:            ## set up and run the proxy (starts a local redis-server when none answers)
 	scripts/run
@@ -15,6 +15,12 @@ bench:          ## peer benchmarks: redis-server, twemproxy, webdis vs redisp (b
 
 bench-invalidation:  ## invalidation delay with --invalidation tracking (median, p99)
 	bench/invalidation
+
+chaos:          ## faults of the backing Redis under load: hung, wrong, recovery (QUICK=1: ~1 min)
+	bench/chaos
+
+soak:           ## 10 min of mixed load: RSS and descriptors (SOAK_SECONDS=60: a short run)
+	bench/soak
 
 clean:
 	rm -rf .venv build dist *.egg-info twisted/plugins/dropin.cache bench/results
