@@ -3,7 +3,7 @@
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}
-PY=${PYTHON:-python3}
+BASE_PY=${PYTHON:-python3}  # creates the venv; scripts may set PY to the venv's python
 
 say() { echo "==> $*" >&2; }
 
@@ -24,7 +24,7 @@ apt_install() {
 ensure_venv() {
   local extras=${1:-}
   if [[ ! -x "$VENV/bin/python" ]]; then
-    "$PY" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$PY" -m venv "$VENV"; }
+    "$BASE_PY" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$BASE_PY" -m venv "$VENV"; }
   fi
   say "installing redisp${extras:+[$extras]} into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
