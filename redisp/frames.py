@@ -83,7 +83,13 @@ DEFAULT_MAX_LINE = 512 * 1024 * 1024
 
 
 class FrameError(Exception):
-    """The backing sent something that is not RESP; its stream is lost."""
+    """The backing sent something that is not RESP; its stream is lost.
+
+    ``frames`` holds the frames the failing chunk completed before the
+    garbage began: they are good, and their callers are owed them.
+    """
+
+    frames: list[bytes] = []
 
 
 def _line_ok(kind: int, line: bytes) -> bool:
@@ -140,15 +146,16 @@ class FrameScanner:
     def feed(self, data: bytes) -> list[bytes]:
         """The frames ``data`` completes; raises ``FrameError`` on non-RESP."""
         if self._broken is not None:
-            raise self._broken
+            raise FrameError(*self._broken.args)
+        frames: list[bytes] = []
         try:
-            return self._feed(data)
+            return self._feed(data, frames)
         except FrameError as e:
+            e.frames = frames
             self._broken = e
             raise
 
-    def _feed(self, data: bytes) -> list[bytes]:
-        frames: list[bytes] = []
+    def _feed(self, data: bytes, frames: list[bytes]) -> list[bytes]:
         parts = self._parts
         stack = self._stack
         n = len(data)

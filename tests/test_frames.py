@@ -235,6 +235,15 @@ def test_garbage_is_a_frame_error_in_every_chunking(data):
             scan_in_chunks(data, size, scanner)
 
 
+def test_frames_before_the_garbage_are_kept():
+    """The frames a chunk completed before its garbage are good: they come
+    with the error, for the calls they answer."""
+    scanner = FrameScanner()
+    with pytest.raises(FrameError) as raised:
+        scanner.feed(b"+OK\r\n:1\r\n@\r\n")
+    assert raised.value.frames == [b"+OK\r\n", b":1\r\n"]
+
+
 def test_a_broken_stream_stays_broken():
     """Framing lost is lost for good: later bytes are refused too."""
     scanner = FrameScanner()
