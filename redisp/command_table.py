@@ -303,6 +303,8 @@ class CommandTable:
         """The command ``argv`` runs: a subcommand's own entry for container
         commands (``CLIENT KILL`` -> ``client|kill``), the container's for an
         unknown subcommand (Redis then answers the error), None if unknown."""
+        if not argv:
+            return None
         info = self.commands.get(argv[0].lower())
         if info is not None and info.subcommands and len(argv) > 1:
             return info.subcommands.get(argv[1].lower(), info)

@@ -100,6 +100,7 @@ def test_lookup_is_case_insensitive_and_resolves_subcommands(table):
     assert table.lookup(argv_of("client nosuch")).name == b"client"  # Redis answers the error
     assert table.lookup(argv_of("client")).name == b"client"
     assert table.lookup(argv_of("nosuchcommand a")) is None
+    assert table.lookup([]) is None
 
 
 def test_arity(table):
