@@ -93,6 +93,20 @@ class Session:
         self.lib_ver: bytes | None = None
         #: set by QUIT: close once every reply so far has been written
         self.closing = False
+        #: forwarding (forwarding.py): None under ``forward: none``
+        self.forwarder: Any = None
+        self.pin: Any = None  # the client's own backing connection while it holds state
+        self.lane = 0  # its connection of the shared pool
+        self.forwarding = 0  # forwarded commands in flight: GETs follow them to Redis
+        #: write a push frame (pub/sub message) to the client, in order with replies
+        self.push: Callable[[bytes], None] = lambda frame: None
+
+    @property
+    def plain(self) -> bool:
+        """True when a GET may be served from the cache: no pinned connection,
+        and no forwarded command of this client still in flight (a GET
+        pipelined behind the client's own SET must see it)."""
+        return self.pin is None and not self.forwarding
 
 
 @dataclass(frozen=True)
@@ -106,15 +120,32 @@ class Command:
     acl: tuple[str, ...] = ()
     keys: tuple[int, int, int] = (0, 0, 0)  # first key, last key, step
     subcommands: dict[bytes, Command] = field(default_factory=dict)
+    #: where forwarding is on: ``local`` always answered here, even for a
+    #: pinned client; ``cached`` (GET, MGET) answered here only while the
+    #: session is plain; ``session`` answered here unless the client is
+    #: pinned (PING answers differently in pub/sub mode); ``forwarded``
+    #: never answered here (COMMAND: the backing's own table)
+    route: str = "local"
 
 
 def execute(session: Session, argv: list[bytes]) -> Reply:
-    """Run one request: look its command up, check its arity, call it."""
+    """Run one request: answered here, from the cache, or by the backing.
+
+    This is the one place where a request's route is chosen (SPEC §3, §7).
+    """
     command = COMMANDS.get(argv[0])
     if command is None:
         command = COMMANDS.get(argv[0].lower())
-        if command is None:
-            return error(unknown_command(argv)), BAD_REQUEST
+    forwarder = session.forwarder
+    if forwarder is not None and (
+        command is None
+        or command.route == "forwarded"
+        or (command.route == "cached" and not session.plain)
+        or (session.pin is not None and command.route != "local")
+    ):
+        return forwarder.forward(session, argv)
+    if command is None:
+        return error(unknown_command(argv)), BAD_REQUEST
     arity = command.arity
     if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
         return error(wrong_arity(command.name)), BAD_REQUEST
@@ -249,14 +280,25 @@ def _select(session: Session, argv: list[bytes]) -> Reply:
     index = parse_integer(argv[1])
     if index is None:
         return error("ERR value is not an integer or out of range"), BAD_REQUEST
-    if index != 0:
-        # the proxy fronts one database of the backing Redis, the one in
-        # --redis; to clients that database is db 0
-        return error(
-            "ERR DB index is out of range (redisp serves one database, "
-            "db 0, which is the one chosen by --redis)"
-        ), BAD_REQUEST
-    return OK, OTHER
+    if index == session.config.redis.db:
+        return OK, OTHER  # the database the cache holds: nothing to change
+    if session.forwarder is not None:
+        return session.forwarder.forward(session, argv)  # pins the client to that db
+    # forward: none: the proxy serves the one database of --redis
+    return error(
+        f"ERR DB index is out of range (redisp serves one database, "
+        f"db {session.config.redis.db}, the one chosen by --redis)"
+    ), BAD_REQUEST
+
+
+def _reset(session: Session, argv: list[bytes]) -> Reply:
+    """As Redis: the connection back to its first state.  A pinned
+    connection is closed, which makes Redis drop whatever it held."""
+    if session.forwarder is not None:
+        session.forwarder.release(session)
+    session.encoder = RESP2
+    session.name = None
+    return simple("RESET"), OTHER
 
 
 def _hello(session: Session, argv: list[bytes]) -> Reply:
@@ -309,7 +351,14 @@ def _valid_attribute(value: bytes) -> bool:
 
 
 def _client(session: Session, argv: list[bytes]) -> Reply:
+    """CLIENT SETNAME/GETNAME/ID/SETINFO are about the client's connection to
+    redisp; every other subcommand (LIST, KILL, TRACKING …) is the backing's."""
+    if session.forwarder is not None and argv[1].lower() not in _OWN_CLIENT_SUBCOMMANDS:
+        return session.forwarder.forward(session, argv)
     return _subcommand(session, argv, "CLIENT", CLIENT_SUBCOMMANDS)
+
+
+_OWN_CLIENT_SUBCOMMANDS = frozenset((b"setname", b"getname", b"id", b"setinfo"))
 
 
 def _subcommand(
@@ -578,18 +627,23 @@ COMMAND_SUBCOMMANDS: dict[bytes, Command] = {
 TABLE: dict[str, Command] = {
     command.name: command
     for command in [
-        Command("get", 2, _get, ("readonly", "fast"), ("read", "string", "fast"), (1, 1, 1)),
-        Command("mget", -2, _mget, ("readonly", "fast"), ("read", "string", "fast"), (1, -1, 1)),
-        Command("ping", -1, _ping, ("fast",), _CONNECTION),
-        Command("echo", 2, _echo, ("loading", "stale", "fast"), _CONNECTION),
+        Command("get", 2, _get, ("readonly", "fast"), ("read", "string", "fast"), (1, 1, 1),
+                route="cached"),
+        Command("mget", -2, _mget, ("readonly", "fast"), ("read", "string", "fast"), (1, -1, 1),
+                route="cached"),
+        Command("ping", -1, _ping, ("fast",), _CONNECTION, route="session"),
+        Command("echo", 2, _echo, ("loading", "stale", "fast"), _CONNECTION, route="session"),
         Command("quit", -1, _quit,
+                ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
+        Command("reset", 1, _reset,
                 ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
         Command("hello", -1, _hello,
                 ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
-        Command("select", 2, _select, ("loading", "stale", "fast"), _CONNECTION),
+        Command("select", 2, _select, ("loading", "stale", "fast"), _CONNECTION,
+                route="session"),
         Command("client", -2, _client, (), ("slow",), subcommands=CLIENT_SUBCOMMANDS),
         Command("command", -1, _command, ("loading", "stale"), ("slow", "connection"),
-                subcommands=COMMAND_SUBCOMMANDS),
+                subcommands=COMMAND_SUBCOMMANDS, route="forwarded"),
         Command("info", -1, _info, ("loading", "stale"), ("slow", "dangerous")),
     ]
 }

@@ -63,6 +63,11 @@ class RespProtocol(Protocol):
         self._slots = factory.slots
         self._reader = factory.reader
         self._session = Session(client_id, factory.reader, factory.metrics, config, factory.clock)
+        forwarder = factory.forwarder
+        if forwarder is not None:
+            self._session.forwarder = forwarder
+            self._session.lane = forwarder.pool.lane()
+            self._session.push = self.push
         self._concurrency = config.concurrency  # packets of GETs up to this size: one gate entry
         self._parser = RequestParser(
             config.max_bulk_bytes, config.max_args, config.max_inline_bytes
@@ -104,6 +109,8 @@ class RespProtocol(Protocol):
         self._lost = True
         self._pending.clear()
         self._out.clear()
+        if self._session.pin is not None:
+            self._session.forwarder.release(self._session)
         if self._admitted:
             self._admitted = False
             self._slots.release()
@@ -114,7 +121,7 @@ class RespProtocol(Protocol):
         if self._closing:
             return
         parser = self._parser
-        keys = parser.only_gets(data) if parser.idle else None
+        keys = parser.only_gets(data) if parser.idle and self._session.plain else None
         self._dispatching = True
         try:
             if keys is not None:
@@ -224,6 +231,19 @@ class RespProtocol(Protocol):
             if session.closing:  # QUIT: later requests are not run, as in Redis
                 self._closing = True
                 break
+
+    def push(self, frame: bytes) -> None:
+        """A frame Redis sent unasked (pub/sub message, MONITOR line) on the
+        client's pinned connection: after every reply already owed."""
+        if self._lost:
+            return
+        if self._pending:
+            self._pending.append([frame])
+        else:
+            self._out.append(frame)
+        if not (self._dispatching or self._flush_due):
+            self._flush_due = True
+            self.factory.flush_later(self)
 
     def _protocol_error(self, problem: ProtocolError) -> None:
         """Answer the error after every earlier reply, then hang up (as Redis)."""
@@ -347,7 +367,9 @@ class RespFactory(Factory):
         slots: ClientSlots,
         config: Config,
         clock: IReactorTime,
+        forwarder: Any = None,
     ) -> None:
+        self.forwarder = forwarder
         self.reader = reader
         self.metrics = metrics
         self.slots = slots

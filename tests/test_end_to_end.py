@@ -134,8 +134,9 @@ def test_single_client_rule_queues_a_hit_behind_a_slow_miss(redis_server, redis_
         p = start_proxy(redis_url=forwarder.url, concurrency=1, redis_timeout=30.0)
         yield until(lambda: p.proxy.backing.up)
         yield in_thread(p.http_get, "cached")  # now cached
+        client = yield in_thread(p.connected_redis_py)
         forwarder.hold()
-        slow = in_thread(p.redis_py().get, "slow")
+        slow = in_thread(client.get, "slow")
         yield until(lambda: not p.proxy.gate.idle())
         hit = in_thread(p.http_get, "cached")
         yield until(lambda: p.proxy.gate.waiting == 1)
@@ -156,8 +157,11 @@ def test_concurrent_misses_of_one_key_share_one_backing_get(redis_server, redis_
         p = start_proxy(redis_url=forwarder.url, concurrency=8, redis_timeout=30.0)
         yield until(lambda: p.proxy.backing.up)
         redis_db.config_resetstat()
+        connected = []
+        for _ in range(5):
+            connected.append((yield in_thread(p.connected_redis_py)))
         forwarder.hold()
-        clients = [in_thread(p.redis_py().get, "k") for _ in range(5)]
+        clients = [in_thread(c.get, "k") for c in connected]
         yield until(lambda: p.proxy.metrics.cache_misses == 5)
         forwarder.release()
         for d in clients:
@@ -179,9 +183,10 @@ def test_slow_backing_times_out_with_504_and_err(redis_server, redis_db, start_p
         assert status == 504 and b"timed out" in body
         forwarder.release()
         yield until(lambda: p.proxy.backing.up)
+        client = yield in_thread(p.connected_redis_py)
         with pytest.raises(redis.ResponseError, match="timed out|unavailable") as e:
             forwarder.hold()
-            yield in_thread(p.redis_py().get, "k2")
+            yield in_thread(client.get, "k2")
         forwarder.release()
         assert "backing redis" in str(e.value)
         yield until(lambda: p.proxy.backing.up)
@@ -265,8 +270,10 @@ def test_a_batched_mget_that_times_out_fails_each_get_and_recovers(redis_server,
         p = start_proxy(redis_url=forwarder.url, capacity=0, concurrency=64, redis_timeout=0.3)
         yield until(lambda: p.proxy.backing.up)
 
+        client = yield in_thread(p.connected_redis_py)
+
         def pipelined():
-            pipe = p.redis_py().pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             pipe.get("a")
             pipe.get("b")
             return pipe.execute(raise_on_error=False)
