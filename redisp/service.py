@@ -31,7 +31,7 @@ from redisp.web import build_site
 
 log = Logger()
 
-#: seconds between sweeps of expired entries at the LRU end of the cache
+#: seconds between sweeps of expired entries, oldest store first
 SWEEP_INTERVAL = 1.0
 
 
@@ -144,7 +144,8 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
     end-to-end tests can expire entries with ``task.Clock`` instead of waiting.
     """
     metrics = Metrics(started=reactor.seconds())
-    cache = Cache(config.capacity, config.ttl, cache_clock or reactor, metrics)
+    cache = Cache(config.capacity, config.ttl, cache_clock or reactor, metrics,
+                  config.max_item_bytes)
     gate = Gate(config.concurrency, reactor)
     backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
     reader = CachedReader(cache, gate, backing, metrics)
