@@ -644,28 +644,26 @@ class _Channel(HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: server.Request) -> None:
+        # a response out is activity; what was read meanwhile is parsed
+        # (dataReceived, through setLineMode) and may start the next request
         self._active = self.site.reactor.seconds()
-        super().requestDone(request)  # may go on with requests read meanwhile
-        if self._started is None and self._receiving() and not self.transport.disconnecting:
-            self._started = self._active
-            self._arm(self._active)
+        super().requestDone(request)
 
     # limits on the head (SPEC §2): 414 and 431 instead of a silent close
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse_head()
 
-    def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's 400 for every refusal: headers past ``maxHeaders``
+        or ``totalHeadersSize`` (counted before it calls this) get a 431."""
+        if (
+            self._receivedHeaderSize > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        ):
             self._refuse_head()
-            return
-        super().lineReceived(line)
-
-    def headerReceived(self, line: bytes) -> bool:
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self._refuse_head()
-            return False
-        return super().headerReceived(line)
+        else:
+            super()._respondToBadRequestAndDisconnect()
 
     def _refuse_head(self) -> None:
         """The request line (414) or the headers (431) are past a limit."""
