@@ -561,6 +561,7 @@ class _Channel(HTTPChannel):
     #: max_client_buffer below the transport's own buffer size: check every
     #: response, not only once the transport has asked us to pause
     _eager = False
+    _closed = False  # by _close: nothing more is parsed, answered or checked
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -691,6 +692,8 @@ class _Channel(HTTPChannel):
         """Disconnect the client if its unsent responses and unparsed
         requests together pass ``max_client_buffer``, as Redis does past its
         buffer limits: the buffer would otherwise grow as long as it sends."""
+        if self._closed:
+            return
         buffered = (unsent_bytes(self.transport) + len(self._buffer)
                     + sum(map(len, self._dataBuffer)))
         if buffered > self.site.max_client_buffer:
@@ -714,7 +717,7 @@ class _Channel(HTTPChannel):
     def resumeProducing(self) -> None:
         """The client has read: answer what it sent meanwhile, read again."""
         super().resumeProducing()  # reads again unless a request is being answered
-        if self.paused:
+        if self.paused and not self._closed:
             self.paused = False
             if self._buffer and not self._handlingRequest:
                 self.dataReceived(b"")
@@ -768,7 +771,7 @@ class _Channel(HTTPChannel):
         written first (a 414 or 431), ``abort`` drops it (past
         ``max_client_buffer``), ``timeout`` drops it only if the client has
         left some of it unread, so a lingering close cannot hold the slot."""
-        self.paused = True
+        self.paused = self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
