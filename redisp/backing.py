@@ -163,7 +163,9 @@ class Backing:
         self._service.startService()
 
     def stop(self) -> Deferred:
-        """Close the connection and stop reconnecting."""
+        """Close the connection and stop reconnecting; a connection closed on
+        purpose is not lost, so ``_lost`` has nothing to report."""
+        self._protocol = None
         return self._service.stopService()
 
     def mget(self, keys: list[bytes]) -> Deferred:

@@ -67,6 +67,8 @@ def _protocol() -> _InvalidationProtocol:
 class Invalidator:
     """Keeps one tracking connection up and the reader's ``caching`` flag true to it."""
 
+    _stopping = False  # set by stop()
+
     def __init__(
         self,
         url: RedisURL,
@@ -95,6 +97,7 @@ class Invalidator:
         self._service.startService()
 
     def stop(self) -> Deferred:
+        self._stopping = True  # closing the connection on purpose is no loss to report
         return self._service.stopService()
 
     def _enable(self, protocol: _InvalidationProtocol) -> Deferred:
@@ -142,8 +145,9 @@ class Invalidator:
         self.active = False
         self._reader.caching = False
         self._flush()
-        log.warn("invalidation: tracking connection lost; cache flushed, caching off "
-                 "until tracking is re-established")
+        if not self._stopping:
+            log.warn("invalidation: tracking connection lost; cache flushed, caching off "
+                     "until tracking is re-established")
 
     def _message(self, keys: list | None) -> None:
         self._metrics.invalidation_messages += 1

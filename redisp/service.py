@@ -6,7 +6,8 @@ end-to-end tests do) and every clock is the one handed in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -32,8 +33,81 @@ from redisp.web import build_site
 
 log = Logger()
 
-#: seconds between sweeps of expired entries at the LRU end of the cache
+#: seconds between sweeps of expired entries, oldest store first
 SWEEP_INTERVAL = 1.0
+
+#: listen backlog unless the endpoint string sets one: Redis's tcp-backlog
+#: (Twisted's own default of 50 makes a burst of connects wait on SYN retries)
+BACKLOG = 511
+#: endpoint types whose parser takes ``backlog=``
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+#: descriptors kept for redisp's own use beyond clients and its own
+#: connections (log, epoll, wakers, a reconnect in progress …), as Redis's
+#: CONFIG_MIN_RESERVED_FDS
+RESERVED_FDS = 32
+
+
+def with_backlog(description: str, backlog: int = BACKLOG) -> str:
+    """``description`` with ``:backlog=N`` added when its endpoint type takes
+    a backlog and it sets none; anything else is left for serverFromString
+    to take or refuse.  Parsed with Twisted's own tokenizer (private, but the
+    grammar serverFromString itself uses: escapes and all)."""
+    from twisted.internet.endpoints import _parse
+
+    try:
+        args, kwargs = _parse(description)
+    except Exception:  # a malformed string: serverFromString says why
+        return description
+    if args and args[0].lower() in _BACKLOG_TYPES and "backlog" not in kwargs:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
+def fit_open_files(max_clients: int, own: int) -> tuple[int, str | None]:
+    """Raise the soft open-file limit to fit ``max_clients`` and redisp's own
+    descriptors, up to the hard limit (or beyond it, for root); if it cannot
+    fit, the ``max_clients`` that does and one line saying so, as Redis does.
+
+    ``own``: the connections redisp opens itself (listeners, backing).  A
+    client past ``max_clients`` is refused on a descriptor of its own, so the
+    reserve also keeps room for refusals and for the backing to reconnect.
+    """
+    import resource
+
+    reserved = own + RESERVED_FDS + _descriptors_open()
+    needed = max_clients + reserved
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard == resource.RLIM_INFINITY or hard >= needed:
+            attempts = [(needed, hard)]
+        else:
+            attempts = [(needed, needed), (hard, hard)]  # the first needs privileges
+        for limits in attempts:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            except (ValueError, OSError):
+                continue
+            soft = limits[0]
+            break
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return max_clients, None
+    fits = soft - reserved
+    if fits < 1:
+        raise SystemExit(f"redisp: the open-file limit ({soft}, ulimit -n) leaves no "
+                         f"descriptor for clients: redisp needs {reserved} for itself")
+    return fits, (
+        f"max_clients lowered from {max_clients} to {fits}: the open-file limit is {soft} "
+        f"(hard limit {hard}) and redisp keeps {reserved} descriptors for itself; "
+        f"raise ulimit -n to at least {needed} for max_clients {max_clients}")
+
+
+def _descriptors_open() -> int:
+    """Descriptors open now (stdio, log, reactor …), where the system says."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
 
 
 class Listener(Service):
@@ -80,7 +154,10 @@ class Listener(Service):
             return self.description
         if hasattr(host, "port"):
             return f"{host.host}:{host.port}"
-        return str(getattr(host, "name", host))
+        name = getattr(host, "name", None)
+        if isinstance(name, bytes):  # a UNIX socket's path
+            return os.fsdecode(name)
+        return str(name if name is not None else host)
 
 
 class ProxyService(MultiService):
@@ -91,10 +168,14 @@ class ProxyService(MultiService):
         self.proxy = proxy
         self._sweeper = LoopingCall(proxy.cache.sweep)
         self._sweeper.clock = proxy.reactor
+        #: the line saying max_clients was lowered to fit the open-file limit
+        self.fd_warning: str | None = None
 
     def startService(self) -> None:
         super().startService()
         p = self.proxy
+        if self.fd_warning is not None:
+            log.warn("{warning}", warning=self.fd_warning)
         p.backing.start()
         if p.forwarder is not None:
             p.forwarder.start()
@@ -149,8 +230,14 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
     ``cache_clock`` (default: the reactor) times cache entries alone, so
     end-to-end tests can expire entries with ``task.Clock`` instead of waiting.
     """
+    doors = [("http", config.http), ("resp", config.resp)]
+    own = sum(1 for _, description in doors if description is not None)
+    own += 1 + (config.invalidation == "tracking")  # backing and tracking connections
+    max_clients, fd_warning = fit_open_files(config.max_clients, own)
+    config = replace(config, max_clients=max_clients)
     metrics = Metrics(started=reactor.seconds())
-    cache = Cache(config.capacity, config.ttl, cache_clock or reactor, metrics)
+    cache = Cache(config.capacity, config.ttl, cache_clock or reactor, metrics,
+                  config.max_item_bytes)
     gate = Gate(config.concurrency, reactor)
     backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
     reader = CachedReader(cache, gate, backing, metrics)
@@ -168,19 +255,19 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
                   forwarder)
 
     service = ProxyService(proxy)
-    doors = [
-        ("http", config.http, lambda: build_site(reader, backing, metrics, slots, config, reactor)),
-        ("resp", config.resp, lambda: RespFactory(reader, metrics, slots, config, reactor,
-                                                        forwarder)),
-    ]
-    for name, description, make_factory in doors:
+    service.fd_warning = fd_warning
+    factories = {
+        "http": lambda: build_site(reader, backing, metrics, slots, config, reactor),
+        "resp": lambda: RespFactory(reader, metrics, slots, config, reactor, forwarder),
+    }
+    for name, description in doors:
         if description is None:
             continue
         try:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, with_backlog(description))
         except Exception as e:  # endpoint parsers raise ValueError, KeyError, TypeError …
             raise SystemExit(f"redisp: configuration error: {name}: "
                              f"bad endpoint {description!r}: {e}") from None
-        Listener(name, description, endpoint, make_factory()).setServiceParent(service)
+        Listener(name, description, endpoint, factories[name]()).setServiceParent(service)
     proxy.service = service
     return proxy

@@ -41,12 +41,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from math import inf
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,6 +76,7 @@ from twisted.web.http import (
 )
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from redisp.backing import Backing, BackingError, BackingTimeout, BackingUnavailable
 from redisp.clients import ClientSlots
@@ -84,16 +93,31 @@ ALLOWED = b"GET, HEAD"
 _READS = (b"GET", b"HEAD")
 _OK_1_1 = b"HTTP/1.1 200 OK"
 
+
+def _closing_response(status: bytes, body: bytes) -> bytes:
+    """A whole text/plain response after which the connection is closed."""
+    return b"".join([
+        b"HTTP/1.1 %s\r\n" % status,
+        b"Content-Type: %s\r\n" % TEXT,
+        b"Content-Length: %d\r\n" % len(body),
+        b"Connection: close\r\n",
+        b"\r\n",
+        body,
+    ])
+
+
 #: what a client past ``max_clients`` reads before the connection closes
 REFUSAL_BODY = b"max number of clients reached\n"
-REFUSAL = b"".join([
-    b"HTTP/1.1 503 Service Unavailable\r\n",
-    b"Content-Type: %s\r\n" % TEXT,
-    b"Content-Length: %d\r\n" % len(REFUSAL_BODY),
-    b"Connection: close\r\n",
-    b"\r\n",
-    REFUSAL_BODY,
-])
+REFUSAL = _closing_response(b"503 Service Unavailable", REFUSAL_BODY)
+#: what a request line over ``HTTPChannel.MAX_LENGTH`` gets (SPEC §2)
+URI_TOO_LONG = _closing_response(b"414 URI Too Long", b"request line too long\n")
+#: what headers over ``maxHeaders`` or ``totalHeadersSize`` get
+HEADERS_TOO_LARGE = _closing_response(
+    b"431 Request Header Fields Too Large", b"request headers too large\n")
+#: what the transport buffers before it asks its producer to pause
+BUFFER_SIZE = FileDescriptor.bufferSize
+#: seconds between two log lines about clients past ``max_client_buffer``
+BUFFER_LOG_INTERVAL = 60.0
 
 
 class BadKey(ValueError):
@@ -198,13 +222,24 @@ _PLAIN_HEADERS = frozenset(
 )
 
 
+#: a plain GET is no longer than this, so it is within every limit on the
+#: head that twisted.web checks (line length, headers' total size)
+_PLAIN_MAX = min(HTTPChannel.MAX_LENGTH, HTTPChannel.totalHeadersSize)
+
+
 def plain_get_target(data: bytes) -> bytes | None:
     """The target of ``data`` if it is exactly one HTTP/1.1 GET of ``/get``
-    whose headers change nothing about the answer, else None."""
+    whose headers change nothing about the answer, and within every limit
+    on the head, else None."""
+    if len(data) > _PLAIN_MAX:
+        return None
     match = _PLAIN_GET.fullmatch(data)
     if match is None:
         return None
-    for line in match[2].split(b"\r\n")[:-1]:
+    lines = match[2].split(b"\r\n")[:-1]
+    if len(lines) > HTTPChannel.maxHeaders:
+        return None
+    for line in lines:
         name, _, value = line.partition(b":")
         name = name.lower()
         if name not in _PLAIN_HEADERS and (
@@ -258,6 +293,10 @@ class FrontDoor(Resource):
             b"/healthz": self._healthz,
             b"/metrics": self._metrics_page,
         }
+
+    def count(self, outcome: str) -> None:
+        """Count one HTTP request's outcome (for requests refused before routing)."""
+        self._metrics.request("http", outcome)
 
     def render(self, request: server.Request) -> Any:
         """IResource entry point; overridden whole, so no method ever gets a 501."""
@@ -475,12 +514,54 @@ class _Request(server.Request):
         site.resource.route(self)
 
 
+def unsent_bytes(transport: Any) -> int:
+    """Bytes written to ``transport`` and not yet handed to the kernel.
+
+    A TCP or UNIX transport keeps them in ``dataBuffer`` (from ``offset``)
+    and ``_tempDataBuffer``; TLS keeps cleartext until its handshake is done
+    and passes the rest to the TCP transport under it.  Others count 0.
+    """
+    extra = 0
+    while transport is not None:
+        buffered = getattr(transport, "dataBuffer", None)
+        if buffered is not None:
+            return extra + len(buffered) - transport.offset + transport._tempDataLen
+        pending = getattr(transport, "_appSendBuffer", None)
+        if pending:
+            extra += sum(map(len, pending))
+        transport = getattr(transport, "transport", None)
+    return extra
+
+
+@implementer(IHandshakeListener)
 class _Channel(HTTPChannel):
-    """An HTTP/1.x connection holding one of the shared client slots."""
+    """An HTTP/1.x connection holding one of the shared client slots, with
+    SPEC §9's limits: backpressure, ``max_client_buffer``, ``request_timeout``,
+    ``client_timeout``, and 414/431 for heads too large.
+
+    Timeouts use one timer per connection, re-armed lazily: it is set for the
+    earliest deadline that applies and, when it fires, checks the times the
+    connection noted (``_started``: the first byte of the request still being
+    received; ``_active``: the last bytes in, or a response out) and either
+    closes the connection or sets itself for the next deadline.  Requests
+    only note a time; no timer is cancelled or moved per request, unlike
+    twisted.web's idle timeout (``timeOut``, off here), which is also
+    restarted by every byte, so trickling a request never ends it.
+    """
 
     _slots: ClientSlots | None = None
     _host: IAddress | None = None
     direct = False  # responses may go straight to the socket (sending.py)
+    #: when the request being received began (None: none is), time of the
+    #: last activity, the timer, and unsent bytes at its last idle check
+    _started: float | None = None
+    _active = 0.0
+    _timer: IDelayedCall | None = None
+    _unsent_seen = 0
+    #: max_client_buffer below the transport's own buffer size: check every
+    #: response, not only once the transport has asked us to pause
+    _eager = False
+    _closed = False  # by _close: nothing more is parsed, answered or checked
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -489,6 +570,18 @@ class _Channel(HTTPChannel):
         # transport answers with a getsockname system call each time
         # (strace -c under wrk: one per request); it never changes
         self._host = self.transport.getHost()
+        site: RedispSite = self.site
+        self._eager = site.max_client_buffer < BUFFER_SIZE
+        now = self._active = site.reactor.seconds()
+        if ISSLTransport.providedBy(self.transport):
+            # the TLS handshake counts as a request: it must end in request_timeout
+            self._started = now
+        self._arm(now)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is over, in time."""
+        if self._started is not None and not self._receiving():
+            self._started = None
 
     def getHost(self) -> IAddress:
         host = self._host
@@ -499,20 +592,23 @@ class _Channel(HTTPChannel):
         answered here without twisted.web's per-request machinery.
 
         That machinery (a Request with two Headers objects, line-by-line
-        parsing, the query split into ``args``, the idle timer cancelled and
-        re-armed, producer pause and resume) is most of the cost of a hit,
-        about 35 us of Python (bench/http_micro.py).  Only a request that
-        ``plain_get_target`` accepts in full, on a connection with nothing
-        buffered or in progress, while the access log is off, and that the
-        cache answers at once, takes this path; anything else, and every
-        miss, goes through twisted.web unchanged.  The response bytes come
-        from the same ``compose`` as twisted.web's path.
+        parsing, the query split into ``args``, producer pause and resume) is
+        most of the cost of a hit, about 35 us of Python
+        (bench/http_micro.py).  Only a request that ``plain_get_target``
+        accepts in full, on a connection with nothing buffered or in
+        progress and not held back by backpressure, while the access log is
+        off, and that the cache answers at once, takes this path; anything
+        else, and every miss, goes through twisted.web unchanged.  The
+        response bytes come from the same ``compose`` as twisted.web's path,
+        and the same limits apply: a request that could exceed a size limit
+        is not plain, and ``send`` checks ``max_client_buffer``.
         """
         site: RedispSite = self.site
         if (
             not self.requests
             and not self._buffer
             and self.line_mode
+            and not self.paused
             and not site.access_log
         ):
             target = plain_get_target(data)
@@ -523,20 +619,173 @@ class _Channel(HTTPChannel):
                     # a bug: twisted.web's path answers it again, logs it, sends a 500
                     response = None
                 if response is not None:
-                    self.resetTimeout()
+                    self._active = site.now
                     self.send(response)
                     return
+        now = self._active = site.reactor.seconds()
         super().dataReceived(data)
+        if self._receiving():
+            if self._started is None:
+                self._started = now
+                self._arm(now)
+        else:
+            self._started = None
+        if self.paused and self._buffer:
+            self._check_buffer()
+
+    def _receiving(self) -> bool:
+        """True while part of a request has come in and the rest is awaited
+        from the client (not while one is being answered, nor while requests
+        already read are held back by backpressure)."""
+        return not self._handlingRequest and not self.paused and bool(
+            self._buffer or self.requests)
+
+    def allContentReceived(self) -> None:
+        self._started = None  # the request is in: answering it is redisp's time
+        super().allContentReceived()
+
+    def requestDone(self, request: server.Request) -> None:
+        # a response out is activity; what was read meanwhile is parsed
+        # (dataReceived, through setLineMode) and may start the next request
+        self._active = self.site.reactor.seconds()
+        super().requestDone(request)
+
+    # limits on the head (SPEC §2): 414 and 431 instead of a silent close
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse_head()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's 400 for every refusal: headers past ``maxHeaders``
+        or ``totalHeadersSize`` (counted before it calls this) get a 431."""
+        if (
+            self._receivedHeaderSize > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        ):
+            self._refuse_head()
+        else:
+            super()._respondToBadRequestAndDisconnect()
+
+    def _refuse_head(self) -> None:
+        """The request line (414) or the headers (431) are past a limit."""
+        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            response = URI_TOO_LONG
+        else:
+            response = HEADERS_TOO_LARGE
+        self.site.resource.count("bad_request")
+        self.transport.write(response)
+        self._close("flush")
+
+    # responses, backpressure and max_client_buffer (SPEC §9)
 
     def send(self, response: bytes) -> None:
         """A whole response, straight to the socket when it can take it."""
+        transport = self.transport
         if self.direct:
-            send_now(self.transport, response)
+            send_now(transport, response)
         else:
-            self.transport.write(response)
+            transport.write(response)
+        if self._waitingForTransport or self._eager:
+            self._check_buffer()
+
+    def _check_buffer(self) -> None:
+        """Disconnect the client if its unsent responses and unparsed
+        requests together pass ``max_client_buffer``, as Redis does past its
+        buffer limits: the buffer would otherwise grow as long as it sends."""
+        if self._closed:
+            return
+        buffered = (unsent_bytes(self.transport) + len(self._buffer)
+                    + sum(map(len, self._dataBuffer)))
+        if buffered > self.site.max_client_buffer:
+            self.site.buffer_limit_passed(self.transport.getPeer(), buffered)
+            self._close("abort")
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: stop reading, and stop answering
+        requests already read.
+
+        twisted.web stops reading only between requests, so a request that
+        fills the buffer while being answered (any hit) left reading on, and
+        the requests of a client that never reads were answered into memory
+        without end.  ``paused`` also stops the line parser between requests.
+        """
+        self.paused = True
+        super().pauseProducing()
+        if self._handlingRequest:
+            self._networkProducer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client has read: answer what it sent meanwhile, read again."""
+        super().resumeProducing()  # reads again unless a request is being answered
+        if self.paused and not self._closed:
+            self.paused = False
+            if self._buffer and not self._handlingRequest:
+                self.dataReceived(b"")
+
+    # timeouts (SPEC §9)
+
+    def _arm(self, now: float) -> None:
+        """Set the timer for the earliest deadline that applies, unless it
+        is set to fire by then already."""
+        site: RedispSite = self.site
+        due = None
+        if self._started is not None and site.request_timeout:
+            due = self._started + site.request_timeout
+        if site.client_timeout:
+            idle = self._active + site.client_timeout
+            due = idle if due is None else min(due, idle)
+        if due is None:
+            return
+        timer = self._timer
+        if timer is None:
+            self._timer = self.callLater(max(0.0, due - now), self._expire)
+        elif timer.getTime() > due:
+            timer.reset(max(0.0, due - now))
+
+    def _expire(self) -> None:
+        self._timer = None
+        site: RedispSite = self.site
+        now = site.reactor.seconds()
+        if (
+            self._started is not None
+            and site.request_timeout
+            and now >= self._started + site.request_timeout
+        ):
+            self._close("timeout")
+            return
+        if site.client_timeout:
+            if self._handlingRequest:
+                self._active = now  # answering it is not the client being idle
+            else:
+                unsent = unsent_bytes(self.transport)
+                if unsent and unsent != self._unsent_seen:
+                    self._active = now  # the client is reading what it was sent
+                self._unsent_seen = unsent
+            if now >= self._active + site.client_timeout:
+                self._close("timeout")
+                return
+        self._arm(now)
+
+    def _close(self, how: str) -> None:
+        """Stop parsing and answering, and close: ``flush`` sends what is
+        written first (a 414 or 431), ``abort`` drops it (past
+        ``max_client_buffer``), ``timeout`` drops it only if the client has
+        left some of it unread, so a lingering close cannot hold the slot."""
+        self.paused = self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport = self.transport
+        if how == "abort" or (how == "timeout" and unsent_bytes(transport)):
+            transport.abortConnection()
+        elif not transport.disconnecting:
+            self.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
         try:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             super().connectionLost(reason)
         finally:
             slots, self._slots = self._slots, None  # released exactly once
@@ -572,13 +821,24 @@ class RedispSite(server.Site):
         slots: ClientSlots,
         access_log: bool = False,
         reactor: IReactorTime | None = None,
+        request_timeout: float = 0.0,
+        client_timeout: float = 0.0,
+        max_client_buffer: int = 1 << 30,
     ) -> None:
-        super().__init__(resource, reactor=reactor)
+        # timeout=None: twisted.web's idle timer is replaced by _Channel's
+        super().__init__(resource, reactor=reactor, timeout=None)
         self.resource: FrontDoor = resource
         self.slots = slots
         self.access_log = access_log
+        self.request_timeout = request_timeout
+        self.client_timeout = client_timeout
+        self.max_client_buffer = max_client_buffer
         self._date_second = -1
         self._date = b""
+        #: the time http_date() last read from the clock
+        self.now = 0.0
+        self._buffer_log_at = -inf
+        self._buffer_cut = 0
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         """Admit the connection into a client slot, or refuse it with a 503."""
@@ -597,12 +857,30 @@ class RedispSite(server.Site):
         return _DiscardedBody()
 
     def http_date(self) -> bytes:
-        """The Date header value, formatted again only when the second changes."""
-        now = int(self.reactor.seconds())
-        if now != self._date_second:
-            self._date_second = now
-            self._date = datetimeToString(now)
+        """The Date header value, formatted again only when the second
+        changes; the time read is kept in ``now`` for the caller."""
+        now = self.now = self.reactor.seconds()
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date = datetimeToString(second)
         return self._date
+
+    def buffer_limit_passed(self, peer: IAddress, buffered: int) -> None:
+        """Log a client cut off for ``max_client_buffer``: one line a minute
+        at most, so clients cannot fill the log."""
+        self._buffer_cut += 1
+        now = self.reactor.seconds()
+        if now - self._buffer_log_at < BUFFER_LOG_INTERVAL:
+            return
+        self._buffer_log_at = now
+        log.warn(
+            "HTTP client {peer} disconnected: {buffered} bytes buffered past max_client_buffer "
+            "({limit}); {count} client(s) so since the last such line",
+            peer=str(peer), buffered=buffered, limit=self.max_client_buffer,
+            count=self._buffer_cut,
+        )
+        self._buffer_cut = 0
 
     def startFactory(self) -> None:
         """Open the access log (and its once-a-second timestamp timer) only if asked for."""
@@ -631,5 +909,7 @@ def build_site(
     """
     return RedispSite(
         FrontDoor(reader, backing, metrics), slots, access_log=config.access_log, reactor=reactor,
+        request_timeout=config.request_timeout, client_timeout=config.client_timeout,
+        max_client_buffer=config.max_client_buffer,
     )
 

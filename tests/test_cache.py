@@ -95,7 +95,7 @@ def test_clear_drops_everything():
     assert len(cache) == 0
 
 
-def test_sweep_drops_expired_entries_from_the_lru_end_within_its_limit():
+def test_sweep_drops_expired_entries_from_the_oldest_store_within_its_limit():
     cache, clock, metrics = make(capacity=10, ttl=5)
     for i in range(4):
         cache.put(b"%d" % i, b"v")
@@ -117,21 +117,23 @@ def test_empty_value_is_cached():
 
 operations = st.lists(
     st.tuples(
-        st.sampled_from(["get", "put", "tick"]),
-        st.sampled_from([b"a", b"b", b"c", b"d", b"e"]),
+        st.sampled_from(["get", "put", "put", "tick", "discard", "sweep"]),
+        st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"f"]),
         st.integers(0, 3),
     ),
-    max_size=60,
+    max_size=80,
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(capacity=st.integers(0, 4), ops=operations)
+@settings(max_examples=500, deadline=None)
+@given(capacity=st.integers(0, 5), ops=operations)
 def test_cache_agrees_with_a_reference_model(capacity, ops):
-    """A plain list-based LRU with explicit expiry times gives the same answers."""
+    """A plain list-based LRU with explicit expiry times gives the same answers:
+    when full, the entry that expired first goes, else the least recently used."""
     ttl = 4
-    cache, clock, _ = make(capacity=capacity, ttl=ttl)
+    cache, clock, metrics = make(capacity=capacity, ttl=ttl)
     model: list[tuple[bytes, bytes, float]] = []  # LRU first
+    expirations = evictions = 0
     for n, (op, key, amount) in enumerate(ops):
         now = clock.seconds()
         if op == "tick":
@@ -145,7 +147,18 @@ def test_cache_agrees_with_a_reference_model(capacity, ops):
                 if found[0][2] > now:
                     model.append(found[0])
                     expected = found[0][1]
+                else:
+                    expirations += 1
             assert cache.get(key) == expected
+        elif op == "discard":
+            assert cache.discard(key) == bool(found)
+            if found:
+                model.remove(found[0])
+        elif op == "sweep":
+            expired = [e for e in model if e[2] <= now]
+            assert cache.sweep() == len(expired)
+            expirations += len(expired)
+            model = [e for e in model if e[2] > now]
         else:
             value = b"%d" % n
             cache.put(key, value)
@@ -154,9 +167,17 @@ def test_cache_agrees_with_a_reference_model(capacity, ops):
             if found:
                 model.remove(found[0])
             elif len(model) >= capacity:
-                model.pop(0)
+                expired = [e for e in model if e[2] <= now]
+                if expired:
+                    model.remove(min(expired, key=lambda e: e[2]))
+                    expirations += 1
+                else:
+                    model.pop(0)
+                    evictions += 1
             model.append((key, value, now + ttl))
         assert len(cache) == len(model)
+        assert (metrics.cache_expirations, metrics.cache_evictions) == (expirations, evictions)
+    assert len(cache._stored) <= 4 * max(len(model), 1) + 2048  # stale records stay bounded
 
 
 def test_get_all_answers_only_when_every_key_is_alive():
@@ -180,3 +201,141 @@ def test_get_all_marks_every_key_used():
     cache.get_all([b"a"])
     cache.put(b"c", b"3")  # b is the least recently used now
     assert cache.get(b"b") is None and cache.get(b"a") == b"1"
+
+
+# expired entries before live ones (SPEC §4)
+
+
+def test_a_full_cache_drops_an_expired_entry_before_evicting_a_live_one():
+    """The issue's case, capacity 2 and ttl 1: the expired key was read more
+    recently than the live one, so LRU alone would evict the live one."""
+    cache, clock, metrics = make(capacity=2, ttl=1)
+    cache.put(b"old", b"1")
+    clock.advance(0.5)
+    cache.put(b"live", b"2")
+    clock.advance(0.4)
+    assert cache.get(b"old") == b"1"  # "live" is now the least recently used
+    clock.advance(0.3)  # old expired at 1.0; live lives until 1.5
+    cache.put(b"new", b"3")
+    assert cache.get(b"live") == b"2" and cache.get(b"new") == b"3"
+    assert cache.get(b"old") is None
+    assert (metrics.cache_expirations, metrics.cache_evictions) == (1, 0)
+
+
+def test_the_expired_entry_is_found_behind_stale_records():
+    """Keys stored again, discarded or evicted leave records behind; the
+    oldest store still alive is found past them."""
+    cache, clock, metrics = make(capacity=3, ttl=10)
+    cache.put(b"a", b"1")
+    cache.put(b"b", b"1")
+    clock.advance(1)
+    cache.put(b"a", b"2")  # a's first record is stale now
+    cache.discard(b"b")  # and b's
+    cache.put(b"c", b"1")
+    clock.advance(1)
+    cache.put(b"d", b"1")
+    cache.get(b"a")
+    cache.get(b"c")  # d is the least recently used; a was stored first
+    clock.advance(9.5)  # a and c (stored at 1) expired; d (stored at 2) lives
+    cache.put(b"e", b"1")
+    assert cache.get(b"d") == b"1" and cache.get(b"e") == b"1"
+    assert len(cache) == 3 and metrics.cache_evictions == 0
+
+
+def test_a_full_cache_of_live_entries_evicts_the_least_recently_used():
+    cache, clock, metrics = make(capacity=2, ttl=10)
+    cache.put(b"a", b"1")
+    clock.advance(1)
+    cache.put(b"b", b"1")
+    cache.get(b"a")
+    cache.put(b"c", b"1")
+    assert cache.get(b"b") is None and cache.get(b"a") == b"1"
+    assert (metrics.cache_expirations, metrics.cache_evictions) == (0, 1)
+
+
+def test_storing_one_key_again_at_one_instant_adds_no_record():
+    cache, _, _ = make(capacity=10)
+    for i in range(10_000):
+        cache.put(b"k", b"%d" % i)
+    assert cache.get(b"k") == b"9999"
+    assert len(cache._stored) == 1
+
+
+def test_stale_records_stay_bounded_under_churn():
+    """Evictions of keys read since, and stores of keys again, leave stale
+    records behind a live head; compaction keeps them within a few times
+    the entry count, whatever the number of operations."""
+    import random
+
+    rng = random.Random(8)
+    cache, clock, _ = make(capacity=100, ttl=1_000_000)
+    for i in range(200_000):
+        k = b"%d" % rng.randrange(300)
+        if cache.get(k) is None:
+            cache.put(k, b"v")
+        if i % 100 == 0:
+            clock.advance(0.001)
+        assert len(cache._expiries) <= 4 * 100 + 2048
+    assert len(cache) == 100
+
+
+def test_a_record_keeps_no_dropped_value_alive():
+    """Records hold the key and the expiry time only: evicted, expired,
+    discarded and cleared values are freed at once."""
+    import tracemalloc
+
+    cache, clock, _ = make(capacity=2, ttl=10)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        big = 4 << 20
+        cache.put(b"a", bytes(big))
+        cache.put(b"b", bytes(big))
+        cache.get(b"a")
+        cache.put(b"c", b"small")  # evicts b
+        cache.discard(b"a")
+        clock.advance(11)
+        cache.put(b"d", bytes(big))
+        assert cache.get(b"c") is None  # expired
+        cache.clear()
+        assert tracemalloc.get_traced_memory()[0] - base < big // 4
+    finally:
+        tracemalloc.stop()
+
+
+def test_clear_forgets_the_records_too():
+    cache, clock, _ = make(capacity=2, ttl=1)
+    cache.put(b"a", b"1")
+    cache.put(b"b", b"1")
+    cache.clear()
+    assert len(cache._stored) == 0
+    clock.advance(2)
+    cache.put(b"c", b"1")
+    cache.put(b"d", b"1")
+    assert cache.get(b"c") == b"1" and cache.get(b"d") == b"1"
+
+
+# max_item_bytes
+
+
+def test_a_value_over_max_item_bytes_is_not_stored():
+    clock = Clock()
+    cache = Cache(10, 10, clock, Metrics(started=0), max_item_bytes=4)
+    cache.put(b"fits", b"1234")
+    cache.put(b"big", b"12345")
+    assert cache.get(b"fits") == b"1234"
+    assert cache.get(b"big") is None and len(cache) == 1
+
+
+def test_a_value_over_max_item_bytes_drops_the_older_cached_one():
+    clock = Clock()
+    cache = Cache(10, 10, clock, Metrics(started=0), max_item_bytes=4)
+    cache.put(b"k", b"old")
+    cache.put(b"k", b"newer")
+    assert cache.get(b"k") is None
+
+
+def test_max_item_bytes_zero_is_no_limit():
+    cache, _, _ = make()
+    cache.put(b"k", bytes(1 << 20))
+    assert len(cache.get(b"k")) == 1 << 20

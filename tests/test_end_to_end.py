@@ -137,7 +137,9 @@ def test_single_client_rule_queues_a_hit_behind_a_slow_miss(redis_server, redis_
         client = yield in_thread(p.connected_redis_py)
         forwarder.hold()
         slow = in_thread(client.get, "slow")
-        yield until(lambda: not p.proxy.gate.idle())
+        # the miss holds the gate (not idle() alone: the first request's token
+        # comes back a reactor turn after its reply)
+        yield until(lambda: p.proxy.metrics.cache_misses == 2 and not p.proxy.gate.idle())
         hit = in_thread(p.http_get, "cached")
         yield until(lambda: p.proxy.gate.waiting == 1)
         assert not hit.called, "the hit overtook the miss in flight"

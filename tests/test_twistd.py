@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,24 +98,29 @@ def own_redis():
 
 
 def test_serves_logs_its_setup_and_stops_cleanly_on_sigterm(tmp_path, own_redis):
+    """The start-up line names every listener (a UNIX socket by its path), and
+    a clean stop logs no warning: closing the backing and tracking
+    connections on purpose is not losing them."""
     own_redis.client().set("abc", "xyz")
-    http_port, resp_port = free_port(), free_port()
+    resp_port = free_port()
+    sock = tmp_path / "http.sock"
     env = clean_env() | {"REDISP_TTL": "30"}
     (tmp_path / "conf.yaml").write_text("capacity: 123\n")
     proc = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "redisp", "--http", f"tcp:{http_port}:interface=127.0.0.1",
+        [TWISTD, "-n", "--pidfile=", "redisp", "--http", f"unix:{sock}",
          "--resp", f"tcp:{resp_port}:interface=127.0.0.1", "--redis",
-         f"redis://127.0.0.1:{own_redis.port}/0"],
+         f"redis://127.0.0.1:{own_redis.port}/0", "--invalidation", "tracking"],
         cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
         log = read_until(proc, b"backing redis")
-        log += read_until(proc, b"connected")
+        log += read_until(proc, b"tracking active")
         line = next(x for x in log.decode().splitlines() if "concurrency" in x)
-        for part in (f"127.0.0.1:{http_port}", f"127.0.0.1:{resp_port}",
+        for part in (f"http on {sock},", f"127.0.0.1:{resp_port}",
                      f"127.0.0.1:{own_redis.port}/0", "ttl 30s", "capacity 123",
-                     "concurrency 1", "invalidation off"):
+                     "concurrency 1", "invalidation tracking"):
             assert part in line, (part, line)
+        assert "b'" not in line
         import redis
 
         client = redis.Redis(port=resp_port)
@@ -128,6 +134,83 @@ def test_serves_logs_its_setup_and_stops_cleanly_on_sigterm(tmp_path, own_redis)
             proc.wait()
     assert b"Traceback" not in log + rest
     assert proc.returncode in (-signal.SIGTERM, 0, 128 + signal.SIGTERM)
+    assert b"Main loop terminated" in rest
+    for word in (b"connection lost", b"#warn]", b"#error]", b"#critical]"):
+        assert word not in rest, rest.decode()
+
+
+def test_a_low_open_file_limit_lowers_max_clients_and_keeps_the_backing(tmp_path, own_redis):
+    """Under ulimit -n 128 and max_clients 10000, as Redis: one line, a lower
+    max_clients, clients past it refused, and the backing connection still
+    works and still comes back, since it never has to compete for a
+    descriptor."""
+    import re
+    import resource
+    import socket
+
+    limit = 128
+    client = own_redis.client()
+    resp_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "redisp", "--max-clients", "10000",
+         "--http", f"tcp:{http_port}:interface=127.0.0.1",
+         "--resp", f"tcp:{resp_port}:interface=127.0.0.1",
+         "--redis", f"redis://127.0.0.1:{own_redis.port}/0"],
+        cwd=str(tmp_path), env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+    )
+    sockets: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", resp_port), timeout=20)
+        sockets.append(s)
+        return s
+
+    def ask(s: socket.socket, request: bytes) -> bytes:
+        s.sendall(request)
+        reply = b""
+        while not reply.endswith(b"\r\n") or (
+                reply.startswith(b"$") and reply != b"$-1\r\n" and reply.count(b"\r\n") < 2):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
+
+    def get(s: socket.socket, key: bytes) -> bytes:
+        return ask(s, b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key))
+
+    try:
+        log = read_until(proc, b"connected")
+        line = next(x for x in log.decode().splitlines() if "max_clients lowered" in x)
+        fits = int(re.search(r"max_clients lowered from 10000 to (\d+)", line)[1])
+        assert 0 < fits < limit and f"open-file limit is {limit}" in line
+        admitted = [connect() for _ in range(fits)]
+        assert ask(admitted[-1], b"PING\r\n") == b"+PONG\r\n"  # all were admitted
+        for _ in range(30):
+            assert connect().recv(100) == b"-ERR max number of clients reached\r\n"
+        refused_http = socket.create_connection(("127.0.0.1", http_port), timeout=20)
+        assert refused_http.recv(100).startswith(b"HTTP/1.1 503")
+        refused_http.close()
+        client.set("fresh", "1")
+        assert get(admitted[0], b"fresh") == b"$1\r\n1\r\n"  # a miss: the backing works
+        assert client.client_kill_filter(_type="normal") >= 1  # cut redisp's backing connection
+        for _ in range(30):
+            connect().recv(100)  # refusals while it reconnects
+        client.set("fresher", "2")
+        deadline = time.monotonic() + 20
+        while (reply := get(admitted[1], b"fresher")) != b"$1\r\n2\r\n":
+            assert b"unavailable" in reply and time.monotonic() < deadline, reply
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        for s in sockets:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"Too many open files" not in log + rest
+    assert b"Traceback" not in log + rest
 
 
 def test_tracking_against_a_redis_without_client_tracking_stops_start_up(tmp_path):

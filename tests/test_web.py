@@ -19,12 +19,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
 from redisp.backing import BackingReplyError, BackingTimeout, BackingUnavailable
 from redisp.clients import ClientSlots
@@ -147,13 +149,13 @@ def proxy():
     return make_proxy()
 
 
-def make_proxy(max_clients: int = 100, access_log: bool = False) -> Proxy:
+def make_proxy(max_clients: int = 100, access_log: bool = False, **settings) -> Proxy:
     clock = Clock()
     clock.advance(1_700_000_000)
     metrics = Metrics(started=clock.seconds())
     slots = ClientSlots(max_clients, metrics)
     reader, backing = FakeReader(), FakeBacking()
-    config = Config(access_log=access_log)
+    config = Config(access_log=access_log, **settings)
     site = build_site(reader, backing, metrics, slots, config, reactor=clock)
     return Proxy(site, reader, backing, metrics, slots, clock)
 
@@ -628,13 +630,16 @@ def test_slot_is_released_when_a_pending_request_is_cut():
     assert proxy.metrics.connected_clients == 0
 
 
-def test_idle_timeout_closes_and_releases(proxy):
-    """twisted.web's idle timeout runs on the injected clock and frees the slot."""
+def test_client_timeout_closes_an_idle_connection_and_releases_its_slot():
+    proxy = make_proxy(client_timeout=5)
     protocol, transport = proxy.connect()
-    proxy.clock.advance(proxy.site.timeOut + 1)
+    proxy.clock.advance(4.9)
+    assert not transport.disconnecting
+    proxy.clock.advance(0.1)
     assert transport.disconnecting
     lose(protocol)
     assert proxy.metrics.connected_clients == 0
+    assert proxy.clock.getDelayedCalls() == []
 
 
 # access log
@@ -788,3 +793,295 @@ def test_with_the_access_log_on_every_request_goes_through_twisted_web(logged):
     protocol, _ = proxy.connect()
     protocol.dataReceived(PLAIN)
     assert seen == [b"/get?key=k"]
+
+
+# limits on the request head (SPEC §2): 414 and 431, then the close
+
+
+def refused(transport) -> Response:
+    (r,) = parse(transport.value())
+    assert r.header(b"Connection") == b"close"
+    assert transport.disconnecting
+    return r
+
+
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["whole", "in-pieces"])
+def test_a_request_line_too_long_is_414_then_closed(proxy, chunk):
+    raw = b"GET /get?key=" + b"k" * 17_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    protocol, transport = proxy.connect()
+    for i in range(0, len(raw), chunk or len(raw)):
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(raw[i:i + (chunk or len(raw))])
+    r = refused(transport)
+    assert (r.status, r.reason, r.body) == (414, b"URI Too Long", b"request line too long\n")
+    assert proxy.reader.calls == []
+    assert proxy.counted("bad_request") == 1
+
+
+@pytest.mark.parametrize("headers", [
+    b"X-Long: " + b"v" * 17_000 + b"\r\n",
+    b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(17)),
+    b"Accept: x\r\n" * 501,
+], ids=["one-long-line", "total-size", "too-many"])
+def test_headers_too_large_are_431_then_closed(proxy, headers):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(b"GET /get?key=k HTTP/1.1\r\nHost: h\r\n" + headers + b"\r\n")
+    r = refused(transport)
+    assert (r.status, r.reason) == (431, b"Request Header Fields Too Large")
+    assert r.body == b"request headers too large\n"
+    assert proxy.reader.calls == []
+    assert proxy.counted("hit") == 0
+
+
+def test_headers_at_the_limits_are_accepted(proxy):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    (r,) = proxy.send(b"GET /get?key=k HTTP/1.1\r\n" + b"Accept: x\r\n" * 500 + b"\r\n")
+    assert r.status == 200
+
+
+def test_a_plain_get_past_a_head_limit_is_refused_not_answered(proxy):
+    """The fast path takes nothing that twisted.web would refuse: lines
+    within MAX_LENGTH each but over totalHeadersSize together."""
+    proxy.reader.answers[b"k"] = (b"v", True)
+    raw = (b"GET /get?key=k&pad=" + b"p" * 9000 + b" HTTP/1.1\r\nHost: " + b"h" * 9000
+           + b"\r\n\r\n")
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(raw)
+    assert refused(transport).status == 431
+    assert proxy.counted("hit") == 0
+
+
+# slow and idle clients (SPEC §9): request_timeout, client_timeout
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_cut_at_request_timeout():
+    """Each byte used to restart twisted.web's idle timer; the deadline now
+    runs from the request's first byte."""
+    proxy = make_proxy(request_timeout=10)
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    raw = request(b"/get?key=k") * 2
+    for i in range(10):
+        protocol.dataReceived(raw[i:i + 1])
+        proxy.clock.advance(0.999)
+    assert not transport.disconnecting
+    proxy.clock.advance(0.01)
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_a_body_trickled_past_request_timeout_is_cut():
+    proxy = make_proxy(request_timeout=10)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(b"POST /get?key=k HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+    for _ in range(11):
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(b"x")
+        proxy.clock.advance(1)
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_requests_finished_in_time_each_get_their_own_request_timeout():
+    proxy = make_proxy(request_timeout=10)
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    raw = request(b"/get?key=k")
+    for _ in range(5):
+        protocol.dataReceived(raw[:5])
+        proxy.clock.advance(9)
+        protocol.dataReceived(raw[5:])
+        proxy.clock.advance(9)
+    assert not transport.disconnecting
+    assert [r.status for r in parse(transport.value())] == [200] * 5
+
+
+def test_an_idle_connection_stays_open_without_client_timeout_and_costs_no_timer(proxy):
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    proxy.clock.advance(1_000_000)
+    assert not transport.disconnecting
+    assert proxy.clock.getDelayedCalls() == []
+
+
+def test_request_timeout_zero_never_cuts():
+    proxy = make_proxy(request_timeout=0)
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(b"GET /get?ke")
+    proxy.clock.advance(1_000_000)
+    assert not transport.disconnecting
+    assert proxy.clock.getDelayedCalls() == []
+
+
+def test_requests_postpone_client_timeout_without_moving_a_timer():
+    """Plain hits only note the time: the one timer is re-armed when it fires."""
+    proxy = make_proxy(client_timeout=5)
+    proxy.reader.answers[b"k"] = (b"v", True)
+    protocol, transport = proxy.connect()
+    (timer,) = proxy.clock.getDelayedCalls()
+    due = timer.getTime()
+    proxy.clock.advance(3)
+    for _ in range(100):
+        protocol.dataReceived(PLAIN)
+    assert proxy.clock.getDelayedCalls() == [timer] and timer.getTime() == due
+    proxy.clock.advance(2)  # fires, finds the connection used at 3: re-armed for 8
+    assert not transport.disconnecting
+    proxy.clock.advance(2.9)
+    assert not transport.disconnecting
+    proxy.clock.advance(0.1)
+    assert transport.disconnecting
+
+
+def test_client_timeout_does_not_cut_a_request_being_answered():
+    proxy = make_proxy(client_timeout=5)
+    d = Deferred()
+    proxy.reader.answers[b"k"] = d
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/get?key=k"))
+    proxy.clock.advance(60)
+    assert not transport.disconnecting
+    d.callback((b"v", False))
+    proxy.clock.advance(4.99)
+    assert not transport.disconnecting and parse(transport.value())[0].status == 200
+    proxy.clock.advance(5)
+    assert transport.disconnecting
+
+
+@implementer(ISSLTransport)
+class TLSTransport(StringTransport):
+    """Stands for TLSMemoryBIOProtocol: the handshake ends when the test says."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+@pytest.mark.parametrize("completes", [False, True])
+def test_a_tls_handshake_must_end_within_request_timeout(completes):
+    proxy = make_proxy(request_timeout=10)
+    protocol = proxy.site.buildProtocol(ADDR)
+    transport = TLSTransport(peerAddress=ADDR)
+    protocol.makeConnection(transport)
+    proxy.clock.advance(5)
+    if completes:
+        protocol.handshakeCompleted()
+    proxy.clock.advance(5)
+    assert transport.disconnecting != completes
+
+
+# clients that do not read (SPEC §9): backpressure and max_client_buffer
+
+
+class SlowReader(StringTransport):
+    """A socket whose peer reads only when the test calls ``drain``.
+
+    Like a TCP transport, it asks its producer to pause once more than
+    ``room`` bytes wait to be sent, and to resume once they are read; what
+    waits is reported as ``dataBuffer``, where redisp looks for it.
+    """
+
+    offset = 0
+    _tempDataLen = 0
+
+    def __init__(self, room: int = 300):
+        super().__init__(peerAddress=ADDR, lenient=True)
+        self.room = room
+        self.read = b""
+        self.asked_to_pause = False
+
+    @property
+    def dataBuffer(self) -> bytes:
+        return self.value()
+
+    def write(self, data):
+        super().write(data)
+        if len(self.value()) > self.room and not self.asked_to_pause and self.producer:
+            self.asked_to_pause = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.read += self.value()
+        self.clear()
+        if self.asked_to_pause:
+            self.asked_to_pause = False
+            self.producer.resumeProducing()
+
+
+def slow_reader(proxy, room: int = 300):
+    protocol = proxy.site.buildProtocol(ADDR)
+    transport = SlowReader(room)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_pipelined_requests_wait_while_the_client_does_not_read(proxy):
+    """twisted.web answered every request already read whatever the client
+    read; now a full transport stops both reading and answering."""
+    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    protocol, transport = slow_reader(proxy)
+    protocol.dataReceived(request(b"/get?key=k") * 50)
+    answered = len(parse(transport.value()))
+    assert answered < 5
+    assert transport.producerState == "paused"  # no more reading either
+    for _ in range(100):
+        transport.drain()
+    assert transport.producerState == "producing"
+    assert [r.body for r in parse(transport.read)] == [b"v" * 100] * 50
+
+
+def test_plain_gets_wait_while_the_client_does_not_read(proxy):
+    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    seen = routed(proxy)
+    protocol, transport = slow_reader(proxy)
+    for _ in range(3):
+        protocol.dataReceived(PLAIN)
+    assert transport.producerState == "paused"
+    assert len(parse(transport.value())) == 2  # the third waits
+    transport.drain()
+    transport.drain()
+    assert [r.body for r in parse(transport.read)] == [b"v" * 100] * 3
+    assert len(seen) == 1  # the one held back went the general way
+
+
+def test_a_pipelining_client_past_max_client_buffer_is_disconnected(logged):
+    proxy = make_proxy(max_client_buffer=1000)
+    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    protocol, transport = slow_reader(proxy, room=10_000)
+    protocol.dataReceived(request(b"/get?key=k") * 50)
+    assert transport.disconnected  # aborted: what is buffered is dropped
+    assert len(parse(transport.value())) < 10
+    lose(protocol)
+    assert proxy.metrics.connected_clients == 0
+
+
+def test_plain_gets_past_max_client_buffer_are_disconnected(logged):
+    proxy = make_proxy(max_client_buffer=1000)
+    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    seen = routed(proxy)
+    protocol, transport = slow_reader(proxy, room=10_000)
+    for _ in range(50):
+        if transport.disconnected:
+            break
+        protocol.dataReceived(PLAIN)
+    assert transport.disconnected
+    assert len(parse(transport.value())) < 10 and seen == []
+
+
+def test_one_response_larger_than_max_client_buffer_disconnects(logged):
+    proxy = make_proxy(max_client_buffer=100_000)
+    proxy.reader.answers[b"k"] = (b"v" * 200_000, True)
+    protocol, transport = slow_reader(proxy, room=65536)  # a TCP transport's
+    protocol.dataReceived(PLAIN)
+    assert transport.disconnected
+
+
+def test_clients_cut_off_for_max_client_buffer_are_logged_once_a_minute(logged):
+    proxy = make_proxy(max_client_buffer=1000)
+    proxy.reader.answers[b"k"] = (b"v" * 2000, True)
+    for _ in range(3):
+        slow_reader(proxy)[0].dataReceived(PLAIN)
+    proxy.clock.advance(60)
+    slow_reader(proxy)[0].dataReceived(PLAIN)
+    lines = [e for e in logged if "max_client_buffer" in e.get("log_format", "")]
+    assert len(lines) == 2 and lines[1]["count"] == 3
