@@ -22,6 +22,7 @@ class ClientSlots:
         if self._metrics.connected_clients >= self.limit:
             return False
         self._metrics.connected_clients += 1
+        self._metrics.connections_received += 1
         return True
 
     def release(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -499,17 +500,56 @@ def _key_spec(encoder: Encoder, first: int, last: int) -> bytes:
 
 # -- INFO --------------------------------------------------------------------------------
 
-#: section names in the order INFO prints them
-INFO_SECTIONS = ("server", "clients", "stats", "proxy")
+#: section names in the order INFO prints them when redisp answers alone
+INFO_SECTIONS = ("server", "clients", "memory", "stats", "keyspace", "proxy")
+_ALL_SECTIONS = frozenset((b"all", b"default", b"everything"))
 
 
 def _info(session: Session, argv: list[bytes]) -> Reply:
-    # always a bulk string, in RESP3 too (Redis sends a verbatim string
-    # there; redis-cli asserts on anything but a bulk string)
-    wanted = {arg.lower().decode("latin-1") for arg in argv[1:]}
+    """The backing's own INFO (its version, memory, keyspace: what clients
+    and tools read), with redisp's ``# Proxy`` section after it.
+
+    Without forwarding, or when the backing cannot answer, redisp's own
+    figures in the same format.  Always a bulk string, in RESP3 too (Redis
+    sends a verbatim string there; redis-cli asserts on anything but a bulk
+    string).
+    """
+    asked = [arg.lower() for arg in argv[1:]]
+    with_proxy = not asked or any(a in _ALL_SECTIONS or a == b"proxy" for a in asked)
+    for_backing = [a for a in argv[1:] if a.lower() != b"proxy"]
+    forwarder = session.forwarder
+    if forwarder is None or (asked and not for_backing):
+        return bulk(_own_info(session, asked).encode()), OTHER
+    answer: Deferred = Deferred()
+
+    def got(frame: Any) -> None:
+        text = _bulk_text(frame)
+        if text is None:  # down, timed out, or an error reply: our own figures
+            text = _own_info(session, asked)
+        elif with_proxy:
+            text = text + "\r\n" + render_info(session, {"proxy"})
+        answer.callback((bulk(text.encode()), OTHER))
+
+    forwarder.pool.call(session.lane, _encode_argv([b"INFO", *for_backing]), got)
+    return answer
+
+
+def _encode_argv(argv: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(argv) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in argv)
+
+
+def _bulk_text(frame: Any) -> str | None:
+    """The text of a bulk string reply, or None for anything else."""
+    if not isinstance(frame, bytes) or frame[:1] != b"$" or frame == b"$-1\r\n":
+        return None
+    return frame[frame.index(b"\r\n") + 2:-2].decode("utf-8", "replace")
+
+
+def _own_info(session: Session, asked: list[bytes]) -> str:
+    wanted = {a.decode("latin-1") for a in asked}
     if not wanted or wanted & {"all", "default", "everything"}:
         wanted = set(INFO_SECTIONS)
-    return bulk(render_info(session, wanted).encode()), OTHER
+    return render_info(session, wanted)
 
 
 def render_info(session: Session, sections: set[str]) -> str:
@@ -517,39 +557,56 @@ def render_info(session: Session, sections: set[str]) -> str:
     separated by a blank line, every line ending in CRLF, as Redis writes it."""
     metrics, config, clock = session.metrics, session.config, session.clock
     uptime = max(0, int(clock.seconds() - metrics.started))
+    requests = sum(metrics.requests.values())
     fields: dict[str, list[tuple[str, object]]] = {
         "server": [
             ("redis_version", REDIS_VERSION),
             ("redis_mode", "standalone"),
+            ("os", f"{os.uname().sysname} {os.uname().release} {os.uname().machine}"),
+            ("arch_bits", 64 if sys.maxsize > 2**32 else 32),
             ("process_id", os.getpid()),
+            ("tcp_port", 0),
             ("uptime_in_seconds", uptime),
             ("uptime_in_days", uptime // 86400),
         ],
         "clients": [
             ("connected_clients", metrics.connected_clients),
             ("maxclients", config.max_clients),
+            ("blocked_clients", 0),
+        ],
+        "memory": [
+            ("used_memory", _resident_bytes()),
         ],
         "stats": [
+            ("total_connections_received", metrics.connections_received),
+            ("total_commands_processed", requests),
             ("keyspace_hits", metrics.cache_hits),
             ("keyspace_misses", metrics.cache_misses),
             ("evicted_keys", metrics.cache_evictions),
             ("expired_keys", metrics.cache_expirations),
         ],
+        "keyspace": [],  # redisp alone cannot say what the backing holds
         "proxy": [
             ("redisp_version", redisp.__version__),
             ("uptime_in_seconds", uptime),
             ("connected_clients", metrics.connected_clients),
+            ("pinned_clients", metrics.pinned_clients),
             ("cache_size", metrics.cache_size()),
             ("cache_hits", metrics.cache_hits),
             ("cache_misses", metrics.cache_misses),
             ("cache_evictions", metrics.cache_evictions),
             ("cache_expirations", metrics.cache_expirations),
             ("cache_invalidations", metrics.cache_invalidations),
+            ("write_invalidations", metrics.write_invalidations),
+            ("write_flushes", metrics.write_flushes),
+            ("forwarded_commands", sum(metrics.forwarded.values())),
             ("backing_redis", config.redis.redacted()),
             ("backing_status", "up" if metrics.backing_up() else "down"),
+            ("topology", f"single {config.redis.host}:{config.redis.port}"),
             ("ttl", f"{config.ttl:g}"),
             ("capacity", config.capacity),
             ("concurrency", config.concurrency),
+            ("forward", config.forward),
             ("invalidation", config.invalidation),
             ("invalidation_state", metrics.invalidation_state()),
             ("invalidation_messages", metrics.invalidation_messages),
@@ -563,6 +620,15 @@ def render_info(session: Session, sections: set[str]) -> str:
             lines += [f"{key}:{value}" for key, value in fields[name]]
             blocks.append("".join(line + "\r\n" for line in lines))
     return "\r\n".join(blocks)
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory, what Redis's used_memory stands for here."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # -- the table ---------------------------------------------------------------------------

@@ -53,6 +53,7 @@ class Metrics:
         #: forwarded commands by (command name, outcome: ok, error, backing_error, refused)
         self.forwarded: Counter[tuple[str, str]] = Counter()
         self.connected_clients = 0
+        self.connections_received = 0  # every connection accepted, since start
         self.pinned_clients = 0
         # set by whoever owns the live values (build_proxy wires them)
         self.cache_size: Callable[[], int] = lambda: 0

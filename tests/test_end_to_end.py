@@ -16,6 +16,7 @@ import redis
 from twisted.internet import threads
 from twisted.internet.task import Clock
 
+import redisp
 from tests.support import HoldingForwarder, RedisServer, free_port, until
 
 inline = pytest_twisted.inlineCallbacks
@@ -458,3 +459,21 @@ def test_the_backing_connection_does_not_wait_for_nagle(redis_db, start_proxy):
     yield until(lambda: p.proxy.backing.up)
     handle = p.proxy.backing._protocol.transport.getHandle()
     assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@inline
+def test_info_is_the_backings_own_with_the_proxy_section(redis_db, start_proxy):
+    """Clients read the backing's version, memory and keyspace; redisp adds # Proxy."""
+    redis_db.set("info-key", "v")
+    p = start_proxy()
+    yield until(lambda: p.proxy.backing.up)
+    info = yield in_thread(p.redis_py().info)
+    direct = redis_db.info()
+    assert info["redis_version"] == direct["redis_version"]
+    assert info["arch_bits"] == direct["arch_bits"]
+    assert info["db0"]["keys"] >= 1
+    assert info["redisp_version"] == redisp.__version__ and info["forward"] == "all"
+    server = yield in_thread(p.redis_py().info, "server")
+    assert "redisp_version" not in server and server["redis_version"] == direct["redis_version"]
+    proxy = yield in_thread(p.redis_py().info, "proxy")
+    assert set(proxy) >= {"redisp_version", "cache_size", "pinned_clients", "backing_status"}
