@@ -207,7 +207,7 @@ def test_unexpected_failure_answers_internal_error_and_is_logged(door, logged_fa
 
 
 def test_exception_in_a_command_answers_internal_error(door, logged_failures):
-    def broken(key):
+    def broken(key, owner=None):
         raise KeyError(key)
 
     door.reader.get = broken
@@ -371,13 +371,14 @@ def test_client_not_reading_pauses_reading(door):
 def test_both_reasons_to_pause_must_clear(door):
     door.reader.later.add(b"slow")
     proto, transport = door.connect()
-    proto.pauseProducing()
     proto.dataReceived(encode(b"GET", b"slow") * (MAX_PENDING + 1))
+    proto.pauseProducing()
     while door.reader.waiting[b"slow"]:
         door.reader.answer(b"slow", b"v")
     assert transport.producerState == "paused", "the client still is not reading"
     proto.resumeProducing()
     assert transport.producerState == "producing"
+    assert transport.value() == b"$1\r\nv\r\n" * (MAX_PENDING + 1)
 
 
 # -- a real socket ------------------------------------------------------------------
