@@ -112,10 +112,10 @@ def get_replies(values: list[bytes]) -> bytes | Chunked:
         return CRLF.join(parts)
     if sum(sizes) + 16 * count <= LARGE:
         return b"".join(map(bulk, values))
-    parts = [b""] * (3 * count)
-    parts[0::3] = [b"$%d\r\n" % size for size in sizes]
+    headers = {size: b"$%d\r\n" % size for size in set(sizes)}  # one object per size
+    parts = [CRLF] * (3 * count)
+    parts[0::3] = map(headers.__getitem__, sizes)
     parts[1::3] = values
-    parts[2::3] = [CRLF] * count
     return Chunked(parts)
 
 
@@ -127,11 +127,16 @@ def values_array(values: list[bytes | None], null: bytes) -> bytes | Chunked:
             [null if value is None else bulk(value) for value in values]
         )
     parts = [b"*%d\r\n" % count]
+    headers: dict[int, bytes] = {}  # one object per size
     for value in values:
         if value is None:
             parts.append(null)
-        else:
-            parts += (b"$%d\r\n" % len(value), value, CRLF)
+            continue
+        size = len(value)
+        header = headers.get(size)
+        if header is None:
+            header = headers[size] = b"$%d\r\n" % size
+        parts += (header, value, CRLF)
     return Chunked(parts)
 
 

@@ -651,6 +651,11 @@ def _get_reply(result: Any, encoder: Encoder) -> tuple[bytes, str]:
         return INTERNAL_ERROR_REPLY, OTHER
 
 
+def _address(peer: Any) -> str:
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else str(peer)
+
+
 class RespFactory(Factory):
     """Builds the RESP door's connections; everything they share comes in here."""
 
@@ -672,6 +677,27 @@ class RespFactory(Factory):
         self._last_id = 0
         self._late: list[RespProtocol] = []  # connections with replies to flush
         self._late_call: IDelayedCall | None = None
+        self._overflow_logged: float | None = None  # when the last such line was written
+        self._overflows = 0  # clients disconnected since, not logged
+
+    def overflowed(self, peer: Any, size: int) -> None:
+        """A client passed ``max_client_buffer`` and is disconnected: one log
+        line at most every ``OVERFLOW_LOG_INTERVAL`` seconds, however many
+        clients a flood of them brings."""
+        now = self.clock.seconds()
+        last = self._overflow_logged
+        if last is not None and now - last < OVERFLOW_LOG_INTERVAL:
+            self._overflows += 1
+            return
+        self._overflow_logged = now
+        suppressed, self._overflows = self._overflows, 0
+        log.warn(
+            "RESP client {peer} disconnected: {size} bytes buffered for it passed "
+            "max_client_buffer ({limit}){more}",
+            peer=_address(peer), size=size, limit=self.config.max_client_buffer,
+            suppressed=suppressed,
+            more=f"; {suppressed} more clients since the last such line" if suppressed else "",
+        )
 
     def flush_later(self, protocol: RespProtocol) -> None:
         """Flush ``protocol``'s settled replies at the end of this reactor turn.
