@@ -68,6 +68,8 @@ RESUME_PENDING = MAX_PENDING // 2
 HIGH_WATER = 256 * 1024
 #: requests run at a time from those held back
 HELD_BATCH = 256
+#: GETs of a packet looked up at a time, between high-water checks
+GET_BATCH = 256
 #: idle connections are checked this many times per ``client_timeout``
 IDLE_CHECKS = 8
 #: seconds between two log lines about clients disconnected for their buffers
@@ -190,8 +192,7 @@ class RespProtocol(Protocol):
                 requests = self._parse(data)
                 ran = self._run(requests)
                 if ran < len(requests) and not self._closing:
-                    self._held.extend(requests[ran:])
-                    self._detour = True
+                    self._hold(requests[ran:])
         finally:
             self._dispatching = False
         self._flush(self._send)
@@ -210,8 +211,7 @@ class RespProtocol(Protocol):
         self._update_flow()
         if not (self._held or self._w.blocked):
             return False
-        self._held.extend(self._parse(data))
-        self._w.held_bytes += len(data)
+        self._hold(self._parse(data))
         if not self._over_limit():
             self._update_flow()
         return True
@@ -237,13 +237,15 @@ class RespProtocol(Protocol):
         send), run without the general dispatch.
 
         All hits while the gate is idle and nothing is owed: answered with no
-        per-request call and one metrics update.  Otherwise the keys go
-        through the gate in groups of at most ``concurrency`` (one group, under
-        load), each answered in one piece into its reply slot
-        (``CachedReader.read_packet``).  No Deferred per miss (bench/profile
-        WORKLOAD=miss: Deferred callback chains were the largest share once
-        misses were batched).  Groups stop once their replies pass the
-        high-water mark; the keys left are held as plain GETs.
+        per-request call and one metrics update (packets of more than
+        ``GET_BATCH`` keys: a batch at a time, until the replies pass the
+        high-water mark).  Otherwise the keys go through the gate in groups of
+        at most ``concurrency`` (one group, under load), each answered in one
+        piece into its reply slot (``CachedReader.read_packet``).  No Deferred
+        per miss (bench/profile WORKLOAD=miss: Deferred callback chains were
+        the largest share once misses were batched).  Groups stop too once
+        their replies pass the high-water mark.  Keys left are held, first in
+        line, as a tuple.
         """
         if not self._pending:
             if len(keys) == 1:  # -P 1: one dict lookup, no batch machinery
@@ -252,7 +254,7 @@ class RespProtocol(Protocol):
                     self._metrics.requests[_RESP_HIT] += 1
                     self._out.append(bulk(lookup[0]))
                     return
-            else:
+            elif len(keys) <= GET_BATCH:
                 values = self._reader.cached(keys)
                 if values is not None:
                     self._metrics.requests[_RESP_HIT] += len(values)
@@ -261,6 +263,10 @@ class RespProtocol(Protocol):
                         self._out.append(reply)  # type: ignore[arg-type]
                     else:
                         self._queue(reply)
+                    return
+            else:
+                keys = self._run_hits(keys)
+                if not keys:
                     return
         read_packet = self._reader.read_packet
         encoder = self._session.encoder
@@ -272,9 +278,47 @@ class RespProtocol(Protocol):
             pending.append(slot)
             read_packet(keys[start:start + size], partial(self._read_packet, slot, encoder), owner)
             if self._queued > self._high or len(pending) > MAX_PENDING:
-                self._held.extend([[b"GET", key] for key in keys[start + size:]])
-                self._detour = True
+                self._hold_keys(keys[start + size:])
                 return
+
+    def _run_hits(self, keys: list[bytes]) -> list[bytes]:
+        """The leading batches of a large packet of GETs that are all hits;
+        returns the keys left for the gate (none once the replies pass the
+        high-water mark: then the rest is held)."""
+        cached = self._reader.cached
+        produced = 0
+        start = 0
+        while start < len(keys):
+            values = cached(keys[start:start + GET_BATCH])
+            if values is None:
+                return keys[start:]
+            start += len(values)
+            self._metrics.requests[_RESP_HIT] += len(values)
+            reply = get_replies(values)
+            if reply.__class__ is bytes:
+                self._out.append(reply)  # type: ignore[arg-type]
+                produced += len(reply)
+            else:
+                self._queue(reply)
+            if produced + self._queued > self._high:
+                self._hold_keys(keys[start:])
+                return []
+        return []
+
+    def _hold_keys(self, keys: list[bytes]) -> None:
+        """GETs not run yet go first in line (before anything held already)."""
+        if keys:
+            self._held.appendleft(tuple(keys))
+            self._w.held_bytes += sum(map(len, keys)) + 20 * len(keys)  # ~ *2 $3 GET $n
+            self._detour = True
+
+    def _hold(self, requests: list) -> None:
+        """Parsed requests not run yet go last in line."""
+        self._held.extend(requests)
+        self._w.held_bytes += sum(
+            sum(map(len, argv)) + 8 * len(argv) for argv in requests if argv.__class__ is list
+        )
+        self._detour = True
 
     def _read_packet(
         self, slot: list[bytes | Chunked | None], encoder: Encoder, results: list, hits: int
@@ -493,23 +537,33 @@ class RespProtocol(Protocol):
         blocks them, writing as they go; then pause or resume reading."""
         while True:
             self._update_flow()
+            if self._w.blocked and self._over_limit():
+                return
             if not self._held or self._w.blocked or self._closing:
                 return
             self._run_held()
             self._flush(self._send)
 
     def _run_held(self) -> None:
+        """Run held requests up to the high-water mark, in order: a tuple of
+        keys as a packet of GETs, the rest in batches; what is left stays
+        first in line."""
         held = self._held
-        batch = [held.popleft() for _ in range(min(len(held), HELD_BATCH))]
         self._dispatching = True
         try:
-            ran = self._run(batch)
+            if held[0].__class__ is tuple:
+                self._run_gets(list(held.popleft()))
+            else:
+                batch = []
+                while held and held[0].__class__ is not tuple and len(batch) < HELD_BATCH:
+                    batch.append(held.popleft())
+                ran = self._run(batch)
+                if ran < len(batch) and not self._closing:
+                    held.extendleft(reversed(batch[ran:]))
         finally:
             self._dispatching = False
         if self._closing:
             held.clear()
-        elif ran < len(batch):
-            held.extendleft(reversed(batch[ran:]))
         if not held:
             self._w.held_bytes = 0
 
