@@ -99,6 +99,7 @@ class RespProtocol(Protocol):
         self._owner = Owner()  # this client's requests waiting at the gate
         self._session = Session(client_id, factory.reader, factory.metrics, config, factory.clock)
         self._session.owner = self._owner
+        self._concurrency = config.concurrency  # packets of GETs up to this size: one gate entry
         self._parser = RequestParser(
             config.max_bulk_bytes, config.max_args, config.max_inline_bytes
         )
@@ -106,8 +107,9 @@ class RespProtocol(Protocol):
         self._pending: deque[list[bytes | Chunked | None]] = deque()
         # replies ready to write, every one of them before anything pending
         self._out: list[bytes] = []
-        # parsed requests not run yet (the client is not reading its replies)
-        self._held: deque[list[bytes] | ProtocolError] = deque()
+        # requests not run yet (the client is not reading its replies): parsed
+        # requests, and keys of GETs (a tuple) from the GET-packet path
+        self._held: deque[list[bytes] | tuple[bytes, ...] | ProtocolError] = deque()
         self._queued = 0  # bytes of ready replies waiting in _pending
         self._high = min(HIGH_WATER, config.max_client_buffer)
         self._detour = False  # any unusual state (see dataReceived)
@@ -272,7 +274,7 @@ class RespProtocol(Protocol):
         encoder = self._session.encoder
         pending = self._pending
         owner = self._owner
-        size = self.factory.config.concurrency  # a packet larger than that goes in groups of it
+        size = self._concurrency  # a packet larger than that goes in groups of it
         for start in range(0, len(keys), size):
             slot: list[bytes | Chunked | None] = [None]
             pending.append(slot)
@@ -396,7 +398,7 @@ class RespProtocol(Protocol):
                 d: Deferred = result  # type: ignore[assignment]
                 d.addCallbacks(self._answered, self._crashed, (slot,), None, (slot,))
                 d.addErrback(self._log_failure)
-                if len(pending) > MAX_PENDING:
+                if len(pending) > MAX_PENDING or self._lost:  # lost: over its limit
                     break
             if session.closing:  # QUIT: later requests are not run, as in Redis
                 self._closing = self._detour = True

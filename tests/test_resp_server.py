@@ -635,6 +635,22 @@ def test_a_huge_mget_is_sent_in_chunks_as_the_client_reads():
     assert read_all(transport, len(expected)) == expected
 
 
+@pytest.mark.parametrize("request_", [
+    encode(b"GET", b"big"),  # the GET-packet path
+    encode(b"GET", b"big") + b"PING\r\n",  # the general path
+], ids=["GET packet", "general"])
+def test_a_huge_value_fetched_from_redis_is_sent_in_chunks(request_):
+    big = bytes(range(256)) * 4096  # 1 MiB
+    door = Door()
+    door.reader.later.add(b"big")
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(request_)
+    door.reader.answer(b"big", big)
+    assert len(transport.value()) == CHUNK
+    expected = bulk(big) + (b"+PONG\r\n" if request_.endswith(b"PING\r\n") else b"")
+    assert read_all(transport, len(expected)) == expected
+
+
 def test_input_while_the_client_is_not_reading_is_held_not_run(door):
     """A TLS transport may deliver more records after pausing us: they wait."""
     door.reader.later.add(b"slow")
@@ -850,6 +866,17 @@ def test_client_timeout_counts_from_the_last_input():
         proto.dataReceived(b"PING\r\n")
     assert not transport.disconnected
     assert 8.0 <= idle_until_closed(door, transport) <= 8.0 * (1 + 1 / IDLE_CHECKS)
+
+
+def test_requests_are_answered_as_usual_with_client_timeout_set():
+    door = Door({b"k": b"v"}, client_timeout=8.0)
+    proto, transport = door.connect()
+    for _ in range(20):
+        proto.dataReceived(encode(b"GET", b"k") * 3)
+        proto.dataReceived(encode(b"GET", b"k"))
+        door.clock.advance(0.5)
+    assert transport.value() == b"$1\r\nv\r\n" * 80
+    assert not transport.disconnected
 
 
 def test_a_client_waiting_for_its_reply_is_not_idle(door):
