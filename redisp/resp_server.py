@@ -596,7 +596,8 @@ class RespProtocol(Protocol):
     def pauseProducing(self) -> None:
         """The client is not reading its replies: stop running and reading its requests."""
         self._w.consumer_paused = True
-        self._update_flow()
+        if not self._over_limit():
+            self._update_flow()
 
     def resumeProducing(self) -> None:
         """The client has read everything written: go on writing and running."""

@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from redisp import resp_server
 from redisp.backing import BackingReplyError, BackingUnavailable
 from redisp.cache import Cache
 from redisp.clients import ClientSlots
@@ -723,6 +724,18 @@ def test_a_reply_past_max_client_buffer_disconnects(request_, overflow_lines):
     assert door.metrics.connected_clients == 0
 
 
+def test_a_send_buffer_filling_past_max_client_buffer_disconnects(overflow_lines, monkeypatch):
+    """A single GET answered from the cache is written whole; when it fills
+    the send buffer past the limit, the client goes."""
+    # what sending.buffered reads from a real transport
+    monkeypatch.setattr(resp_server, "buffered", lambda transport: transport.unread)
+    door = Door({b"k": b"v" * 200_000}, max_client_buffer=100_000)
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(encode(b"GET", b"k"))
+    assert transport.disconnected
+    assert len(overflow_lines) == 1
+
+
 def test_an_unfinished_request_past_max_client_buffer_disconnects(overflow_lines):
     door = Door(max_client_buffer=1_000_000)
     proto, transport = door.connect()
@@ -968,3 +981,11 @@ def test_a_completed_tls_handshake_stops_its_timeout():
     pump.flush()
     assert client_side.wrappedProtocol.data == b"+PONG\r\n"
     assert not server_side.transport.disconnecting
+
+
+def test_a_connection_keeps_few_attributes(door):
+    """Past 29 instance attributes CPython 3.11 drops the shared-key dict of
+    the class, and every attribute access on the hot path gets ~1.5x slower
+    (bench/NOTES-perf.md): state of the slow paths goes in ``_w``."""
+    proto, _ = door.connect()
+    assert len(vars(proto)) < 30, sorted(vars(proto))
