@@ -5,12 +5,11 @@ thousand 1 MiB values, a pipeline of GETs whose values add up to megabytes,
 one huge value fetched from Redis) is a ``Chunked`` instead: the encoded
 headers and the values themselves, by reference, which the RESP door encodes
 ``CHUNK`` bytes at a time as the client's socket drains.  Building such a
-reply whole and writing it copied every value two or three times (the
+reply whole and writing it copied every value several times over (the
 encoded reply, then Twisted's send buffer joining what was written), and
-sending it in one piece held every other client until it was out (SPEC §9:
-an MGET of 1023 cached 1 MiB values took the RSS to 4.1 GB and stalled
-everyone for 8 s).  Here each value is copied once, into the chunk that
-carries it, and the reply's memory is released as it is sent.
+sending it in one piece held every other client until it was out (SPEC §9;
+figures in bench/NOTES-perf.md).  Here each value is copied once, into the
+chunk that carries it, and the reply's memory is released as it is sent.
 """
 
 from __future__ import annotations
@@ -100,7 +99,7 @@ def get_replies(values: list[bytes]) -> bytes | Chunked:
     Small (the common case: at most ``_SMALL_PACKET`` values, each under
     1024 bytes): one ``CRLF.join`` of an interleaved list filled by slice
     assignment, so no Python code runs per value (bench/profile, GET hot
-    -P16: encoding replies one by one was ~10% of the fast path).  Larger:
+    -P16: encoding replies one by one showed in the fast path).  Larger:
     the values' sizes decide between one ``bytes`` and a ``Chunked``.
     """
     count = len(values)

@@ -90,8 +90,8 @@ class RespProtocol(Protocol):
     def __init__(self, factory: RespFactory, client_id: int) -> None:
         # Few attributes of its own, on purpose: past 29, CPython 3.11 gives
         # up its shared-key instance dicts and every attribute access on the
-        # hot path gets ~1.5x slower (bench/NOTES-perf.md).  State that only
-        # the slow paths touch lives in _w.
+        # hot path gets slower (bench/NOTES-perf.md).  State that only the
+        # slow paths touch lives in _w.
         self.factory = factory
         config = factory.config
         self._metrics = factory.metrics
@@ -639,8 +639,8 @@ class RespProtocol(Protocol):
         else re-arm for the next one (none: the timer stays off until a
         request begins again)."""
         self._w.timer = None
-        if self._lost or self._w.closed:
-            return
+        if self._lost:  # (a connection closing after QUIT still counts: its
+            return  # client may never read the last replies, and so never let go)
         now = self.factory.clock.seconds()
         wake = None
         deadline = self._w.handshake_deadline

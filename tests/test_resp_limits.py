@@ -115,7 +115,7 @@ def test_a_client_that_never_reads_below_the_limit_costs_about_a_high_water_mark
     """Below max_client_buffer backpressure holds it: redisp stops running
     and reading its requests (its sends block) and keeps serving others; what
     it holds for that client is about a high-water mark, not the replies of
-    everything read (13 MB a connection before, issue 8 item 10)."""
+    everything it read (issue 8 item 10)."""
     value = b"x" * 4096
     redis_db.set("k", value)
     p = start_proxy()

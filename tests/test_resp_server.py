@@ -985,7 +985,17 @@ def test_a_completed_tls_handshake_stops_its_timeout():
 
 def test_a_connection_keeps_few_attributes(door):
     """Past 29 instance attributes CPython 3.11 drops the shared-key dict of
-    the class, and every attribute access on the hot path gets ~1.5x slower
+    the class, and every attribute access on the hot path gets slower
     (bench/NOTES-perf.md): state of the slow paths goes in ``_w``."""
     proto, _ = door.connect()
     assert len(vars(proto)) < 30, sorted(vars(proto))
+
+
+def test_a_connection_closing_after_quit_that_is_never_read_is_dropped_when_idle():
+    """QUIT closes once the replies are written: a client that never reads
+    them would keep the socket forever without client_timeout."""
+    door = Door({b"k": VALUE_4K}, client_timeout=8.0)
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(encode(b"GET", b"k") * 30 + b"QUIT\r\n")  # under the high-water mark
+    assert transport.disconnecting and not transport.disconnected, "closing, not yet closed"
+    assert 8.0 <= idle_until_closed(door, transport) <= 8.0 * (1 + 1 / IDLE_CHECKS)
