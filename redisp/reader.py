@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from redisp.backing import Backing
 from redisp.cache import STAMP, Cache
-from redisp.gate import Gate
+from redisp.gate import Gate, Owner
 from redisp.metrics import Metrics
 
 #: a cache entry's value (C code: no Python call per entry)
@@ -58,14 +58,16 @@ class CachedReader:
         self.caching = True
         self._invalidations = 0  # any invalidation bumps it (for MGET fetches)
 
-    def get(self, key: bytes) -> Lookup | Deferred:
+    def get(self, key: bytes, owner: Owner | None = None) -> Lookup | Deferred:
         """A Lookup at once for a hit while the gate is idle, else a Deferred
-        firing with one (or failing with a BackingError)."""
+        firing with one (or failing with a BackingError); never firing if
+        ``owner`` is gone before the gate admits it."""
         lookup = self.read(key)
         if lookup is not None:
             return lookup
         waiter: Deferred = Deferred()
-        self._gate.enter(self._lookup, key, waiter.callback)  # callback(Failure) = errback
+        # callback(Failure) = errback
+        self._gate.enter(self._lookup, key, waiter.callback, owner=owner)
         return waiter
 
     def read(self, key: bytes) -> Lookup | None:
@@ -100,7 +102,7 @@ class CachedReader:
         self._metrics.cache_hits += len(entries)
         return list(map(_value_of, entries))
 
-    def get_many(self, keys: list[bytes]) -> list | Deferred:
+    def get_many(self, keys: list[bytes], owner: Owner | None = None) -> list | Deferred:
         """Values (or None) for ``keys``, as one request through the gate.
 
         Misses are fetched with one backing MGET, so a non-string key reads
@@ -109,7 +111,7 @@ class CachedReader:
         values = self.cached(keys)
         if values is not None:
             return values
-        return self._gate.run(self._lookup_many, keys)
+        return self._gate.run(self._lookup_many, keys, owner=owner)
 
     def _lookup(self, key: bytes, done: Callable[[Any], None]) -> None:
         """Admitted by the gate: a hit at once, else join or start the fetch."""
@@ -131,7 +133,9 @@ class CachedReader:
         fetch = self._inflight[key] = _Fetch((done,))  # waiting before it may settle
         self._backing.fetch(key, partial(self._settle, key, fetch))
 
-    def read_packet(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
+    def read_packet(
+        self, keys: list[bytes], done: Callable[[list, int], None], owner: Owner | None = None
+    ) -> None:
         """``get`` for a client's packet of GETs, as one gate entry, without a Deferred.
 
         ``done(results, hits)`` once every key is answered: ``results[i]`` is
@@ -141,9 +145,10 @@ class CachedReader:
         gives back at once and a miss when its fetch settles, and it joins
         the same singleflight records as ``get``.  What the packet saves is
         the per-request plumbing: one admission, one callback per missed key,
-        one answer (bench/miss_micro.py).  ``done`` must not raise.
+        one answer (bench/miss_micro.py).  ``done`` must not raise, and is
+        never called if ``owner`` is gone before the gate admits the packet.
         """
-        self._gate.enter_many(len(keys), self._lookup_packet, keys, done)
+        self._gate.enter_many(len(keys), self._lookup_packet, keys, done, owner=owner)
 
     def _lookup_packet(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
         packet = _Packet(keys, done)
