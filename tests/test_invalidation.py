@@ -227,5 +227,5 @@ def test_a_failure_without_a_message_is_logged_not_raised():
     invalidator = Invalidator(parse_redis_url("redis://127.0.0.1:1/0"), 1.0, clock, reader,
                               metrics)
     failure = Failure(TimeoutError(""))
-    assert invalidator._failed(failure, None) is failure
+    assert invalidator._failed(failure) is failure
     assert invalidator._problem == "unknown error"
