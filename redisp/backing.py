@@ -283,6 +283,7 @@ class Backing:
         self._probe_call: IDelayedCall | None = None
         self._ever_up = False
         self._troubled = False  # a warning was logged: say when it is over
+        self._stopping = False  # closing on purpose: no "connection lost" warning
         self._service = reconnecting(url, timeout, reactor, _new_protocol, self._prepare, endpoint,
                                      failed=self._attempt_failed, clock=self._clock)
         #: ``fetch(key, done)`` calls ``done`` with the value of ``key``, None,
@@ -308,6 +309,7 @@ class Backing:
 
     def stop(self) -> Deferred:
         """Close the connection and stop reconnecting."""
+        self._stopping = True
         self._cancel_probe()
         return self._service.stopService()
 
@@ -505,6 +507,8 @@ class Backing:
             self._protocol = self._live = None
             self._refusal = None  # calls wait for the new connection, within their timeout
             self._cancel_probe()
+            if self._stopping:
+                return
             self._troubled = True
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
 

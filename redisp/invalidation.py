@@ -140,6 +140,7 @@ class Invalidator:
         # the established tracking connection (the protocol, not ClientService's proxy)
         self._protocol: _InvalidationProtocol | None = None
         self._ping_call: IDelayedCall | None = None
+        self._stopping = False  # closing on purpose: no "connection lost" warning
         self._service = reconnecting(url, timeout, reactor, _protocol, self._enable, endpoint)
 
     @property
@@ -152,6 +153,7 @@ class Invalidator:
         self._service.startService()
 
     def stop(self) -> Deferred:
+        self._stopping = True
         self._cancel_ping()
         return self._service.stopService()
 
@@ -213,8 +215,9 @@ class Invalidator:
         self.active = False
         self._reader.caching = False
         self._flush()
-        log.warn("invalidation: tracking connection lost; cache flushed, caching off "
-                 "until tracking is re-established")
+        if not self._stopping:
+            log.warn("invalidation: tracking connection lost; cache flushed, caching off "
+                     "until tracking is re-established")
 
     def _give_up(self, protocol: _InvalidationProtocol) -> None:
         """Treat a connection that still looks open as lost, and close it."""

@@ -169,3 +169,54 @@ def test_every_backing_connection_has_tcp_keepalive(redis_db, start_proxy):
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         for name, value in KEEPALIVE:
             assert s.getsockopt(socket.IPPROTO_TCP, getattr(socket, name)) == value
+
+
+@inline
+def test_out_of_memory_sending_to_redis_is_an_internal_error_logged_once(redis_db, start_proxy):
+    from twisted.logger import globalLogPublisher
+
+    redis_db.set("k", "v")
+    p = start_proxy(capacity=0)
+    yield until(lambda: p.proxy.backing.up)
+    protocol = p.proxy.backing._protocol
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    protocol._build_command = no_memory
+    try:
+        with pytest.raises(redis.ResponseError) as e:
+            yield in_thread(p.redis_py().get, "k")
+        status, _, body = yield in_thread(p.http_get, "k")
+    finally:
+        del protocol._build_command
+        globalLogPublisher.removeObserver(events.append)
+    assert str(e.value) == "internal error sending to backing redis (MemoryError)"
+    assert status == 500 and b"internal error" in body and b"unavailable" not in body
+    failures = [ev for ev in events if "log_failure" in ev]
+    assert len(failures) == 2, "once for each failed call, by the backing, not again by a door"
+    assert all(ev["log_failure"].check(MemoryError) for ev in failures)
+    assert p.proxy.metrics.backing_errors == {"internal": 2}
+    assert p.proxy.backing.up
+    assert (yield in_thread(p.redis_py().get, "k")) == b"v"
+
+
+@inline
+def test_a_clean_shutdown_warns_of_no_lost_connection(redis_server, redis_db):
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from tests.support import RunningProxy, proxy_config
+
+    p = RunningProxy(proxy_config(redis_server.url, invalidation="tracking"))
+    yield until(lambda: p.proxy.backing.up and p.proxy.invalidator.active)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield p.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [ev for ev in events if ev.get("log_level") in (LogLevel.warn, LogLevel.error)
+                and ev.get("log_namespace", "").startswith("redisp")]
+    assert warnings == []
