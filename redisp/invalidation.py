@@ -41,6 +41,7 @@ non-blocking, and what is there is handed to the protocol
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import Any
 
@@ -73,6 +74,7 @@ class _InvalidationProtocol(txredisapi.SubscriberProtocol):
 
     on_message: Any = None
     _socket: socket.socket | None = None
+    _poll: Any = None  # select.poll of _socket: asking it costs a third of a failed recv
 
     def deliver_to(self, on_message: Any) -> None:
         # a method, not an attribute set from outside: ClientService hands out
@@ -93,18 +95,22 @@ class _InvalidationProtocol(txredisapi.SubscriberProtocol):
         if not isinstance(handle, socket.socket):
             return False
         self._socket = handle
+        self._poll = select.poll()
+        self._poll.register(handle, select.POLLIN)
         return True
 
     def drain(self) -> bool:
         """Hand what already waits in the socket to the protocol now, instead
         of when the reactor gets to it.  False when the socket says the
         connection is closed or broken (the reactor will see that too)."""
+        if not self._poll.poll(0):
+            return True  # nothing waiting: the usual case
         sock = self._socket
         while True:
             try:
                 data = sock.recv(DRAIN_BYTES)
             except (BlockingIOError, InterruptedError):
-                return True  # nothing (more) waiting: the usual case
+                return True  # nothing more waiting
             except OSError:
                 return False
             if not data:
