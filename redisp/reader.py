@@ -18,8 +18,9 @@ Read-after-write with tracking: an invalidation may already wait in the
 tracking connection's socket when a client's GET is handled in the same
 reactor turn.  So every path that looks a key up in the cache first has the
 tracking socket read (``drain_before_hits``), once per reactor turn: one
-attribute test per lookup, one non-blocking ``recv`` and one ``callLater(0)``
-per turn that has lookups (bench/NOTES-perf.md).
+attribute test per lookup, one ``poll(0)`` of the socket (a ``recv`` only
+when something waits) and one ``callLater(0)`` per turn that has lookups
+(bench/NOTES-perf.md).
 
 The GET path threads plain callbacks (the gate's ``enter`` and ``leave``,
 ``Backing.fetch``, ``read_packet``) rather than Deferreds: a queued miss used
