@@ -76,9 +76,11 @@ class CachedReader:
         """Have ``drain`` (take in the invalidations already received) run
         before the first cache lookup of every reactor turn; None: never.
 
-        Once per turn, not per lookup: a GET handled in this turn arrived
-        before the turn began, so its writer's invalidation, which Redis sent
-        before acknowledging the write, is in the socket by now.
+        Once per turn, not per lookup: a GET handled in this turn was waiting
+        in its socket when the turn began, so the invalidation Redis sent
+        before acknowledging its writer's write was waiting too.  The one gap
+        left is a request whose bytes arrive while a turn runs, after that
+        turn's drain, and are still read in it: a window of one turn.
         """
         self._drain = drain
         self._clock = clock
