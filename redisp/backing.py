@@ -497,8 +497,13 @@ class Backing:
             self._refusal = (BackingUnavailable, f"backing redis unavailable ({reason})")
         if self._down_reason != reason:
             self._troubled = True
-            log.warn("backing redis {url} refused the connection setup: {reason}",
-                     url=self.url.redacted(), reason=reason)
+            if failure.check(DeferredTimeout):
+                log.warn("backing redis {url} accepted a connection but did not answer PING "
+                         "within {timeout}s; retrying", url=self.url.redacted(),
+                         timeout=f"{self.timeout:g}")
+            else:
+                log.warn("backing redis {url} refused the connection setup: {reason}",
+                         url=self.url.redacted(), reason=reason)
         self._down_reason = reason
         return failure  # _drop closes the connection, ClientService retries
 

@@ -205,7 +205,10 @@ class Invalidator:
         log.info("invalidation: tracking active (BCAST); caching on")
 
     def _failed(self, failure: Failure) -> Failure:
-        problem = first_line(failure.getErrorMessage())
+        if failure.check(DeferredTimeout):
+            problem = f"no answer within {self.timeout:g}s"
+        else:
+            problem = first_line(failure.getErrorMessage())
         if problem != self._problem:
             log.warn("invalidation: cannot enable tracking on {url}: {problem}; "
                      "caching stays off until it can", url=self.url.redacted(), problem=problem)

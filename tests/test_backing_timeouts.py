@@ -186,10 +186,11 @@ def test_a_backing_that_refuses_us_is_not_up_and_each_refused_connection_is_clos
     assert all(t.closed for t in endpoint.transports)
 
 
-def test_a_new_connection_that_does_not_answer_ping_is_given_up_as_a_timeout():
+def test_a_new_connection_that_does_not_answer_ping_is_given_up_as_a_timeout(logged):
     backing, endpoint, clock, metrics = make()
     backing.start()
     clock.advance(TIMEOUT)
+    assert any("did not answer PING within 2s" in line for line in texts(logged))
     assert endpoint.last.closed and not backing.up
     assert backing.state == "stalled"
     error = outcome(backing.call(b"GET", b"k")).value

@@ -480,3 +480,12 @@ def test_the_right_password_passes_the_start_up_check():
         assert tracking_support_problem(parse_redis_url(url), 2.0) is None
     finally:
         server.stop()
+
+
+def test_tracking_setup_timing_out_is_logged_in_words():
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
+    from twisted.python.failure import Failure
+
+    invalidator, reader, cache, endpoint, clock, metrics = on_clock()
+    invalidator._failed(Failure(DeferredTimeout(2.0, "Deferred")))
+    assert invalidator._problem == "no answer within 2s"
