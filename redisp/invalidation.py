@@ -74,7 +74,7 @@ class _InvalidationProtocol(txredisapi.SubscriberProtocol):
 
     on_message: Any = None
     _socket: socket.socket | None = None
-    _poll: Any = None  # select.poll of _socket: asking it costs a third of a failed recv
+    _poll: Any = None  # select.poll of _socket: cheaper to ask than a recv that fails
 
     def deliver_to(self, on_message: Any) -> None:
         # a method, not an attribute set from outside: ClientService hands out
