@@ -13,9 +13,12 @@ HOST=127.0.0.1
 PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin   # nutcracker lives in /usr/sbin
 export LC_ALL=C
 
-# redisp reads REDISP_* from the environment and ./conf.yaml: neither may leak into a run
+# redisp reads REDISP_* from the environment and ./conf.yaml: neither may leak into a run.
+# REDISP_ARGS (extra redisp options, a knob of the scripts) survives, unexported.
+_args=${REDISP_ARGS:-}
 for _v in ${!REDISP_@}; do unset "$_v"; done
-unset _v
+REDISP_ARGS=$_args
+unset _v _args
 
 log() { echo "# $*" >&2; }
 die() { echo "bench: ERROR: $*" >&2; exit 1; }

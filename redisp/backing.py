@@ -4,29 +4,41 @@ txredisapi speaks the protocol (with hiredis parsing its replies when
 installed); this module owns everything around it that a proxy needs and
 txredisapi leaves open:
 
-* one connection kept up by ``ClientService`` with a capped backoff, so a
-  Redis that is down at start-up or restarts later is picked up by itself;
+* one connection kept up by ``ClientService`` with a backoff capped near one
+  second, so a Redis that is down at start-up or restarts later is picked up
+  by itself; each new connection must answer PING (after AUTH and SELECT)
+  before anyone may use it, so a Redis that refuses us (NOAUTH) or accepts
+  connections without answering them (SIGSTOPped) is not "up";
 * a timeout on every call (txredisapi waits forever while Redis is down),
-  on the injected clock so tests drive it with ``task.Clock``;
-* a fail-fast path while the last connection attempt failed, so requests
-  queued behind the single-client gate do not each wait out the timeout;
+  on the injected clock so tests drive it with ``task.Clock``.  Each call
+  has its own: a call that times out fails alone, the connection and the
+  other calls on it are left alone, and its late reply is swallowed in its
+  slot of the reply queue so later replies keep their order;
+* fail-fast paths, so requests queued behind the single-client gate do not
+  each wait out the timeout: while the last connection attempt failed
+  ("unavailable"), and after a call timed out until the backing answers a
+  probe PING ("timed out": ``Backing.state`` is ``stalled``);
 * typed errors the front doors map to 502/503/504 and RESP errors;
 * binary-safe replies: ``charset=None, convertNumbers=False`` (the defaults
   turn ``b"007"`` into ``7``), in ``BinaryRedisProtocol``;
+* TCP_NODELAY and TCP keepalive on every backing connection;
 * GETs batched per reactor turn into MGETs (``fetch``, batching.py).
 """
 
 from __future__ import annotations
 
+import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +48,27 @@ from redisp.config import RedisURL
 from redisp.metrics import Metrics
 
 log = Logger()
+
+#: TCP keepalive on every backing connection, with hiredis's timings
+#: (``redisEnableKeepAlive``: first probe after 15 s idle, then every 5 s, 3
+#: unanswered probes and the kernel drops it): a peer that vanished without
+#: a FIN is noticed in under a minute even on an idle connection, and NAT
+#: state along the way does not expire.
+KEEPALIVE = (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+
+#: seconds between probe PINGs while a stalled backing answers with an error
+#: (LOADING, BUSY): it is alive but cannot serve yet
+PROBE_INTERVAL = 0.25
+
+#: reconnect after 0.2, 0.4, 0.8, then every 0.9 s, each plus up to 0.1 s of
+#: jitter: a Redis that is back is picked up within about a second (Twisted's
+#: default jitter alone adds up to a whole second)
+RETRY_POLICY = backoffPolicy(initialDelay=0.1, maxDelay=0.9, factor=2.0,
+                             jitter=lambda: random.random() * 0.1)
+
+#: failures that mean the connection itself failed (and not Redis's answer)
+CONNECTION_FAILURES = (txredisapi.ConnectionError, net_error.ConnectError,
+                       net_error.ConnectionClosed, CancelledError, OSError)
 
 
 class BackingError(Exception):
@@ -62,9 +95,16 @@ class BackingTimeout(BackingError):
     kind = "timeout"
 
 
+class BackingInternalError(BackingError):
+    """A fault in redisp while sending (out of memory …): logged once where it
+    happened, reported to each caller as an internal error, never as Redis's."""
+
+    kind = "internal"
+
+
 class BinaryRedisProtocol(txredisapi.RedisProtocol):
-    """txredisapi's protocol for bytes in and bytes out, with its two per-item
-    hot spots replaced for that case.
+    """txredisapi's protocol for bytes in and bytes out, with its per-command
+    and per-item hot spots replaced for that case.
 
     With ``charset=None, convertNumbers=False`` (binary-safe replies),
     ``tryConvertData`` returns every reply unchanged, yet walks each MGET
@@ -73,6 +113,10 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
     pass-through profile (bench/profile WORKLOAD=miss, batched MGETs);
     bench/batching_micro.py: ~1.9 -> ~1.2 us a key of a 16-key MGET.
     Arguments that are not all bytes still go txredisapi's own way.
+
+    ``execute_command`` is redisp's own too: see there.  Pipelining and
+    MULTI, which txredisapi's version handles, are not used on this
+    connection.
     """
 
     def __init__(self) -> None:
@@ -89,27 +133,101 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
         )
 
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred:
+        """Send one command; the Deferred is its own slot in the reply queue.
 
-def _protocol() -> txredisapi.BaseRedisProtocol:
+        txredisapi's version already survives a cancelled (timed-out) call:
+        its Deferred is a copy of the queue slot's, so the late reply lands
+        in the slot and is dropped.  This one returns the slot itself, whose
+        cancellation (``ReplyQueue._cancelGet``) leaves a placeholder in the
+        queue that swallows the late reply just the same: replies stay in
+        order for the calls behind it, with one Deferred a call instead of
+        three.  It also builds the command before anything is written, so a
+        failure there (out of memory) leaves the connection as it was; a
+        failure while writing leaves the byte stream in an unknown state, so
+        the connection is dropped.  ``kwargs`` (``apply_timeout``) are
+        accepted and ignored: the timeout is the caller's.
+        """
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        command = self._build_command(*args)
+        reply = self.replyQueue.get()
+        try:
+            self.transport.write(command)
+        except BaseException:
+            reply.addErrback(lambda _: None)  # the slot fails with the connection
+            self.transport.abortConnection()
+            raise
+        return reply.addCallback(self.handle_reply)
+
+
+def _new_protocol() -> txredisapi.BaseRedisProtocol:
     return BinaryRedisProtocol()
+
+
+def tune_socket(transport: Any) -> None:
+    """TCP_NODELAY and keepalive on a backing connection (plain TCP only).
+
+    Pipelined GETs must not wait for Nagle's algorithm, as with every Redis
+    client; keepalive: see ``KEEPALIVE``.
+    """
+    if not ITCPTransport.providedBy(transport):
+        return
+    transport.setTcpNoDelay(True)
+    transport.setTcpKeepAlive(True)
+    handle = transport.getHandle()
+    for name, value in KEEPALIVE:
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux names; other systems keep their defaults
+            handle.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def reconnecting(
     url: RedisURL, timeout: float, reactor: Any, protocol: Callable[[], Any],
     prepare: Callable[[Any], Deferred], endpoint: IStreamClientEndpoint | None = None,
-    failed: Callable[[Failure], None] | None = None,
+    failed: Callable[[Failure], None] | None = None, clock: Any = None,
 ) -> ClientService:
     """One connection to Redis, re-established by itself with a backoff capped
-    at one second (a restarted Redis is picked up quickly), and prepared by
-    ``prepare`` before anyone may use it; ``failed`` hears why an attempt failed."""
+    near one second (a restarted Redis is picked up quickly), tuned
+    (``tune_socket``) and prepared by ``prepare`` before anyone may use it;
+    ``failed`` hears why an attempt to connect failed.  A connection whose
+    preparation fails is closed (``_drop``).  ``clock`` (default: the
+    reactor) times the retries."""
     if endpoint is None:
         endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
     if failed is not None:
         endpoint = _RecordingEndpoint(endpoint, failed)
+
+    def prepare_or_drop(proxy: Any) -> Deferred:
+        tune_socket(proxy.transport)
+        return maybeDeferred(prepare, proxy).addErrback(_drop, proxy)
+
     return ClientService(
-        endpoint, Factory.forProtocol(protocol), clock=reactor, prepareConnection=prepare,
-        retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=1.0, factor=2.0),
+        endpoint, Factory.forProtocol(protocol), clock=clock or reactor,
+        prepareConnection=prepare_or_drop, retryPolicy=RETRY_POLICY,
     )
+
+
+def _drop(failure: Failure, proxy: Any) -> Failure:
+    """Close a connection whose preparation failed, then let ClientService retry.
+
+    ClientService counts a rejected connection as a failed attempt but
+    leaves it open: one more idle connection to Redis per retry, for as long
+    as Redis refuses us.  Closing it ourselves makes its disconnect notice
+    reach ClientService's state machine in a state that does not expect one
+    (an Unhandled NoTransition error in the log), so that notice, which
+    Twisted's proxy of our protocol holds, is silenced first.
+    """
+    if hasattr(proxy, "_lostNotification"):  # twisted's _ReconnectingProtocolProxy
+        proxy._lostNotification = _ignore
+    transport = proxy.transport
+    if transport is not None:
+        transport.abortConnection()
+    return failure
+
+
+def _ignore(*_: object) -> None:
+    pass
 
 
 class _RecordingEndpoint:
@@ -130,7 +248,14 @@ class _RecordingEndpoint:
 
 
 class Backing:
-    """GETs (batched), MGET and PING against one backing Redis, never waiting forever."""
+    """GETs (batched), MGET and PING against one backing Redis, never waiting forever.
+
+    States (``state``): ``up`` (calls go to the connection), ``stalled`` (a
+    call timed out and the connection has not answered the probe PING since:
+    calls fail at once with the timeout error), ``down`` (no connection, or
+    the last attempt failed: calls fail at once as unavailable, or wait for
+    the connection being made, within their timeout).
+    """
 
     def __init__(
         self,
@@ -139,16 +264,28 @@ class Backing:
         reactor: Any,
         metrics: Metrics,
         endpoint: IStreamClientEndpoint | None = None,
+        clock: Any = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
-        self._clock = reactor
+        self._clock = clock or reactor  # timeouts, probes and retries
         self._metrics = metrics
-        self._protocol: txredisapi.BaseRedisProtocol | None = None
+        # the prepared connection (the txredisapi protocol itself, not
+        # ClientService's proxy of it), answering or not
+        self._protocol: Any = None
+        # _connection while it answers: where calls go (the hot path reads this only)
+        self._live: Any = None
+        # why calls fail at once while there is no live connection:
+        # (BackingError subclass, text), or None to wait for the connection
+        self._refusal: tuple[type[BackingError], str] | None = None
         self._down_reason: str | None = None
+        self._abandoned: Any = None  # the last connection given up as silent
+        self._probe_call: IDelayedCall | None = None
         self._ever_up = False
-        self._service = reconnecting(url, timeout, reactor, _protocol, self._prepare, endpoint,
-                                     failed=self._attempt_failed)
+        self._troubled = False  # a warning was logged: say when it is over
+        self._stopping = False  # closing on purpose: no "connection lost" warning
+        self._service = reconnecting(url, timeout, reactor, _new_protocol, self._prepare, endpoint,
+                                     failed=self._attempt_failed, clock=self._clock)
         #: ``fetch(key, done)`` calls ``done`` with the value of ``key``, None,
         #: or a Failure; the fetches of one reactor turn share one MGET
         #: (batching.py).  The batcher's own method: no wrapper call per miss.
@@ -156,16 +293,24 @@ class Backing:
 
     @property
     def up(self) -> bool:
-        """True while a connection is established and ready for commands."""
-        return self._protocol is not None
+        """True while a connection is established and answering."""
+        return self._live is not None
+
+    @property
+    def state(self) -> str:
+        """'up', 'stalled' (connected, not answering since a call timed out) or 'down'."""
+        if self._live is not None:
+            return "up"
+        return "stalled" if self._refusal is not None and \
+            self._refusal[0] is BackingTimeout else "down"
 
     def start(self) -> None:
         self._service.startService()
 
     def stop(self) -> Deferred:
-        """Close the connection and stop reconnecting; a connection closed on
-        purpose is not lost, so ``_lost`` has nothing to report."""
-        self._protocol = None
+        """Close the connection and stop reconnecting."""
+        self._stopping = True
+        self._cancel_probe()
         return self._service.stopService()
 
     def mget(self, keys: list[bytes]) -> Deferred:
@@ -177,97 +322,211 @@ class Backing:
 
     def call(self, *args: bytes) -> Deferred:
         """Send one command; fails with a BackingError subclass, never hangs."""
-        protocol = self._protocol
+        protocol = self._live
         if protocol is not None:
-            # raises "Not connected" when the connection has just dropped and
-            # _lost has not run yet: a failed Deferred like any other failure
-            d = maybeDeferred(protocol.execute_command, *args, apply_timeout=False)
-        elif self._down_reason is not None:
-            error = BackingUnavailable(f"backing redis unavailable ({self._down_reason})")
+            try:
+                d = protocol.execute_command(*args)
+            except Exception:  # not connected any more, or out of memory
+                return fail(self._translate(Failure(), protocol))
+        elif self._refusal is not None:
+            kind, text = self._refusal
+            error = kind(text)
             self._metrics.backing_errors[error.kind] += 1
             return fail(error)
-        else:
+        else:  # no connection yet, or it was lost and is being made again
             d = self._service.whenConnected(failAfterFailures=1)
-            d.addCallback(lambda p: p.execute_command(*args, apply_timeout=False))
+            d.addCallbacks(self._send_when_connected, self._no_connection, (args,))
         started = self._clock.seconds()
         d.addTimeout(self.timeout, self._clock)
         d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
         return d
 
+    @staticmethod
+    def _send_when_connected(protocol: Any, args: tuple[bytes, ...]) -> Deferred:
+        return protocol.execute_command(*args)
+
+    def _no_connection(self, failure: Failure) -> Failure:
+        if failure.check(DeferredTimeout):  # the new connection did not answer PING
+            return Failure(BackingTimeout(self._timed_out()))
+        reason = self._down_reason or first_line(failure.getErrorMessage() or "not connected")
+        return Failure(BackingUnavailable(f"backing redis unavailable ({reason})"))
+
     def _observe(self, result: object, started: float) -> object:
         self._metrics.backing_latency.observe(self._clock.seconds() - started)
         return result
 
+    def _timed_out(self) -> str:
+        return f"backing redis timed out after {self.timeout:g}s"
+
     def _translate(self, failure: Failure, protocol: Any) -> Failure:
-        if failure.check(txredisapi.ResponseError):
-            error: BackingError = BackingReplyError(str(failure.value))
+        if failure.check(BackingError):  # already ours (_no_connection)
+            error = failure.value
+        elif failure.check(txredisapi.ResponseError):
+            error = BackingReplyError(str(failure.value))
         elif failure.check(DeferredTimeout):
-            if protocol is not None and protocol is self._protocol:
-                error = BackingTimeout(f"backing redis timed out after {self.timeout:g}s")
-                # its reply may still come, or never (a half-open connection):
-                # start afresh rather than trust the stream, as txredisapi does.
-                # Forget it now, not when connectionLost comes round: calls in
-                # between wait for the next connection instead of failing on it
-                self._protocol = None
-                protocol.transport.abortConnection()
+            error = BackingTimeout(self._timed_out())
+            if protocol is not None and protocol is self._live:
+                self._stall(protocol)
+        elif failure.check(*CONNECTION_FAILURES):
+            if protocol is not None and protocol is self._abandoned:
+                # dropped by us after its probe went unanswered for a whole
+                # timeout: this call had waited that long too
+                error = BackingTimeout(self._timed_out())
             else:
-                reason = self._down_reason or "not connected"
-                error = BackingUnavailable(f"backing redis unavailable ({reason})")
-        else:
-            reason = self._down_reason or failure.getErrorMessage() or "connection lost"
-            error = BackingUnavailable(f"backing redis unavailable ({reason})")
+                reason = self._down_reason or failure.getErrorMessage() or "connection lost"
+                error = BackingUnavailable(f"backing redis unavailable ({first_line(reason)})")
+        else:  # a fault of ours (MemoryError while building or writing the command …)
+            log.failure("internal error sending a command to backing redis {url}", failure,
+                        url=self.url.redacted())
+            error = BackingInternalError(
+                f"internal error sending to backing redis ({failure.type.__name__})")
         self._metrics.backing_errors[error.kind] += 1
         return Failure(error)
+
+    # -- a backing that stopped answering --------------------------------------------
+
+    def suspect(self) -> None:
+        """Another connection to the same Redis (a forwarded command's) timed
+        out: fail fast here too until the probe PING answers, so misses and
+        forwarded commands queued behind it do not each wait a timeout."""
+        if self._live is not None:
+            self._stall(self._live)
+
+    def _stall(self, protocol: Any) -> None:
+        """A call on the live connection timed out: fail fast until it answers a PING.
+
+        The connection is kept: calls still in flight on it keep their own
+        timeouts and get their replies if they come in time.  The probe PING
+        goes behind them, so its answer means every one before it has been
+        answered (or is past its own timeout).  If the probe itself goes
+        unanswered for a whole timeout, the connection is given up
+        (``_probe_failed``).
+        """
+        self._live = None
+        self._refusal = (BackingTimeout, self._timed_out() + " and has not answered since")
+        self._troubled = True
+        log.warn("backing redis {url} did not answer within {timeout}s; failing misses at once "
+                 "until it answers a PING", url=self.url.redacted(), timeout=f"{self.timeout:g}")
+        self._probe(protocol)
+
+    def _probe(self, protocol: Any) -> None:
+        self._probe_call = None
+        if protocol is not self._protocol:
+            return
+        try:
+            d = protocol.execute_command(b"PING")
+        except Exception:  # the connection is going: _lost takes over
+            return
+        d.addTimeout(self.timeout, self._clock)
+        d.addCallbacks(self._probe_answered, self._probe_failed, (protocol,), None, (protocol,))
+
+    def _probe_answered(self, _: object, protocol: Any) -> None:
+        if protocol is self._protocol and self._live is None:
+            self._live = protocol
+            self._refusal = None
+            self._troubled = False
+            log.info("backing redis {url} answers again", url=self.url.redacted())
+
+    def _probe_failed(self, failure: Failure, protocol: Any) -> None:
+        if protocol is not self._protocol:
+            return
+        if failure.check(txredisapi.ResponseError):  # LOADING, BUSY …: alive, not serving
+            self._probe_call = self._clock.callLater(PROBE_INTERVAL, self._probe, protocol)
+        elif failure.check(DeferredTimeout):
+            # a half-open connection (NAT state dropped) never answers, and a
+            # new connection is the only way to find out: give this one up.
+            # Every call on it was sent before the probe, so is past its own
+            # timeout by now.  The new connection must answer PING before use
+            self._abandoned = protocol
+            self._protocol = None
+            log.warn("backing redis {url} did not answer a PING within {timeout}s either; "
+                     "reconnecting", url=self.url.redacted(), timeout=f"{self.timeout:g}")
+            protocol.transport.abortConnection()
+        # else: the connection failed, and _lost hears of it
+
+    def _cancel_probe(self) -> None:
+        if self._probe_call is not None and self._probe_call.active():
+            self._probe_call.cancel()
+        self._probe_call = None
+
+    # -- connection life -----------------------------------------------------------------
 
     def _attempt_failed(self, failure: Failure) -> None:
         reason = failure.getErrorMessage().strip().rstrip(".")
         first = failure.value.__class__.__name__ if not reason else reason
         if self._down_reason is None:
+            self._troubled = True
             log.warn(
                 "backing redis {url} unavailable: {reason}; retrying",
                 url=self.url.redacted(), reason=first,
             )
         self._down_reason = first_line(first)
+        self._refusal = (BackingUnavailable, f"backing redis unavailable ({self._down_reason})")
 
-    def _prepare(self, protocol: Any) -> Deferred:
-        """AUTH and SELECT on every new connection, before anyone may use it."""
+    def _prepare(self, proxy: Any) -> Deferred:
+        """AUTH and SELECT on every new connection, then PING: nobody may use
+        it before it answers (a Redis that wants a password answers NOAUTH, a
+        stopped one nothing at all)."""
+        commands: list[tuple[bytes, ...]] = []
         auth = self.url.auth_command()
-        commands = [auth] if auth is not None else []
+        if auth is not None:
+            commands.append(auth)
         if self.url.db:
             commands.append((b"SELECT", str(self.url.db).encode()))
+        commands.append((b"PING",))
 
-        d = protocol.whenConnected()
+        d = proxy.whenConnected()  # fires with the protocol itself, not the proxy
         for command in commands:
-            d.addCallback(lambda _, c=command: protocol.execute_command(*c, apply_timeout=False))
+            d.addCallback(_setup_step, command)
         d.addTimeout(self.timeout, self._clock)
-        d.addCallbacks(lambda _: self._ready(protocol), self._rejected, errbackArgs=(protocol,))
+        d.addCallbacks(self._ready, self._rejected)
         return d
 
     def _ready(self, protocol: Any) -> None:
-        self._protocol = protocol
-        if ITCPTransport.providedBy(protocol.transport):
-            # pipelined GETs must not wait for Nagle's algorithm, as every Redis client does
-            protocol.transport.setTcpNoDelay(True)
-        # ``protocol`` is ClientService's proxy of the real one, which is what
-        # whenDisconnected fires with: bind the proxy, compared in _lost
-        protocol.whenDisconnected().addCallback(lambda _: self._lost(protocol))
-        if self._down_reason is not None or not self._ever_up:
+        self._protocol = self._live = protocol
+        protocol.whenDisconnected().addCallback(self._lost)
+        if self._troubled or not self._ever_up:
             log.info("backing redis {url} connected", url=self.url.redacted())
+        self._refusal = None
         self._down_reason = None
+        self._troubled = False
         self._ever_up = True
 
-    def _rejected(self, failure: Failure, protocol: Any) -> Failure:
-        reason = first_line(failure.getErrorMessage())
+    def _rejected(self, failure: Failure) -> Failure:
+        if failure.check(CancelledError):  # stopping
+            return failure
+        if failure.check(DeferredTimeout):
+            reason = f"no answer to PING within {self.timeout:g}s"
+            self._refusal = (BackingTimeout, self._timed_out() + " (a new connection did not "
+                             "answer PING)")
+        else:
+            reason = first_line(failure.getErrorMessage())
+            self._refusal = (BackingUnavailable, f"backing redis unavailable ({reason})")
         if self._down_reason != reason:
-            log.warn("backing redis {url} refused the connection setup: {reason}",
-                     url=self.url.redacted(), reason=reason)
+            self._troubled = True
+            if failure.check(DeferredTimeout):
+                log.warn("backing redis {url} accepted a connection but did not answer PING "
+                         "within {timeout}s; retrying", url=self.url.redacted(),
+                         timeout=f"{self.timeout:g}")
+            else:
+                log.warn("backing redis {url} refused the connection setup: {reason}",
+                         url=self.url.redacted(), reason=reason)
         self._down_reason = reason
-        return failure  # ClientService closes the connection and retries
+        return failure  # _drop closes the connection, ClientService retries
 
     def _lost(self, protocol: Any) -> None:
         if self._protocol is protocol:
-            self._protocol = None
+            self._protocol = self._live = None
+            self._refusal = None  # calls wait for the new connection, within their timeout
+            self._cancel_probe()
+            if self._stopping:
+                return
+            self._troubled = True
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
+
+
+def _setup_step(protocol: Any, command: tuple[bytes, ...]) -> Deferred:
+    return protocol.execute_command(*command).addCallback(lambda _: protocol)
 
 
 def first_line(text: str) -> str:

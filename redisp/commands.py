@@ -34,7 +34,9 @@ from twisted.python.failure import Failure
 import redisp
 from redisp.backing import BackingError, BackingReplyError
 from redisp.config import Config
+from redisp.gate import Owner
 from redisp.metrics import Metrics
+from redisp.replies import LARGE, Chunked, bulk_reply, values_array
 from redisp.resp import (
     EMPTY_ARRAY,
     OK,
@@ -62,8 +64,9 @@ BAD_REQUEST = "bad_request"
 PROTOCOL_ERROR = "protocol_error"
 OTHER = "other"
 
-#: what a handler returns: (encoded reply, outcome), or a Deferred of that
-Reply = tuple[bytes, str] | Deferred
+#: what a handler returns: (encoded reply, outcome), or a Deferred of that;
+#: GET and MGET answer a large reply as a ``Chunked`` (replies.py)
+Reply = tuple[bytes | Chunked, str] | Deferred
 Handler = Callable[["Session", list[bytes]], Reply]
 
 
@@ -94,6 +97,8 @@ class Session:
         self.lib_ver: bytes | None = None
         #: set by QUIT: close once every reply so far has been written
         self.closing = False
+        #: the connection's requests at the gate, dropped if it goes away
+        self.owner: Owner | None = None
         #: forwarding (forwarding.py): None under ``forward: none``
         self.forwarder: Any = None
         self.pin: Any = None  # the client's own backing connection while it holds state
@@ -216,13 +221,15 @@ def _backing_failed(failure: Failure) -> tuple[bytes, str]:
 
 
 def _get(session: Session, argv: list[bytes]) -> Reply:
-    result = session.reader.get(argv[1])
+    result = session.reader.get(argv[1], session.owner)
     if result.__class__ is tuple:  # a cache hit, answered at once: the hot path
         return get_answer(result, session.encoder)
     return result.addBoth(get_answer, session.encoder)
 
 
-def get_answer(result: tuple[bytes | None, bool] | Failure, encoder: Encoder) -> tuple[bytes, str]:
+def get_answer(
+    result: tuple[bytes | None, bool] | Failure, encoder: Encoder
+) -> tuple[bytes | Chunked, str]:
     """GET's reply and outcome for the reader's Lookup or Failure; raises
     anything but a BackingError (the server answers it as an internal error).
 
@@ -233,6 +240,8 @@ def get_answer(result: tuple[bytes | None, bool] | Failure, encoder: Encoder) ->
     value, hit = result  # type: ignore[misc]
     if value is None:
         return encoder.null, ABSENT
+    if len(value) > LARGE:  # kept by reference, sent as the client reads it
+        return bulk_reply(value), HIT if hit else MISS
     return bulk(value), HIT if hit else MISS
 
 
@@ -241,20 +250,15 @@ def _mget(session: Session, argv: list[bytes]) -> Reply:
     cache, ``absent`` when no key had a value, else ``miss`` (the reader does
     not say which keys came from where)."""
     encoder = session.encoder
-    result = session.reader.get_many(argv[1:])
+    result = session.reader.get_many(argv[1:], session.owner)
     if result.__class__ is list:
-        return _values(result, encoder), HIT
+        return values_array(result, encoder.null), HIT
     return result.addCallbacks(_got_many, _backing_failed, callbackArgs=(encoder,))
 
 
-def _got_many(values: list, encoder: Encoder) -> tuple[bytes, str]:
+def _got_many(values: list, encoder: Encoder) -> tuple[bytes | Chunked, str]:
     outcome = ABSENT if all(value is None for value in values) else MISS
-    return _values(values, encoder), outcome
-
-
-def _values(values: list, encoder: Encoder) -> bytes:
-    null = encoder.null
-    return array([null if value is None else bulk(value) for value in values])
+    return values_array(values, encoder.null), outcome
 
 
 # -- connection ------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from redisp.backing import BackingError, BackingUnavailable, first_line
+from redisp.backing import BackingError, BackingTimeout, BackingUnavailable, first_line
 from redisp.command_table import (
     FLUSH,
     CommandInfo,
@@ -106,7 +106,7 @@ class Forwarder:
     """Sends the commands redisp does not answer itself to the backing Redis."""
 
     def __init__(self, config: Config, reactor: Any, reader: Any, gate: Any,
-                 metrics: Metrics, pool: RelayPool | None = None) -> None:
+                 metrics: Metrics, pool: RelayPool | None = None, backing: Any = None) -> None:
         self.config = config
         self.mode = config.forward
         self.deny = frozenset(name.lower().encode() for name in config.deny_commands)
@@ -115,6 +115,7 @@ class Forwarder:
         self._gate = gate
         self._metrics = metrics
         self._default_db = config.redis.db
+        self._backing = backing  # its state says when the backing stopped answering
         self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
                                       on_ready=self._pool_ready)
         self.table: CommandTable | None = None
@@ -261,10 +262,19 @@ class Forwarder:
             elif not isinstance(frame, BackingError) or frame.kind == "timeout":
                 # a timed-out write may still be applied: drop its keys too
                 self._invalidate(argv, invalidation)
+                if frame.__class__ is BackingTimeout and self._backing is not None:
+                    self._backing.suspect()
             self._answer(result, argv, frame, pin, session)
 
         if pin is None:
-            self.pool.call(session.lane, request, done, resp3=session.encoder.version == 3)
+            resp3 = session.encoder.version == 3
+            if self._stalled():
+                # SPEC §9: after a call timed out, and until the backing answers
+                # again, fail fast instead of each command waiting out the timeout
+                done(BackingTimeout(
+                    f"backing redis timed out after {self.config.redis_timeout:g}s"))
+                return
+            self.pool.call(session.lane, request, done, resp3=resp3)
             return
         blocking = info is not None and info.blocking
         connection = pin.connection
@@ -360,6 +370,13 @@ class Forwarder:
         table = self.table
         label = name.decode("latin-1") if table is not None and name in table else "unknown"
         self._metrics.forwarded[label, outcome] += 1
+
+    def _stalled(self) -> bool:
+        """A backing call timed out and the backing's probe PING has not been
+        answered since (backing.py).  The probe is what ends it: a pool lane's
+        own ``stalled`` flag is not used, because a lane that fails fast sends
+        nothing that could clear it."""
+        return self._backing is not None and self._backing.state == "stalled"
 
     # -- pins ------------------------------------------------------------------------
 

@@ -12,6 +12,14 @@ the lock held for good (Twisted #9304; ``redis-benchmark -P 16`` is enough).
 Every release due is counted and one ``callLater(0)`` hands them all over:
 a burst of replies from the backing Redis costs one timer, not one each.
 
+A request may name its ``Owner`` (one per client connection).  Once the owner
+is gone (the client disconnected) its requests still waiting are dropped when
+they reach the head of the queue: never run, no token taken (SPEC §4; a
+client that pipelined 200 misses and left used to keep everyone at
+``concurrency: 1`` waiting behind 200 backing calls).  Dropping is a flag, so
+a disconnect costs nothing per queued request; the skip costs one check per
+queued entry.
+
 Hand-written rather than ``DeferredLock``/``DeferredSemaphore``: admitting a
 request with a free token runs it at once, with no acquire Deferred and no
 callback hop, and only a queued request gets a Deferred of its own.  Profile
@@ -33,6 +41,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 T = TypeVar("T")
 
 
+class Owner:
+    """Whose requests wait at the gate; ``gone`` drops those not yet admitted."""
+
+    __slots__ = ("gone",)
+
+    def __init__(self) -> None:
+        self.gone = False
+
+
 class Gate:
     """Admits at most ``concurrency`` requests at once, in arrival order.
 
@@ -47,7 +64,8 @@ class Gate:
         self.concurrency = concurrency
         self._clock = clock
         self._free = concurrency  # tokens not held by a running request
-        self._queue: deque[tuple[int, Callable[..., Any], tuple]] = deque()  # (tokens, f, args)
+        # (tokens, f, args, owner or None)
+        self._queue: deque[tuple[int, Callable[..., Any], tuple, Owner | None]] = deque()
         self._waiting = 0  # requests in the queue
         self._due = 0  # releases waiting for the next reactor turn
         self._release_call: IDelayedCall | None = None
@@ -67,15 +85,18 @@ class Gate:
         """Requests queued behind the running ones."""
         return self._waiting
 
-    def enter(self, f: Callable[..., Any], *args: Any) -> None:
-        """Call ``f(*args)`` once admitted: now if a token is free, else in turn.
+    def enter(self, f: Callable[..., Any], *args: Any, owner: Owner | None = None) -> None:
+        """Call ``f(*args)`` once admitted: now if a token is free, else in turn
+        (never, if ``owner`` is gone by then).
 
         ``f`` holds a token until it (or whatever it hands the work to) calls
         ``leave`` exactly once; it must not raise.
         """
-        self.enter_many(1, f, *args)
+        self.enter_many(1, f, *args, owner=owner)
 
-    def enter_many(self, count: int, f: Callable[..., Any], *args: Any) -> None:
+    def enter_many(
+        self, count: int, f: Callable[..., Any], *args: Any, owner: Owner | None = None
+    ) -> None:
         """``enter`` for ``count`` requests at once (at most ``concurrency``):
         ``f(*args)`` once ``count`` tokens are free, in arrival order, and
         each of the requests calls ``leave`` once.
@@ -90,7 +111,7 @@ class Gate:
             self._free -= count
             f(*args)
         else:
-            self._queue.append((count, f, args))
+            self._queue.append((count, f, args, owner))
             self._waiting += count
 
     def leave(self, count: int = 1) -> None:
@@ -99,14 +120,17 @@ class Gate:
         if self._release_call is None:
             self._release_call = self._clock.callLater(0, self._released)
 
-    def run(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Run ``f(*args)`` once admitted; release when its result settles."""
+    def run(self, f: Callable[..., Any], *args: Any, owner: Owner | None = None) -> Deferred:
+        """Run ``f(*args)`` once admitted; release when its result settles.
+
+        If ``owner`` is gone before admission, the Deferred never fires.
+        """
         if self._free and not self._queue:  # the common case, without the closure below
             self._outstanding += 1
             self._free -= 1
             return maybeDeferred(f, *args).addBoth(self._release)
         waiter: Deferred = Deferred()
-        self.enter(self._run_admitted, waiter, f, args)
+        self.enter(self._run_admitted, waiter, f, args, owner=owner)
         return waiter
 
     def _run_admitted(self, waiter: Deferred, f: Callable[..., Any], args: tuple) -> None:
@@ -122,10 +146,18 @@ class Gate:
         self._outstanding -= due
         self._free += due
         queue = self._queue
-        while queue and queue[0][0] <= self._free:
+        while queue:
+            count, f, args, owner = queue[0]
+            if owner is not None and owner.gone:  # its client left: drop, unrun
+                queue.popleft()
+                self._waiting -= count
+                self._outstanding -= count
+                continue
+            if count > self._free:
+                break
             # a request that finishes at once counts its release into _due
             # for the next turn: no recursion however long the queue
-            count, f, args = queue.popleft()
+            queue.popleft()
             self._free -= count
             self._waiting -= count
             f(*args)

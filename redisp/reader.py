@@ -14,6 +14,14 @@ MGET fetch is rarer; it notes the invalidation count when it starts and
 stores nothing if any invalidation arrived meanwhile.  While ``caching`` is
 off (tracking lost) nothing is stored at all.
 
+Read-after-write with tracking: an invalidation may already wait in the
+tracking connection's socket when a client's GET is handled in the same
+reactor turn.  So every path that looks a key up in the cache first has the
+tracking socket read (``drain_before_hits``), once per reactor turn: one
+attribute test per lookup, one ``poll(0)`` of the socket (a ``recv`` only
+when something waits) and one ``callLater(0)`` per turn that has lookups
+(bench/NOTES-perf.md).
+
 The GET path threads plain callbacks (the gate's ``enter`` and ``leave``,
 ``Backing.fetch``, ``read_packet``) rather than Deferreds: a queued miss used
 to build two Deferred chains, the largest cost of a miss once the backing
@@ -30,11 +38,12 @@ from operator import itemgetter
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from redisp.backing import Backing
 from redisp.cache import STAMP, Cache
-from redisp.gate import Gate
+from redisp.gate import Gate, Owner
 from redisp.metrics import Metrics
 
 #: a cache entry's value (C code: no Python call per entry)
@@ -57,15 +66,45 @@ class CachedReader:
         #: False while stored values could go stale unseen (invalidation lost)
         self.caching = True
         self._invalidations = 0  # any invalidation bumps it (for MGET fetches)
+        # False when invalidations may wait unread: the next lookup calls _freshen
+        self._fresh = True
+        self._drain: Callable[[], None] | None = None
+        self._clock: IReactorTime | None = None
 
-    def get(self, key: bytes) -> Lookup | Deferred:
+    def drain_before_hits(self, drain: Callable[[], None] | None,
+                          clock: IReactorTime | None = None) -> None:
+        """Have ``drain`` (take in the invalidations already received) run
+        before the first cache lookup of every reactor turn; None: never.
+
+        Once per turn, not per lookup: a GET handled in this turn was waiting
+        in its socket when the turn began, so the invalidation Redis sent
+        before acknowledging its writer's write was waiting too.  The one gap
+        left is a request whose bytes arrive while a turn runs, after that
+        turn's drain, and are still read in it: a window of one turn.
+        """
+        self._drain = drain
+        self._clock = clock
+        self._fresh = drain is None
+
+    def _freshen(self) -> None:
+        """The first lookup of this reactor turn: read pending invalidations."""
+        self._fresh = True
+        self._clock.callLater(0, self._turn_over)  # type: ignore[union-attr]
+        self._drain()  # type: ignore[misc]
+
+    def _turn_over(self) -> None:
+        self._fresh = self._drain is None
+
+    def get(self, key: bytes, owner: Owner | None = None) -> Lookup | Deferred:
         """A Lookup at once for a hit while the gate is idle, else a Deferred
-        firing with one (or failing with a BackingError)."""
+        firing with one (or failing with a BackingError); never firing if
+        ``owner`` is gone before the gate admits it."""
         lookup = self.read(key)
         if lookup is not None:
             return lookup
         waiter: Deferred = Deferred()
-        self._gate.enter(self._lookup, key, waiter.callback)  # callback(Failure) = errback
+        # callback(Failure) = errback
+        self._gate.enter(self._lookup, key, waiter.callback, owner=owner)
         return waiter
 
     def read(self, key: bytes) -> Lookup | None:
@@ -77,6 +116,8 @@ class CachedReader:
         trip on the path that matters most for speed.
         """
         if self._gate.idle():
+            if not self._fresh:
+                self._freshen()
             value = self._cache.get(key)
             if value is not None:
                 self._metrics.cache_hits += 1
@@ -94,13 +135,15 @@ class CachedReader:
         """
         if not self._gate.idle():
             return None
+        if not self._fresh:
+            self._freshen()
         entries = self._cache.get_all(keys)
         if entries is None:
             return None
         self._metrics.cache_hits += len(entries)
         return list(map(_value_of, entries))
 
-    def get_many(self, keys: list[bytes]) -> list | Deferred:
+    def get_many(self, keys: list[bytes], owner: Owner | None = None) -> list | Deferred:
         """Values (or None) for ``keys``, as one request through the gate.
 
         Misses are fetched with one backing MGET, so a non-string key reads
@@ -109,10 +152,12 @@ class CachedReader:
         values = self.cached(keys)
         if values is not None:
             return values
-        return self._gate.run(self._lookup_many, keys)
+        return self._gate.run(self._lookup_many, keys, owner=owner)
 
     def _lookup(self, key: bytes, done: Callable[[Any], None]) -> None:
         """Admitted by the gate: a hit at once, else join or start the fetch."""
+        if not self._fresh:
+            self._freshen()
         value = self._cache.get(key)
         if value is not None:
             self._metrics.cache_hits += 1
@@ -131,7 +176,9 @@ class CachedReader:
         fetch = self._inflight[key] = _Fetch((done,))  # waiting before it may settle
         self._backing.fetch(key, partial(self._settle, key, fetch))
 
-    def read_packet(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
+    def read_packet(
+        self, keys: list[bytes], done: Callable[[list, int], None], owner: Owner | None = None
+    ) -> None:
         """``get`` for a client's packet of GETs, as one gate entry, without a Deferred.
 
         ``done(results, hits)`` once every key is answered: ``results[i]`` is
@@ -141,11 +188,14 @@ class CachedReader:
         gives back at once and a miss when its fetch settles, and it joins
         the same singleflight records as ``get``.  What the packet saves is
         the per-request plumbing: one admission, one callback per missed key,
-        one answer (bench/miss_micro.py).  ``done`` must not raise.
+        one answer (bench/miss_micro.py).  ``done`` must not raise, and is
+        never called if ``owner`` is gone before the gate admits the packet.
         """
-        self._gate.enter_many(len(keys), self._lookup_packet, keys, done)
+        self._gate.enter_many(len(keys), self._lookup_packet, keys, done, owner=owner)
 
     def _lookup_packet(self, keys: list[bytes], done: Callable[[list, int], None]) -> None:
+        if not self._fresh:
+            self._freshen()
         packet = _Packet(keys, done)
         results = packet.results
         hits = 0
@@ -196,6 +246,8 @@ class CachedReader:
             done(answer)
 
     def _lookup_many(self, keys: list[bytes]) -> list | Deferred:
+        if not self._fresh:
+            self._freshen()
         values = [self._cache.get(key) for key in keys]
         missing = [key for key, value in zip(keys, values) if value is None]
         self._metrics.cache_hits += len(keys) - len(missing)

@@ -7,13 +7,25 @@ earlier one still fetching from the backing Redis.  When a whole packet's
 replies are ready at once -- the common case under load -- they leave in one
 ``transport.write``.
 
-The connection pauses reading when more than ``MAX_PENDING`` replies are
-owed, and also when the client stops reading its replies (the connection is
-registered as the transport's producer, so a full send buffer pauses it).
-Either way the memory one client can pin is bounded, and a slow client
-slows down only itself.  (A packet of GETs read as one gate entry owes one
-reply slot holding all its replies; a packet is at most one read's worth of
-bytes, so the bound stays.)
+What one client may cost is bounded (SPEC §9).  The connection is the
+transport's producer: when the client stops reading and Twisted's send
+buffer fills, the connection stops *dispatching* (parsed requests wait in
+``_held``, unrun) as well as reading, and so it does when more than
+``HIGH_WATER`` bytes of replies wait in redisp or more than ``MAX_PENDING``
+replies are owed.  A reply larger than ``replies.LARGE`` is a ``Chunked``,
+written ``replies.CHUNK`` bytes at a time as the socket drains, so one huge
+MGET neither copies its values twice nor holds other clients while it is
+sent.  Past ``max_client_buffer`` (its unfinished request, requests read but
+not run, replies waiting here and bytes in the send buffer, together) the
+client is disconnected, as Redis does past its output buffer limits.
+
+Timeouts cost nothing per packet: one timer per connection, armed when there
+is something to time (a request begun, a TLS handshake, ``client_timeout``),
+finds out when it fires whether there was progress, and re-arms itself.
+The usual path through ``dataReceived`` checks one flag, ``_detour``, for
+every unusual state (closing, requests held, an idle probe armed).
+A client that disconnects takes its requests still waiting at the gate with
+it (``gate.Owner``).
 """
 
 from __future__ import annotations
@@ -24,7 +36,13 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,9 +51,11 @@ from zope.interface import implementer
 from redisp.clients import ClientSlots
 from redisp.commands import HIT, MISS, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
 from redisp.config import Config
+from redisp.gate import Owner
 from redisp.metrics import Metrics
-from redisp.resp import Encoder, ProtocolError, RequestParser, bulk, bulks, error
-from redisp.sending import can_send_now, send_now
+from redisp.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
+from redisp.resp import Encoder, ProtocolError, RequestParser, bulk, error
+from redisp.sending import TLS_TRANSPORTS, buffered, can_send_now, send_now
 
 log = Logger()
 
@@ -43,6 +63,17 @@ log = Logger()
 MAX_PENDING = 1024
 #: ... and how few must remain before it is read from again
 RESUME_PENDING = MAX_PENDING // 2
+#: bytes of replies waiting in redisp for one client past which its requests
+#: are no longer run (nor its socket read) until they have been sent
+HIGH_WATER = 256 * 1024
+#: requests run at a time from those held back
+HELD_BATCH = 256
+#: GETs of a packet looked up at a time, between high-water checks
+GET_BATCH = 256
+#: idle connections are checked this many times per ``client_timeout``
+IDLE_CHECKS = 8
+#: seconds between two log lines about clients disconnected for their buffers
+OVERFLOW_LOG_INTERVAL = 10.0
 
 MAX_CLIENTS_REPLY = b"-ERR max number of clients reached\r\n"
 INTERNAL_ERROR_REPLY = error("ERR internal error")
@@ -52,17 +83,22 @@ _RESP_HIT = (DOOR, HIT)  # metrics keys, built once
 _RESP_MISS = (DOOR, MISS)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class RespProtocol(Protocol):
     """One client connection of the RESP door."""
 
     def __init__(self, factory: RespFactory, client_id: int) -> None:
+        # Few attributes of its own, on purpose: past 29, CPython 3.11 gives
+        # up its shared-key instance dicts and every attribute access on the
+        # hot path gets slower (bench/NOTES-perf.md).  State that only the
+        # slow paths touch lives in _w.
         self.factory = factory
         config = factory.config
         self._metrics = factory.metrics
-        self._slots = factory.slots
         self._reader = factory.reader
+        self._owner = Owner()  # this client's requests waiting at the gate
         self._session = Session(client_id, factory.reader, factory.metrics, config, factory.clock)
+        self._session.owner = self._owner
         forwarder = factory.forwarder
         if forwarder is not None:
             self._session.forwarder = forwarder
@@ -73,52 +109,87 @@ class RespProtocol(Protocol):
             config.max_bulk_bytes, config.max_args, config.max_inline_bytes
         )
         # replies in request order; each slot is [encoded reply or None while owed]
-        self._pending: deque[list[bytes | None]] = deque()
+        self._pending: deque[list[bytes | Chunked | None]] = deque()
         # replies ready to write, every one of them before anything pending
         self._out: list[bytes] = []
+        # requests not run yet (the client is not reading its replies): parsed
+        # requests, and keys of GETs (a tuple) from the GET-packet path
+        self._held: deque[list[bytes] | tuple[bytes, ...] | ProtocolError] = deque()
+        self._queued = 0  # bytes of ready replies waiting in _pending
+        self._high = min(HIGH_WATER, config.max_client_buffer)
+        self._detour = False  # any unusual state (see dataReceived)
         self._dispatching = False  # inside dataReceived: write once, at its end
-        self._admitted = False  # holds a client slot, to give back once
         self._closing = False  # QUIT or protocol error: no more requests, close when flushed
-        self._closed = False
         self._lost = False
-        self._backlogged = False  # paused because too many replies are owed
-        self._consumer_paused = False  # paused because the client is not reading
-        self._reading_paused = False
         self._direct = False  # see _send
         self._flush_due = False  # a late reply is ready; the factory flushes at turn's end
+        self._w = _Watch(config)
 
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        if not self._slots.acquire():
+        if not self.factory.slots.acquire():
             # like Redis: say why, then hang up; the slot was never taken
-            self._closing = self._closed = True
+            self._closing = self._w.closed = self._detour = True
             self.transport.write(MAX_CLIENTS_REPLY)
             self.transport.loseConnection()
             return
-        self._admitted = True
+        self._w.admitted = True
         if ITCPTransport.providedBy(self.transport):
             # replies are written whole; never hold one back for Nagle
             self.transport.setTcpNoDelay(True)
             self._direct = can_send_now(self.transport)
         self.transport.registerProducer(self, True)
+        if self._w.client_timeout or self._w.request_timeout:
+            now = self.factory.clock.seconds()
+            if self._w.request_timeout and isinstance(self.transport, TLS_TRANSPORTS):
+                # our connectionMade comes before the handshake: a client
+                # that never finishes it sends nothing we would ever parse
+                self._w.handshake_deadline = now + self._w.request_timeout
+                self._arm(self._w.handshake_deadline, now)
+            if self._w.client_timeout:
+                self._w.idle_since = now
+                self._w.probe = self._detour = True
+                self._arm(now + self._w.client_timeout / IDLE_CHECKS, now)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done (IHandshakeListener)."""
+        self._w.handshake_deadline = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Replies still owed are dropped; their Deferreds settle into
-        # _answered, which sees _lost and writes nothing.
-        self._lost = True
+        # _answered, which sees _lost and writes nothing.  Requests still
+        # waiting at the gate are dropped unrun.
+        self._forget()
+        if self._w.admitted:
+            self._w.admitted = False
+            self.factory.slots.release()
+
+    def _forget(self) -> None:
+        """Nothing more is sent or run for this client."""
+        self._lost = self._closing = self._detour = True
+        self._owner.gone = True
         self._pending.clear()
         self._out.clear()
+        self._held.clear()
         if self._session.pin is not None:
             self._session.forwarder.release(self._session)
-        if self._admitted:
-            self._admitted = False
-            self._slots.release()
+        if self._w.timer is not None:
+            self._w.timer.cancel()
+            self._w.timer = None
+
+    def _abort(self) -> None:
+        """Drop the client now, whatever it is owed (as Redis frees a client)."""
+        if self._lost:
+            return
+        self._w.closed = True
+        self._forget()
+        self.transport.abortConnection()
 
     # -- requests ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._detour and self._detoured(data):
             return
         parser = self._parser
         keys = parser.only_gets(data) if parser.idle and self._session.plain else None
@@ -127,25 +198,63 @@ class RespProtocol(Protocol):
             if keys is not None:
                 self._run_gets(keys)
             else:
-                self._run(parser.feed(data))
+                requests = self._parse(data)
+                ran = self._run(requests)
+                if ran < len(requests) and not self._closing:
+                    self._hold(requests[ran:])
         finally:
             self._dispatching = False
         self._flush(self._send)
-        if not self._backlogged and len(self._pending) > MAX_PENDING:
-            self._backlogged = True
-            self._update_reading()
+        if self._detour or len(self._pending) > MAX_PENDING:
+            self._pump()
+
+    def _detoured(self, data: bytes) -> bool:
+        """The packet in an unusual state; True when it has been dealt with.
+
+        Closing: ignored.  Requests held back, or the client not reading:
+        parsed and held, in order.  Otherwise (an idle probe) on its way.
+        """
+        if self._closing:
+            return True
+        self._w.probe = False  # input: the client is not idle
+        self._update_flow()
+        if not (self._held or self._w.blocked):
+            return False
+        self._hold(self._parse(data))
+        if not self._over_limit():
+            self._update_flow()
+        return True
+
+    def _parse(self, data: bytes) -> list:
+        """``feed`` the parser, keeping track of the request left unfinished:
+        when it began (``request_timeout``) and a bound on its size."""
+        requests = self._parser.feed(data)
+        if self._parser.idle:
+            self._w.partial = 0
+        elif requests or not self._w.partial:  # the unfinished request began in data
+            self._w.partial = len(data)
+            if self._w.request_timeout:
+                self._start_request_clock()
+        else:
+            self._w.partial += len(data)
+            if self._over_limit():
+                return []
+        return requests
 
     def _run_gets(self, keys: list[bytes]) -> None:
         """A packet of nothing but ``GET key`` requests (most of what clients
         send), run without the general dispatch.
 
         All hits while the gate is idle and nothing is owed: answered with no
-        per-request call and one metrics update.  Otherwise the keys go
-        through the gate in groups of at most ``concurrency`` (one group, under
-        load), each answered in one piece into its reply slot
-        (``CachedReader.read_packet``).  No Deferred per miss (bench/profile
-        WORKLOAD=miss: Deferred callback chains were the largest share once
-        misses were batched).
+        per-request call and one metrics update (packets of more than
+        ``GET_BATCH`` keys: a batch at a time, until the replies pass the
+        high-water mark).  Otherwise the keys go through the gate in groups of
+        at most ``concurrency`` (one group, under load), each answered in one
+        piece into its reply slot (``CachedReader.read_packet``).  No Deferred
+        per miss (bench/profile WORKLOAD=miss: Deferred callback chains were
+        the largest share once misses were batched).  Groups stop too once
+        their replies pass the high-water mark.  Keys left are held, first in
+        line, as a tuple.
         """
         if not self._pending:
             if len(keys) == 1:  # -P 1: one dict lookup, no batch machinery
@@ -154,43 +263,95 @@ class RespProtocol(Protocol):
                     self._metrics.requests[_RESP_HIT] += 1
                     self._out.append(bulk(lookup[0]))
                     return
-            else:
+            elif len(keys) <= GET_BATCH:
                 values = self._reader.cached(keys)
                 if values is not None:
                     self._metrics.requests[_RESP_HIT] += len(values)
-                    self._out.append(bulks(values))
+                    reply = get_replies(values)
+                    if reply.__class__ is bytes:
+                        self._out.append(reply)  # type: ignore[arg-type]
+                    else:
+                        self._queue(reply)
+                    return
+            else:
+                keys = self._run_hits(keys)
+                if not keys:
                     return
         read_packet = self._reader.read_packet
         encoder = self._session.encoder
         pending = self._pending
+        owner = self._owner
         size = self._concurrency  # a packet larger than that goes in groups of it
         for start in range(0, len(keys), size):
-            slot: list[bytes | None] = [None]
+            slot: list[bytes | Chunked | None] = [None]
             pending.append(slot)
-            read_packet(keys[start:start + size], partial(self._read_packet, slot, encoder))
+            read_packet(keys[start:start + size], partial(self._read_packet, slot, encoder), owner)
+            if self._queued > self._high or len(pending) > MAX_PENDING:
+                self._hold_keys(keys[start + size:])
+                return
+
+    def _run_hits(self, keys: list[bytes]) -> list[bytes]:
+        """The leading batches of a large packet of GETs that are all hits;
+        returns the keys left for the gate (none once the replies pass the
+        high-water mark: then the rest is held)."""
+        cached = self._reader.cached
+        produced = 0
+        start = 0
+        while start < len(keys):
+            values = cached(keys[start:start + GET_BATCH])
+            if values is None:
+                return keys[start:]
+            start += len(values)
+            self._metrics.requests[_RESP_HIT] += len(values)
+            reply = get_replies(values)
+            if reply.__class__ is bytes:
+                self._out.append(reply)  # type: ignore[arg-type]
+                produced += len(reply)
+            else:
+                self._queue(reply)
+            if produced + self._queued > self._high:
+                self._hold_keys(keys[start:])
+                return []
+        return []
+
+    def _hold_keys(self, keys: list[bytes]) -> None:
+        """GETs not run yet go first in line (before anything held already)."""
+        if keys:
+            self._held.appendleft(tuple(keys))
+            self._w.held_bytes += sum(map(len, keys)) + 20 * len(keys)  # ~ *2 $3 GET $n
+            self._detour = True
+
+    def _hold(self, requests: list) -> None:
+        """Parsed requests not run yet go last in line."""
+        self._held.extend(requests)
+        self._w.held_bytes += sum(
+            sum(map(len, argv)) + 8 * len(argv) for argv in requests if argv.__class__ is list
+        )
+        self._detour = True
 
     def _read_packet(
-        self, slot: list[bytes | None], encoder: Encoder, results: list, hits: int
+        self, slot: list[bytes | Chunked | None], encoder: Encoder, results: list, hits: int
     ) -> None:
         """The replies of a packet of GETs (``CachedReader.read_packet``), as one."""
         requests = self._metrics.requests
         try:
+            reply: bytes | Chunked
             if all(map(bytes.__instancecheck__, results)):
-                reply = bulks(results)  # the common case: every key had a value
+                reply = get_replies(results)  # the common case: every key had a value
                 values = len(results)
             else:
-                replies = []
+                replies: list[bytes | Chunked] = []
                 values = 0
                 for result in results:
                     if result.__class__ is bytes:
-                        replies.append(bulk(result))
+                        replies.append(bulk_reply(result))
                         values += 1
                     else:
                         lookup = (None, False) if result is None else result
                         answer, outcome = _get_reply(lookup, encoder)
                         replies.append(answer)
                         requests[DOOR, outcome] += 1
-                reply = b"".join(replies)
+                reply = join_replies(replies)
             if hits:
                 requests[_RESP_HIT] += hits
             if values > hits:
@@ -201,15 +362,25 @@ class RespProtocol(Protocol):
             requests[DOOR, OTHER] += len(results)
         self._fill(slot, reply)
 
-    def _run(self, requests: list) -> None:
-        """Run parsed requests in order; a reply owed holds back every later one."""
+    def _run(self, requests: list) -> int:
+        """Run parsed requests in order; a reply owed holds back every later one.
+
+        Stops after the request whose reply passes the high-water mark, or
+        that owes one reply too many, and returns how many requests ran: the
+        caller holds the rest.
+        """
         session = self._session
         pending = self._pending
         out = self._out
         count = self._metrics.request
+        produced = 0  # bytes put in out
+        high = self._high
+        ran = 0
         for argv in requests:
+            ran += 1
             if argv.__class__ is not list:
                 self._protocol_error(argv)  # type: ignore[arg-type]
+                self._detour = True
                 break
             try:
                 result = execute(session, argv)
@@ -218,32 +389,37 @@ class RespProtocol(Protocol):
                 result = (INTERNAL_ERROR_REPLY, OTHER)
             if result.__class__ is tuple:
                 count(DOOR, result[1])
-                if pending:
-                    pending.append([result[0]])
+                reply = result[0]
+                if pending or reply.__class__ is not bytes:
+                    self._queue(reply)
+                    if self._queued > high or len(pending) > MAX_PENDING:
+                        break
                 else:
-                    out.append(result[0])
+                    out.append(reply)
+                    produced += len(reply)
+                    if produced > high:
+                        break
             else:
-                slot: list[bytes | None] = [None]
+                slot: list[bytes | Chunked | None] = [None]
                 pending.append(slot)
                 d: Deferred = result  # type: ignore[assignment]
                 d.addCallbacks(self._answered, self._crashed, (slot,), None, (slot,))
                 d.addErrback(self._log_failure)
+                if len(pending) > MAX_PENDING or self._lost:  # lost: over its limit
+                    break
             if session.closing:  # QUIT: later requests are not run, as in Redis
-                self._closing = True
+                self._closing = self._detour = True
                 break
+        return ran
 
     def push(self, frame: bytes) -> None:
         """A frame Redis sent unasked (pub/sub message, MONITOR line) on the
         client's pinned connection: after every reply already owed."""
         if self._lost:
             return
-        if self._pending:
-            self._pending.append([frame])
-        else:
-            self._out.append(frame)
-        if not (self._dispatching or self._flush_due):
-            self._flush_due = True
-            self.factory.flush_later(self)
+        slot: list[bytes | Chunked | None] = [None]
+        self._pending.append(slot)
+        self._fill(slot, frame)  # counted toward max_client_buffer like a reply
 
     def _protocol_error(self, problem: ProtocolError) -> None:
         """Answer the error after every earlier reply, then hang up (as Redis)."""
@@ -252,17 +428,33 @@ class RespProtocol(Protocol):
                   peer=self.transport.getPeer(), problem=str(problem))
         reply = error("ERR " + str(problem))
         if self._pending:
-            self._pending.append([reply])
+            self._queue(reply)
         else:
             self._out.append(reply)
         self._closing = True
 
-    def _answered(self, result: tuple[bytes, str], slot: list[bytes | None]) -> None:
+    def _queue(self, reply: bytes | Chunked) -> None:
+        """A reply ready now that must wait in _pending (behind an owed one, or
+        large)."""
+        self._pending.append([reply])
+        self._queued += len(reply)
+        if self._queued > self._high:
+            self._detour = True
+            self._over_limit()
+
+    def _answered(self, result: tuple[bytes | Chunked, str], slot: list) -> None:
         self._metrics.requests[DOOR, result[1]] += 1
         self._fill(slot, result[0])
 
-    def _fill(self, slot: list[bytes | None], reply: bytes) -> None:
+    def _fill(self, slot: list[bytes | Chunked | None], reply: bytes | Chunked) -> None:
+        if self._lost:
+            return
         slot[0] = reply
+        self._queued += len(reply)
+        if self._queued > self._high:
+            self._detour = True
+            if self._over_limit():
+                return
         if not (self._dispatching or self._flush_due):
             # the replies settling in one reactor turn leave in one send
             self._flush_due = True
@@ -272,34 +464,68 @@ class RespProtocol(Protocol):
         """Write the replies that settled after ``dataReceived`` (misses)."""
         self._flush_due = False
         self._flush(self._send)
+        if self._detour:
+            self._pump()
 
-    def _crashed(self, failure: Failure, slot: list[bytes | None]) -> None:
+    def _crashed(self, failure: Failure, slot: list[bytes | Chunked | None]) -> None:
         log.failure("internal error answering a RESP request", failure)
         self._answered((INTERNAL_ERROR_REPLY, OTHER), slot)
 
     def _log_failure(self, failure: Failure) -> None:
         log.failure("error while writing a RESP reply", failure)
 
+    # -- replies out -------------------------------------------------------------
+
     def _flush(self, send: Callable[[bytes], None]) -> None:
-        """Write every reply that is ready and has no owed reply before it."""
+        """Write every reply that is ready and has no owed reply before it,
+        while the client keeps reading."""
         if self._lost:
             return
         pending = self._pending
+        if pending and pending[0][0] is not None:
+            self._flush_pending(send)
         out = self._out
-        while pending and pending[0][0] is not None:
-            out.append(pending.popleft()[0])  # type: ignore[arg-type]
         if out:
             send(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if pending:
-            if self._backlogged and len(pending) <= RESUME_PENDING:
-                self._backlogged = False
-                self._update_reading()
-        elif self._closing:
+        if not pending and self._closing:
             self._close()
-        elif self._backlogged:
-            self._backlogged = False
-            self._update_reading()
+
+    def _flush_pending(self, send: Callable[[bytes], None]) -> None:
+        """Move ready replies from _pending to the transport, a ``CHUNK`` at a
+        time, until one is owed or the transport is full."""
+        pending = self._pending
+        out = self._out
+        size = 0
+        while pending and not self._w.consumer_paused:
+            reply = pending[0][0]
+            if reply is None:
+                break
+            if reply.__class__ is bytes:
+                pending.popleft()
+                out.append(reply)  # type: ignore[arg-type]
+                self._queued -= len(reply)
+                size += len(reply)
+                if size >= CHUNK:
+                    send(b"".join(out))
+                    out.clear()
+                    size = 0
+                continue
+            if out:
+                send(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+                size = 0
+            large: Chunked = reply  # type: ignore[assignment]
+            # buffered writes, one chunk a time: the transport pauses us
+            # after each (CHUNK is past its buffer size) until the client
+            # has read it, and the reactor serves other clients meanwhile
+            while large.left and not self._w.consumer_paused and not self._lost:
+                chunk = large.take(CHUNK)
+                self._queued -= len(chunk)
+                self.transport.write(chunk)
+            if large.left or self._lost:
+                return
+            pending.popleft()
 
     def _send(self, data: bytes) -> None:
         """``transport.write(data)``, sent at once when nothing is queued
@@ -314,9 +540,9 @@ class RespProtocol(Protocol):
             self.transport.write(data)
 
     def _close(self) -> None:
-        if self._closed:
+        if self._w.closed:
             return
-        self._closed = True
+        self._w.closed = True
         # a registered producer would keep the transport open after its
         # buffer is flushed (see FileDescriptor.loseConnection)
         self.transport.unregisterProducer()
@@ -324,26 +550,169 @@ class RespProtocol(Protocol):
 
     # -- flow control -----------------------------------------------------------
 
-    def _update_reading(self) -> None:
-        paused = self._backlogged or self._consumer_paused
-        if paused != self._reading_paused and not (self._lost or self._closed):
-            self._reading_paused = paused
+    def _pump(self) -> None:
+        """After a flush in an unusual state: run held requests while nothing
+        blocks them, writing as they go; then pause or resume reading."""
+        while True:
+            self._update_flow()
+            if self._w.blocked and self._over_limit():
+                return
+            if not self._held or self._w.blocked or self._closing:
+                return
+            self._run_held()
+            self._flush(self._send)
+
+    def _run_held(self) -> None:
+        """Run held requests up to the high-water mark, in order: a tuple of
+        keys as a packet of GETs, the rest in batches; what is left stays
+        first in line."""
+        held = self._held
+        self._dispatching = True
+        try:
+            if held[0].__class__ is tuple:
+                self._run_gets(list(held.popleft()))
+            else:
+                batch = []
+                while held and held[0].__class__ is not tuple and len(batch) < HELD_BATCH:
+                    batch.append(held.popleft())
+                ran = self._run(batch)
+                if ran < len(batch) and not self._closing:
+                    held.extendleft(reversed(batch[ran:]))
+        finally:
+            self._dispatching = False
+        if self._closing:
+            held.clear()
+        if not held:
+            self._w.held_bytes = 0
+
+    def _update_flow(self) -> None:
+        """Recompute what blocks requests and reading, from the state now."""
+        count = len(self._pending)
+        if self._w.backlogged:
+            if count <= RESUME_PENDING:
+                self._w.backlogged = False
+        elif count > MAX_PENDING:
+            self._w.backlogged = True
+        self._w.blocked = blocked = (
+            self._w.consumer_paused or self._w.backlogged or self._queued > self._high
+        )
+        paused = blocked or bool(self._held)
+        self._detour = paused or self._closing or self._w.probe
+        if paused != self._w.reading_paused and not (self._lost or self._w.closed):
+            self._w.reading_paused = paused
             if paused:
                 self.transport.pauseProducing()
             else:
                 self.transport.resumeProducing()
+                if self._w.partial and self._w.request_timeout:
+                    # time spent not reading (the client not reading us)
+                    # does not count against its unfinished request
+                    self._start_request_clock()
 
     def pauseProducing(self) -> None:
-        """The client is not reading its replies: stop reading its requests."""
-        self._consumer_paused = True
-        self._update_reading()
+        """The client is not reading its replies: stop running and reading its requests."""
+        self._w.consumer_paused = True
+        if not self._over_limit():
+            self._update_flow()
 
     def resumeProducing(self) -> None:
-        self._consumer_paused = False
-        self._update_reading()
+        """The client has read everything written: go on writing and running."""
+        self._w.consumer_paused = False
+        self._w.probe = False  # output progress: not idle either
+        self._flush(self._send)
+        self._pump()
 
     def stopProducing(self) -> None:
         """The transport is going away; connectionLost does the cleanup."""
+
+    # -- limits and timeouts ----------------------------------------------------------
+
+    def _over_limit(self) -> bool:
+        """Disconnect the client if what it has buffered here passes
+        ``max_client_buffer``; True if it was."""
+        size = self._w.partial + self._w.held_bytes + self._queued + buffered(self.transport)
+        if size <= self._w.max_buffer or self._lost:
+            return False
+        self.factory.overflowed(self.transport.getPeer(), size)
+        self._abort()
+        return True
+
+    def _start_request_clock(self) -> None:
+        now = self.factory.clock.seconds()
+        self._w.partial_since = now
+        self._arm(now + self._w.request_timeout, now)
+
+    def _arm(self, when: float, now: float) -> None:
+        """Have _check run at ``when`` at the latest."""
+        timer = self._w.timer
+        if timer is None:
+            self._w.timer = self.factory.clock.callLater(max(0.0, when - now), self._check)
+        elif timer.getTime() > when:
+            timer.reset(max(0.0, when - now))
+
+    def _check(self) -> None:
+        """The connection's one timer: close it if a deadline has passed,
+        else re-arm for the next one (none: the timer stays off until a
+        request begins again)."""
+        self._w.timer = None
+        if self._lost:  # (a connection closing after QUIT still counts: its
+            return  # client may never read the last replies, and so never let go)
+        now = self.factory.clock.seconds()
+        wake = None
+        deadline = self._w.handshake_deadline
+        if deadline is not None:
+            if now >= deadline:
+                return self._expire("TLS handshake not completed within request_timeout")
+            wake = deadline
+        if self._w.partial and self._w.request_timeout and not self._w.reading_paused:
+            deadline = self._w.partial_since + self._w.request_timeout
+            if now >= deadline:
+                return self._expire("request not completed within request_timeout")
+            wake = deadline if wake is None else min(wake, deadline)
+        if self._w.client_timeout:
+            pending = self._pending
+            if not self._w.probe or (pending and pending[0][0] is None):
+                self._w.idle_since = now  # input, output, or waiting on Redis
+            elif now - self._w.idle_since >= self._w.client_timeout:
+                return self._expire("idle for client_timeout")
+            self._w.probe = self._detour = True
+            deadline = now + self._w.client_timeout / IDLE_CHECKS
+            wake = deadline if wake is None else min(wake, deadline)
+        if wake is not None:
+            self._arm(wake, now)
+
+    def _expire(self, why: str) -> None:
+        log.debug("RESP client {peer} closed: {why}", peer=self.transport.getPeer(), why=why)
+        self._abort()
+
+
+class _Watch:
+    """A connection's flow control, limits and timeouts: the state only its
+    slow paths read."""
+
+    __slots__ = (
+        "admitted", "closed", "backlogged", "consumer_paused", "blocked", "reading_paused",
+        "held_bytes", "max_buffer", "request_timeout", "client_timeout", "timer",
+        "partial", "partial_since", "handshake_deadline", "probe", "idle_since",
+    )
+
+    def __init__(self, config: Config) -> None:
+        self.admitted = False  # holds a client slot, to give back once
+        self.closed = False
+        self.backlogged = False  # too many replies owed
+        self.consumer_paused = False  # the client is not reading
+        self.blocked = False  # either of those, or too many bytes queued: hold requests
+        self.reading_paused = False
+        self.held_bytes = 0  # bytes of the packets whose requests are all held
+        self.max_buffer = config.max_client_buffer
+        self.request_timeout = config.request_timeout
+        self.client_timeout = config.client_timeout
+        self.timer: IDelayedCall | None = None
+        self.partial = 0  # bytes of the request begun and not finished (a bound)
+        self.partial_since = 0.0  # when it began, or reading resumed
+        self.handshake_deadline: float | None = None  # TLS: handshake not done by then
+        self.probe = False  # idle probe armed: the next packet clears it
+        self.idle_since = 0.0
 
 
 def _get_reply(result: Any, encoder: Encoder) -> tuple[bytes, str]:
@@ -353,6 +722,11 @@ def _get_reply(result: Any, encoder: Encoder) -> tuple[bytes, str]:
     except Exception:
         log.failure("internal error answering a RESP GET")
         return INTERNAL_ERROR_REPLY, OTHER
+
+
+def _address(peer: Any) -> str:
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else str(peer)
 
 
 class RespFactory(Factory):
@@ -378,6 +752,27 @@ class RespFactory(Factory):
         self._last_id = 0
         self._late: list[RespProtocol] = []  # connections with replies to flush
         self._late_call: IDelayedCall | None = None
+        self._overflow_logged: float | None = None  # when the last such line was written
+        self._overflows = 0  # clients disconnected since, not logged
+
+    def overflowed(self, peer: Any, size: int) -> None:
+        """A client passed ``max_client_buffer`` and is disconnected: one log
+        line at most every ``OVERFLOW_LOG_INTERVAL`` seconds, however many
+        clients a flood of them brings."""
+        now = self.clock.seconds()
+        last = self._overflow_logged
+        if last is not None and now - last < OVERFLOW_LOG_INTERVAL:
+            self._overflows += 1
+            return
+        self._overflow_logged = now
+        suppressed, self._overflows = self._overflows, 0
+        log.warn(
+            "RESP client {peer} disconnected: {size} bytes buffered for it passed "
+            "max_client_buffer ({limit}){more}",
+            peer=_address(peer), size=size, limit=self.config.max_client_buffer,
+            suppressed=suppressed,
+            more=f"; {suppressed} more clients since the last such line" if suppressed else "",
+        )
 
     def flush_later(self, protocol: RespProtocol) -> None:
         """Flush ``protocol``'s settled replies at the end of this reactor turn.

@@ -15,8 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.interfaces import ITCPTransport
+
+try:
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    #: the transports of TLS connections (``ssl:`` endpoints)
+    TLS_TRANSPORTS: tuple[type, ...] = (TLSMemoryBIOProtocol,)
+except ImportError:  # no pyOpenSSL: no TLS connections either
+    TLS_TRANSPORTS = ()
 
 
 def can_send_now(transport: Any) -> bool:
@@ -44,3 +52,18 @@ def send_now(transport: Any, data: bytes) -> None:
                 return
             data = data[sent:]
     transport.write(data)
+
+
+def buffered(transport: Any) -> int:
+    """Bytes written to ``transport`` and not yet taken by the kernel: what a
+    client that does not read its replies costs in Twisted's send buffers
+    (part of its ``max_client_buffer``).  0 for a transport of unknown kind."""
+    if isinstance(transport, abstract.FileDescriptor):
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    if isinstance(transport, TLS_TRANSPORTS):
+        # cleartext waiting for the handshake or in the small-write
+        # aggregator, then the ciphertext in the socket's own buffer
+        size = sum(map(len, transport._appSendBuffer))
+        size += sum(map(len, getattr(getattr(transport, "_aggregator", None), "_buffer", ())))
+        return size + buffered(transport.transport)
+    return 0

@@ -250,7 +250,7 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
         metrics.invalidation_state = lambda: invalidator.state
     forwarder = None
     if config.forward != "none":
-        forwarder = Forwarder(config, reactor, reader, gate, metrics)
+        forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing)
     proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
                   forwarder)
 

@@ -86,9 +86,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
         problem = tracking_support_problem(config.redis, config.redis_timeout)
         if problem is not None:
-            raise SystemExit(
-                f"redisp: invalidation: tracking needs Redis >= 6 with CLIENT TRACKING; "
-                f"{config.redis.redacted()} answered: {problem}")
+            raise SystemExit(f"redisp: {problem}")
 
     from redisp.service import build_proxy
 

@@ -78,7 +78,13 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from redisp.backing import Backing, BackingError, BackingTimeout, BackingUnavailable
+from redisp.backing import (
+    Backing,
+    BackingError,
+    BackingInternalError,
+    BackingTimeout,
+    BackingUnavailable,
+)
 from redisp.clients import ClientSlots
 from redisp.config import Config
 from redisp.metrics import Metrics
@@ -386,6 +392,8 @@ class FrontDoor(Resource):
             code, fallback = GATEWAY_TIMEOUT, "backing redis timed out"
         elif isinstance(error, BackingUnavailable):
             code, fallback = SERVICE_UNAVAILABLE, "backing redis unavailable"
+        elif isinstance(error, BackingInternalError):  # ours, logged where it happened
+            code, fallback = INTERNAL_SERVER_ERROR, "internal error"
         else:  # BackingReplyError, or any other error Redis reported
             code, fallback = BAD_GATEWAY, "backing redis error"
         respond(pending.request, code, _line(str(error), fallback))

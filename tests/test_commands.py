@@ -34,7 +34,7 @@ class FakeReader:
         self.waiting: dict[bytes, list[Deferred]] = {}
         self.waiting_many: list[tuple[list[bytes], Deferred]] = []
 
-    def get(self, key: bytes):
+    def get(self, key: bytes, owner=None):
         if key in self.failures:
             return fail(self.failures[key])
         if key in self.later:
@@ -49,7 +49,7 @@ class FakeReader:
             return None
         return self.values[key], True
 
-    def read_packet(self, keys: list[bytes], done) -> None:
+    def read_packet(self, keys: list[bytes], done, owner=None) -> None:
         """CachedReader.read_packet over ``get``: one answer once all are in."""
         results: list = [None] * len(keys)
         owed = [len(keys) + 1]
@@ -80,7 +80,7 @@ class FakeReader:
             return [self.values[key] for key in keys]
         return None
 
-    def get_many(self, keys: list[bytes]):
+    def get_many(self, keys: list[bytes], owner=None):
         if any(key in self.later for key in keys):
             d: Deferred = Deferred()
             self.waiting_many.append((keys, d))

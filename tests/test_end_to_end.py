@@ -135,6 +135,7 @@ def test_single_client_rule_queues_a_hit_behind_a_slow_miss(redis_server, redis_
         p = start_proxy(redis_url=forwarder.url, concurrency=1, redis_timeout=30.0)
         yield until(lambda: p.proxy.backing.up)
         yield in_thread(p.http_get, "cached")  # now cached
+        yield until(p.proxy.gate.idle)  # its gate token back (released on the next turn)
         client = yield in_thread(p.connected_redis_py)
         forwarder.hold()
         slow = in_thread(client.get, "slow")

@@ -3,7 +3,7 @@
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from redisp.gate import Gate
+from redisp.gate import Gate, Owner
 
 
 def test_single_gate_runs_one_at_a_time_in_arrival_order():
@@ -180,3 +180,63 @@ def test_run_does_not_overtake_a_queued_group():
     gate.leave(2)
     clock.advance(0)
     assert order == ["running", "group", "run"]
+
+
+# -- requests of a client that has gone ------------------------------------------------
+
+
+def test_a_gone_owners_waiting_requests_are_dropped_unrun_and_take_no_token():
+    """SPEC §4: work of a client that disconnected is dropped at the gate,
+    whichever way it entered; requests of others behind it go on in order."""
+    clock = Clock()
+    gate = Gate(1, clock)
+    gone, other = Owner(), Owner()
+    started = []
+    gate.enter(started.append, "running", owner=gone)
+    gate.enter(started.append, "entered", owner=gone)
+    gate.enter_many(1, started.append, "group", owner=gone)
+    ran = gate.run(lambda: started.append("run"), owner=gone)
+    gate.enter(started.append, "other", owner=other)
+    gate.enter(started.append, "anonymous")
+    assert gate.waiting == 5
+    gone.gone = True
+    gate.leave()  # the running one, admitted before its client left, finishes
+    clock.advance(0)
+    assert started == ["running", "other"]
+    assert gate.waiting == 1 and gate._free == 0
+    assert not ran.called, "a dropped run() never fires"
+    gate.leave()
+    clock.advance(0)
+    assert started == ["running", "other", "anonymous"]
+    gate.leave()
+    clock.advance(0)
+    assert gate.idle() and gate.waiting == 0 and gate._free == 1
+
+
+def test_a_dropped_group_frees_the_way_for_smaller_requests_behind_it():
+    clock = Clock()
+    gate = Gate(3, clock)
+    gone = Owner()
+    started = []
+    gate.enter(started.append, "running")
+    gate.enter_many(3, started.append, "group", owner=gone)
+    gate.enter(started.append, "single")
+    gone.gone = True
+    gate.leave()
+    clock.advance(0)
+    assert started == ["running", "single"]
+
+
+def test_drained_does_not_wait_for_dropped_requests():
+    clock = Clock()
+    gate = Gate(1, clock)
+    gone = Owner()
+    gate.enter(lambda: None)
+    for _ in range(3):
+        gate.enter(lambda: None, owner=gone)
+    drained = []
+    gate.drained(timeout=5).addCallback(drained.append)
+    gone.gone = True
+    gate.leave()
+    clock.advance(0)
+    assert drained == [None] and gate.idle()

@@ -291,3 +291,80 @@ def test_read_packet_waits_its_turn_behind_a_miss_under_concurrency_1():
     backing.pending[0].callback(b"S")
     clock.advance(0)
     assert result_of(slow) == (b"S", False) and answers == [([b"H"], 1)]
+
+
+# -- pending invalidations are read before the first lookup of a reactor turn ----------
+
+
+def draining(**kw):
+    """A reader with ``k`` cached as ``old`` and a drain hook that takes in the
+    invalidations "waiting in the socket" (``waiting``); ``k``'s is there."""
+    reader, backing, cache, clock, metrics = make(**kw)
+    cache.put(b"k", b"old")
+    drains, waiting = [], [b"k"]
+
+    def drain():
+        drains.append(clock.seconds())
+        while waiting:
+            reader.invalidate(waiting.pop())
+
+    reader.drain_before_hits(drain, clock)
+    return reader, backing, cache, clock, drains, waiting
+
+
+def test_read_takes_in_pending_invalidations_before_the_lookup():
+    reader, backing, cache, clock, drains, waiting = draining()
+    assert reader.read(b"k") is None, "the stale entry is gone before the lookup"
+    assert drains == [0]
+
+
+def test_cached_takes_in_pending_invalidations_before_the_lookup():
+    reader, backing, cache, clock, drains, waiting = draining()
+    assert reader.cached([b"k"]) is None
+    assert drains == [0]
+
+
+def test_get_many_takes_in_pending_invalidations_before_the_lookup():
+    reader, backing, cache, clock, drains, waiting = draining()
+    d = reader.get_many([b"k"])
+    assert isinstance(d, Deferred) and backing.calls == [(b"MGET", b"k")]
+    assert len(drains) == 1, "once per turn, even across cached and _lookup_many"
+
+
+def test_a_packet_takes_in_pending_invalidations_before_its_lookups():
+    reader, backing, cache, clock, drains, waiting = draining()
+    got = []
+    reader.read_packet([b"k"], lambda results, hits: got.append((results, hits)))
+    assert backing.calls == [(b"GET", b"k")] and drains == [0]
+    backing.pending[0].callback(b"new")
+    assert got == [([b"new"], 0)]
+
+
+def test_a_queued_lookup_takes_in_invalidations_pending_when_it_is_admitted():
+    reader, backing, cache, clock, drains, waiting = draining()
+    waiting.clear()
+    first = reader.get(b"x")  # a miss holds the only token
+    queued = reader.get(b"k")  # waits at the gate: k is still fresh
+    assert isinstance(queued, Deferred) and drains == [0]
+    waiting.append(b"k")  # k is written while it waits
+    clock.advance(0)  # the turn is over
+    backing.pending[0].callback(b"xv")
+    clock.advance(0)  # the token comes back: the lookup of k runs
+    assert backing.calls == [(b"GET", b"x"), (b"GET", b"k")], "k was fetched, not served stale"
+    assert len(drains) == 2
+    assert result_of(first) == (b"xv", False)
+
+
+def test_pending_invalidations_are_read_once_per_reactor_turn():
+    reader, backing, cache, clock, drains, waiting = draining()
+    cache.put(b"other", b"v")
+    for _ in range(3):
+        assert reader.read(b"other") == (b"v", True)
+    assert drains == [0]
+    clock.advance(0)
+    assert reader.read(b"other") == (b"v", True)
+    assert drains == [0, 0]
+    reader.drain_before_hits(None)
+    clock.advance(0)
+    reader.read(b"other")
+    assert drains == [0, 0], "no hook, no drain"

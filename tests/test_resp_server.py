@@ -3,6 +3,9 @@ order, protocol errors, the client cap, QUIT, flow control, lost clients."""
 
 from __future__ import annotations
 
+import functools
+import tracemalloc
+
 import pytest
 import pytest_twisted
 from twisted.internet import protocol, task
@@ -14,12 +17,27 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from redisp import resp_server
 from redisp.backing import BackingReplyError, BackingUnavailable
+from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config
+from redisp.gate import Gate
 from redisp.metrics import Metrics
-from redisp.resp_server import MAX_PENDING, RESUME_PENDING, RespFactory, RespProtocol
+from redisp.reader import CachedReader
+from redisp.replies import CHUNK
+from redisp.resp import bulk
+from redisp.resp_server import (
+    HIGH_WATER,
+    IDLE_CHECKS,
+    MAX_PENDING,
+    OVERFLOW_LOG_INTERVAL,
+    RESUME_PENDING,
+    RespFactory,
+    RespProtocol,
+)
 from tests.test_commands import FakeReader
+from tests.test_reader import FakeBacking
 from tests.test_resp import encode
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -59,19 +77,20 @@ class Door:
 
     def __init__(
         self, values: dict[bytes, bytes] | None = None, max_clients: int = 100,
-        concurrency: int = 1,
+        concurrency: int = 1, reader=None, clock: task.Clock | None = None, **config,
     ) -> None:
-        self.clock = task.Clock()
+        self.clock = clock or task.Clock()
         self.metrics = Metrics(started=self.clock.seconds())
         self.slots = ClientSlots(max_clients, self.metrics)
-        self.reader = TurnEndingReader(values if values is not None else {b"k": b"v"}, self.clock)
-        self.factory = RespFactory(
-            self.reader, self.metrics, self.slots, Config(concurrency=concurrency), self.clock
+        self.reader = reader or TurnEndingReader(
+            values if values is not None else {b"k": b"v"}, self.clock
         )
+        self.config = Config(concurrency=concurrency, **config)
+        self.factory = RespFactory(self.reader, self.metrics, self.slots, self.config, self.clock)
 
-    def connect(self) -> tuple[RespProtocol, RecordingTransport]:
+    def connect(self, transport=None) -> tuple[RespProtocol, RecordingTransport]:
         proto = self.factory.buildProtocol(PEER)
-        transport = RecordingTransport()
+        transport = transport or RecordingTransport()
         proto.makeConnection(transport)
         return proto, transport
 
@@ -207,7 +226,7 @@ def test_unexpected_failure_answers_internal_error_and_is_logged(door, logged_fa
 
 
 def test_exception_in_a_command_answers_internal_error(door, logged_failures):
-    def broken(key):
+    def broken(key, owner=None):
         raise KeyError(key)
 
     door.reader.get = broken
@@ -371,13 +390,14 @@ def test_client_not_reading_pauses_reading(door):
 def test_both_reasons_to_pause_must_clear(door):
     door.reader.later.add(b"slow")
     proto, transport = door.connect()
-    proto.pauseProducing()
     proto.dataReceived(encode(b"GET", b"slow") * (MAX_PENDING + 1))
+    proto.pauseProducing()
     while door.reader.waiting[b"slow"]:
         door.reader.answer(b"slow", b"v")
     assert transport.producerState == "paused", "the client still is not reading"
     proto.resumeProducing()
     assert transport.producerState == "producing"
+    assert transport.value() == b"$1\r\nv\r\n" * (MAX_PENDING + 1)
 
 
 # -- a real socket ------------------------------------------------------------------
@@ -475,3 +495,507 @@ def test_a_late_reply_to_a_connection_gone_meanwhile_is_dropped(door):
     proto.connectionLost(Failure(ConnectionDone()))
     door.clock.advance(0)
     assert transport.value() == b""
+
+
+# -- a client that has gone (SPEC §4) -------------------------------------------------
+
+
+def real_door(concurrency: int = 1, **config) -> tuple[Door, FakeBacking]:
+    """A Door over the real reader, gate and cache; the backing is the test's."""
+    clock = task.Clock()
+    metrics = Metrics(started=0)
+    backing = FakeBacking()
+    reader = CachedReader(
+        Cache(100, 60.0, clock, metrics), Gate(concurrency, clock), backing, metrics
+    )
+    return Door(reader=reader, clock=clock, concurrency=concurrency, **config), backing
+
+
+@pytest.mark.parametrize("concurrency", [1, 64])
+def test_a_gone_clients_requests_waiting_at_the_gate_are_never_sent(concurrency):
+    """200 pipelined misses, then the client leaves: what the gate admitted
+    may finish, the rest is never sent to Redis, and the next client's
+    request is next."""
+    door, backing = real_door(concurrency)
+    leaving, t1 = door.connect()
+    other, t2 = door.connect()
+    leaving.dataReceived(b"".join(encode(b"GET", b"miss:%d" % i) for i in range(200)))
+    admitted = len(backing.calls)
+    assert admitted == concurrency
+    other.dataReceived(encode(b"GET", b"after"))  # queued behind the 200
+    leaving.connectionLost(Failure(ConnectionDone()))
+    for fetch in list(backing.pending):
+        fetch.callback(None)
+    door.clock.advance(0)
+    assert backing.calls[admitted:] == [(b"GET", b"after")], "nothing sent for the gone client"
+    backing.pending[-1].callback(b"v")
+    door.clock.advance(0)
+    assert t2.value() == b"$1\r\nv\r\n"
+    assert t1.value() == b""
+    door.clock.advance(0)
+    assert door.reader._gate.idle()
+
+
+def test_a_gone_clients_mget_and_general_gets_are_dropped_too():
+    door, backing = real_door(1)
+    other, _ = door.connect()
+    other.dataReceived(encode(b"GET", b"first"))
+    leaving, _ = door.connect()
+    leaving.dataReceived(encode(b"MGET", b"a", b"b") + b"PING\r\n" + encode(b"GET", b"c")
+                         + b"PING\r\n")
+    leaving.connectionLost(Failure(ConnectionDone()))
+    backing.pending[0].callback(None)
+    door.clock.advance(0)
+    assert backing.calls == [(b"GET", b"first")]
+
+
+# -- a client that does not read (SPEC §9) -----------------------------------------------
+
+
+class ReadingTransport(RecordingTransport):
+    """Pauses its producer past 64 KiB unread, as Twisted's FileDescriptor
+    does with its send buffer; ``read()`` is the client reading it all, after
+    which the producer is resumed, as FileDescriptor.doWrite does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unread = 0
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        if self.unread > 65536 and self.producer is not None and not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def read(self) -> bytes:
+        data = self.value()
+        self.clear()
+        self.unread = 0
+        if self.paused and self.producer is not None:
+            self.paused = False
+            self.producer.resumeProducing()
+        return data
+
+
+def read_all(transport: ReadingTransport, size: int) -> bytes:
+    got = b""
+    for _ in range(10000):
+        got += transport.read()
+        if len(got) >= size:
+            return got
+    raise AssertionError(f"only {len(got)} of {size} bytes came")
+
+
+VALUE_4K = b"x" * 4096
+
+
+def test_requests_are_not_run_while_the_client_does_not_read():
+    """One read of pipelined requests whose replies add up to megabytes: only
+    about a high-water mark's worth is run and written until the client
+    reads, then the rest follows in order."""
+    door = Door({b"k": VALUE_4K})
+    proto, transport = door.connect(ReadingTransport())
+    pairs = 1000
+    proto.dataReceived((encode(b"GET", b"k") + b"PING\r\n") * pairs)  # the general path
+    assert len(transport.value()) <= HIGH_WATER + 2 * len(bulk(VALUE_4K))
+    assert door.outcomes()["hit"] < HIGH_WATER // len(VALUE_4K) + 2, "the rest is not run yet"
+    assert transport.producerState == "paused", "nor read"
+    expected = (bulk(VALUE_4K) + b"+PONG\r\n") * pairs
+    assert read_all(transport, len(expected)) == expected
+    assert door.outcomes() == {"hit": pairs, "other": pairs}
+    assert transport.producerState == "producing"
+
+
+def test_a_packet_of_hits_with_a_huge_reply_is_sent_as_the_client_reads():
+    """The GET-packet fast path: 3000 GETs of a 4 KiB value (12 MB of
+    replies) from one 64 KiB read cost about one chunk, not 12 MB."""
+    door = Door({b"k": VALUE_4K})
+    proto, transport = door.connect(ReadingTransport())
+    packet = encode(b"GET", b"k") * 3000
+    assert len(packet) < 65536
+    tracemalloc.start()
+    try:
+        proto.dataReceived(packet)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * CHUNK + len(packet) + 400_000, f"{peak} bytes for a 12 MB reply"
+    assert len(transport.value()) == CHUNK
+    expected = bulk(VALUE_4K) * 3000
+    assert read_all(transport, len(expected)) == expected
+
+
+def test_a_huge_mget_is_sent_in_chunks_as_the_client_reads():
+    door = Door({b"k": VALUE_4K})
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(encode(b"MGET", *[b"k"] * 1000) + b"PING\r\n")
+    assert len(transport.value()) == CHUNK
+    expected = b"*1000\r\n" + bulk(VALUE_4K) * 1000 + b"+PONG\r\n"
+    assert read_all(transport, len(expected)) == expected
+
+
+@pytest.mark.parametrize("request_", [
+    encode(b"GET", b"big"),  # the GET-packet path
+    encode(b"GET", b"big") + b"PING\r\n",  # the general path
+], ids=["GET packet", "general"])
+def test_a_huge_value_fetched_from_redis_is_sent_in_chunks(request_):
+    big = bytes(range(256)) * 4096  # 1 MiB
+    door = Door()
+    door.reader.later.add(b"big")
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(request_)
+    door.reader.answer(b"big", big)
+    assert len(transport.value()) == CHUNK
+    expected = bulk(big) + (b"+PONG\r\n" if request_.endswith(b"PING\r\n") else b"")
+    assert read_all(transport, len(expected)) == expected
+
+
+def test_input_while_the_client_is_not_reading_is_held_not_run(door):
+    """A TLS transport may deliver more records after pausing us: they wait."""
+    door.reader.later.add(b"slow")
+    proto, transport = door.connect()
+    proto.pauseProducing()
+    proto.dataReceived(b"PING\r\n" + encode(b"GET", b"slow"))
+    assert transport.value() == b"" and b"slow" not in door.reader.waiting
+    proto.resumeProducing()
+    assert transport.value() == b"+PONG\r\n" and door.reader.waiting[b"slow"]
+    door.reader.answer(b"slow", b"v")
+    assert transport.value() == b"+PONG\r\n$1\r\nv\r\n"
+
+
+def test_replies_piling_up_behind_an_owed_one_stop_the_requests():
+    door = Door({b"k": VALUE_4K})
+    door.reader.later.add(b"slow")
+    proto, transport = door.connect()
+    pairs = 500
+    proto.dataReceived(encode(b"GET", b"slow") + (encode(b"GET", b"k") + b"PING\r\n") * pairs)
+    assert door.outcomes()["hit"] <= HIGH_WATER // len(VALUE_4K) + 1
+    assert transport.producerState == "paused"
+    door.reader.answer(b"slow", b"s")
+    assert transport.value() == b"$1\r\ns\r\n" + (bulk(VALUE_4K) + b"+PONG\r\n") * pairs
+    assert transport.producerState == "producing"
+
+
+def test_quit_held_behind_a_client_not_reading_still_closes_after_its_replies():
+    door = Door({b"k": VALUE_4K})
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(encode(b"GET", b"k") * 100 + b"PING\r\n" * 100 + b"QUIT\r\nPING\r\n"
+                       + encode(b"GET", b"k") * 200 + b"PING\r\n")
+    proto.dataReceived(b"PING\r\n")
+    assert not transport.disconnecting
+    expected = bulk(VALUE_4K) * 100 + b"+PONG\r\n" * 100 + b"+OK\r\n"
+    assert read_all(transport, len(expected)) == expected
+    assert transport.disconnecting
+
+
+@pytest.fixture
+def overflow_lines():
+    """Log lines about clients disconnected for max_client_buffer."""
+    lines: list = []
+
+    def observe(event: dict) -> None:
+        if "max_client_buffer" in event.get("log_format", ""):
+            lines.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.mark.parametrize("request_", [
+    encode(b"GET", b"k") * 3000,  # the fast path
+    encode(b"MGET", *[b"k"] * 300),
+    encode(b"MGET", b"slow", *[b"k"] * 300),  # answered later
+], ids=["GET packet", "MGET", "MGET answered later"])
+def test_a_reply_past_max_client_buffer_disconnects(request_, overflow_lines):
+    door = Door({b"k": VALUE_4K}, max_client_buffer=1_000_000)
+    door.reader.later.add(b"slow")
+    proto, transport = door.connect()
+    proto.dataReceived(request_)
+    if door.reader.waiting_many:
+        assert not transport.disconnected
+        door.reader.waiting_many[0][1].callback([VALUE_4K] * 301)
+    assert transport.disconnected, "aborted, as Redis frees a client past its limits"
+    assert len(transport.value()) < 1_000_000
+    assert len(overflow_lines) == 1
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert door.metrics.connected_clients == 0
+
+
+def test_a_send_buffer_filling_past_max_client_buffer_disconnects(overflow_lines, monkeypatch):
+    """A single GET answered from the cache is written whole; when it fills
+    the send buffer past the limit, the client goes."""
+    # what sending.buffered reads from a real transport
+    monkeypatch.setattr(resp_server, "buffered", lambda transport: transport.unread)
+    door = Door({b"k": b"v" * 200_000}, max_client_buffer=100_000)
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(encode(b"GET", b"k"))
+    assert transport.disconnected
+    assert len(overflow_lines) == 1
+
+
+def test_an_unfinished_request_past_max_client_buffer_disconnects(overflow_lines):
+    door = Door(max_client_buffer=1_000_000)
+    proto, transport = door.connect()
+    proto.dataReceived(b"*2\r\n$4\r\nECHO\r\n$2000000\r\n")
+    for _ in range(15):
+        proto.dataReceived(b"a" * 65536)
+    assert not transport.disconnected
+    proto.dataReceived(b"a" * 65536)
+    assert transport.disconnected and transport.value() == b""
+
+
+def test_below_max_client_buffer_a_slow_reader_is_kept():
+    door = Door({b"k": VALUE_4K}, max_client_buffer=1_000_000)
+    proto, transport = door.connect(ReadingTransport())
+    for _ in range(20):
+        proto.dataReceived((encode(b"GET", b"k") + b"PING\r\n") * 100)
+    assert not transport.disconnected
+    expected = (bulk(VALUE_4K) + b"+PONG\r\n") * 2000
+    assert read_all(transport, len(expected)) == expected
+
+
+def test_overflow_log_lines_are_rate_limited(overflow_lines):
+    door = Door({b"k": VALUE_4K}, max_client_buffer=100_000)
+    for _ in range(5):
+        proto, _ = door.connect()
+        proto.dataReceived(encode(b"MGET", *[b"k"] * 100))
+    assert len(overflow_lines) == 1
+    door.clock.advance(OVERFLOW_LOG_INTERVAL)
+    proto, _ = door.connect()
+    proto.dataReceived(encode(b"MGET", *[b"k"] * 100))
+    assert len(overflow_lines) == 2
+    assert overflow_lines[1]["suppressed"] == 4
+
+
+# -- timeouts (SPEC §9) ----------------------------------------------------------------
+
+
+def test_a_request_unfinished_within_request_timeout_closes_the_connection():
+    door = Door(request_timeout=10.0)
+    proto, transport = door.connect()
+    proto.dataReceived(b"PING\r\n*2\r\n$3\r\nGET\r\n")
+    door.clock.advance(9.9)
+    assert not transport.disconnected
+    door.clock.advance(0.1)
+    assert transport.disconnected
+    assert transport.value() == b"+PONG\r\n"
+
+
+def test_trickling_a_request_does_not_restart_its_timeout():
+    """Slow loris: a byte a second never completes a request in time."""
+    door = Door(request_timeout=10.0)
+    proto, transport = door.connect()
+    for byte in encode(b"GET", b"a-long-key-name"):
+        proto.dataReceived(bytes([byte]))
+        door.clock.advance(1.0)
+        if transport.disconnected:
+            break
+    assert transport.disconnected
+    assert door.clock.seconds() == 10.0
+
+
+def test_requests_each_completed_in_time_keep_the_connection():
+    door = Door(request_timeout=10.0)
+    proto, transport = door.connect()
+    request = encode(b"ECHO", b"hello")
+    for _ in range(5):
+        proto.dataReceived(request[:5])
+        door.clock.advance(9.0)
+        proto.dataReceived(request[5:])
+        door.clock.advance(9.0)
+    assert not transport.disconnected
+    assert transport.value() == bulk(b"hello") * 5
+
+
+def test_timeouts_cost_no_timer_per_packet():
+    """No timer while nothing is unfinished; one, never moved, while a
+    request arrives in pieces."""
+    door = Door(request_timeout=10.0)
+    proto, transport = door.connect()
+    proto.dataReceived(encode(b"GET", b"k") * 3)
+    proto.dataReceived(b"PING\r\n")
+    assert door.clock.getDelayedCalls() == []
+    request = encode(b"ECHO", b"x" * 100)
+    proto.dataReceived(request[:10])
+    [timer] = door.clock.getDelayedCalls()
+    for i in range(10, len(request) - 1):
+        proto.dataReceived(request[i:i + 1])
+        assert door.clock.getDelayedCalls() == [timer] and timer.getTime() == 10.0
+    proto.dataReceived(request[-1:])
+    door.clock.advance(10.0)  # fires once, finds nothing unfinished, stays off
+    assert door.clock.getDelayedCalls() == [] and not transport.disconnected
+
+
+def test_the_request_timeout_does_not_run_while_we_do_not_read():
+    """Reading paused because the client is not reading its replies: time
+    the rest of its request spends in the socket is not held against it."""
+    door = Door(request_timeout=10.0)
+    proto, transport = door.connect()
+    proto.dataReceived(b"*2\r\n$4\r\nECHO\r\n")
+    door.clock.advance(5.0)
+    proto.pauseProducing()
+    door.clock.advance(60.0)
+    assert not transport.disconnected
+    proto.resumeProducing()
+    door.clock.advance(9.9)
+    assert not transport.disconnected
+    door.clock.advance(0.1)
+    assert transport.disconnected
+
+
+def test_request_timeout_zero_never_closes():
+    door = Door(request_timeout=0.0)
+    proto, transport = door.connect()
+    proto.dataReceived(b"*2\r\n")
+    assert door.clock.getDelayedCalls() == []
+
+
+def idle_until_closed(door: Door, transport) -> float:
+    """Let the clock run in small steps, as a reactor's does, until the
+    connection is closed; how long that took."""
+    start = door.clock.seconds()
+    for _ in range(1000):
+        if transport.disconnected:
+            return door.clock.seconds() - start
+        door.clock.advance(0.125)
+    raise AssertionError("never closed")
+
+
+def test_client_timeout_closes_an_idle_connection():
+    """Within an eighth of client_timeout after it (Redis: within a second)."""
+    door = Door(client_timeout=8.0)
+    proto, transport = door.connect()
+    assert 8.0 <= idle_until_closed(door, transport) <= 8.0 * (1 + 1 / IDLE_CHECKS)
+
+
+def test_client_timeout_counts_from_the_last_input():
+    door = Door(client_timeout=8.0)
+    proto, transport = door.connect()
+    for _ in range(6):
+        door.clock.advance(5.0)
+        proto.dataReceived(b"PING\r\n")
+    assert not transport.disconnected
+    assert 8.0 <= idle_until_closed(door, transport) <= 8.0 * (1 + 1 / IDLE_CHECKS)
+
+
+def test_requests_are_answered_as_usual_with_client_timeout_set():
+    door = Door({b"k": b"v"}, client_timeout=8.0)
+    proto, transport = door.connect()
+    for _ in range(20):
+        proto.dataReceived(encode(b"GET", b"k") * 3)
+        proto.dataReceived(encode(b"GET", b"k"))
+        door.clock.advance(0.5)
+    assert transport.value() == b"$1\r\nv\r\n" * 80
+    assert not transport.disconnected
+
+
+def test_a_client_waiting_for_its_reply_is_not_idle(door):
+    door = Door(client_timeout=8.0)
+    door.reader.later.add(b"slow")
+    proto, transport = door.connect()
+    proto.dataReceived(encode(b"GET", b"slow"))
+    door.clock.advance(30.0)
+    assert not transport.disconnected
+    door.reader.answer(b"slow", b"v")
+    assert 8.0 <= idle_until_closed(door, transport) <= 8.0 * (1 + 1 / IDLE_CHECKS)
+
+
+def test_client_timeout_zero_keeps_idle_connections(door):
+    proto, transport = door.connect()
+    assert door.clock.getDelayedCalls() == []
+
+
+@functools.cache
+def _self_signed_pem() -> bytes:
+    """A throwaway key and self-signed certificate for "localhost", as PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ) + cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _tls_cert():
+    pytest.importorskip("OpenSSL")
+    from twisted.internet import ssl
+
+    return ssl, ssl.PrivateCertificate.loadPEM(_self_signed_pem())
+
+
+def test_a_tls_handshake_not_completed_within_request_timeout_closes():
+    """Our connectionMade comes before the handshake; a client that starts
+    one and stalls sends nothing the parser ever sees."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    _, cert = _tls_cert()
+    door = Door(request_timeout=10.0)
+    tls = TLSMemoryBIOFactory(cert.options(), False, door.factory, door.clock)
+    proto = tls.buildProtocol(PEER)
+    transport = StringTransport()
+    transport.setTcpNoDelay = lambda enabled: None
+    proto.makeConnection(transport)
+    proto.dataReceived(b"\x16\x03\x01\x02\x00")  # the start of a ClientHello
+    door.clock.advance(9.9)
+    assert not transport.disconnecting
+    door.clock.advance(0.1)
+    assert transport.disconnected
+
+
+def test_a_completed_tls_handshake_stops_its_timeout():
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test import iosim
+
+    ssl, cert = _tls_cert()
+    door = Door(request_timeout=10.0)
+    server = TLSMemoryBIOFactory(cert.options(), False, door.factory, door.clock)
+    client = TLSMemoryBIOFactory(
+        ssl.optionsForClientTLS("localhost", trustRoot=cert), True,
+        protocol.Factory.forProtocol(_Client), door.clock,
+    )
+    client_side, server_side, pump = iosim.connectedServerAndClient(
+        lambda: server.buildProtocol(PEER), lambda: client.buildProtocol(PEER),
+        clock=door.clock,
+    )
+    door.clock.advance(60.0)
+    client_side.write(b"PING\r\n")
+    pump.flush()
+    assert client_side.wrappedProtocol.data == b"+PONG\r\n"
+    assert not server_side.transport.disconnecting
+
+
+def test_a_connection_keeps_few_attributes(door):
+    """Past 29 instance attributes CPython 3.11 drops the shared-key dict of
+    the class, and every attribute access on the hot path gets slower
+    (bench/NOTES-perf.md): state of the slow paths goes in ``_w``."""
+    proto, _ = door.connect()
+    assert len(vars(proto)) < 30, sorted(vars(proto))
+
+
+def test_a_connection_closing_after_quit_that_is_never_read_is_dropped_when_idle():
+    """QUIT closes once the replies are written: a client that never reads
+    them would keep the socket forever without client_timeout."""
+    door = Door({b"k": VALUE_4K}, client_timeout=8.0)
+    proto, transport = door.connect(ReadingTransport())
+    proto.dataReceived(encode(b"GET", b"k") * 30 + b"QUIT\r\n")  # under the high-water mark
+    assert transport.disconnecting and not transport.disconnected, "closing, not yet closed"
+    assert 8.0 <= idle_until_closed(door, transport) <= 8.0 * (1 + 1 / IDLE_CHECKS)

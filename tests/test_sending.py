@@ -4,9 +4,9 @@ import socket
 
 import pytest
 from twisted.internet import tcp
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from redisp.sending import can_send_now, send_now
+from redisp.sending import buffered, can_send_now, send_now
 
 
 class FakeSocketTransport:
@@ -73,6 +73,51 @@ def test_only_plain_tcp_transports_may_be_sent_to_directly():
         assert can_send_now(connection)
         connection.TLS = True
         assert not can_send_now(connection)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_buffered_counts_what_a_socket_transport_has_not_sent():
+    """Part of a client's max_client_buffer: both of Twisted's send buffers."""
+    a, b = socket.socketpair()
+    try:
+        connection = tcp.Connection(a, None, reactor=MemoryReactorClock())
+        connection.connected = True
+        assert buffered(connection) == 0
+        connection.dataBuffer, connection.offset = b"half-sent", 5
+        connection.write(b"queued")
+        assert buffered(connection) == len(b"sent") + len(b"queued")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_buffered_is_zero_for_transports_it_does_not_know():
+    t = StringTransport()
+    t.write(b"x")
+    assert buffered(t) == 0
+
+
+def test_buffered_counts_a_tls_connection_through_its_socket():
+    pytest.importorskip("OpenSSL")
+    from twisted.internet import protocol
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from tests.test_resp_server import _tls_cert
+
+    _, cert = _tls_cert()
+    a, b = socket.socketpair()
+    try:
+        reactor = MemoryReactorClock()
+        tls = TLSMemoryBIOFactory(cert.options(), False, protocol.Factory.forProtocol(
+            protocol.Protocol), reactor).buildProtocol(None)
+        connection = tcp.Connection(a, tls, reactor=reactor)
+        connection.connected = True
+        tls.makeConnection(connection)
+        tls.write(b"before the handshake: kept as cleartext")
+        tls._aggregator.flush()
+        assert buffered(tls) == len(b"before the handshake: kept as cleartext")
     finally:
         a.close()
         b.close()
