@@ -45,6 +45,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from redisp.backing import BackingError, BackingUnavailable, first_line
+from redisp.clients import ClientSlots
 from redisp.command_table import (
     FLUSH,
     CommandInfo,
@@ -55,7 +56,7 @@ from redisp.command_table import (
 from redisp.config import Config
 from redisp.frames import ErrorReply, decode
 from redisp.metrics import Metrics
-from redisp.relay import RelayPool, RelayProtocol, encode_command
+from redisp.relay import CONFIRMED, RelayPool, RelayProtocol, encode_command
 from redisp.resp import error, parse_integer
 
 log = Logger()
@@ -80,14 +81,23 @@ _CONFIRMS = {b"subscribe": b"subscribe", b"psubscribe": b"psubscribe",
              b"punsubscribe": b"punsubscribe", b"sunsubscribe": b"sunsubscribe",
              b"monitor": b"monitor"}
 _NULLS = (b"*-1\r\n", b"_\r\n")
+#: a pinned connection would pass max_clients (Redis's own wording)
+MAX_CLIENTS_ERROR = error("ERR max number of clients reached")
 
 
 class Pin:
     """A client's own backing connection, and the state that keeps it."""
 
-    def __init__(self, connection: RelayProtocol, db: int) -> None:
-        self.connection = connection
+    connection: RelayProtocol
+
+    def __init__(self, db: int) -> None:
         self.db = db
+        #: the client's commands routed here and not answered yet (some may
+        #: still wait at the gate): the pin is not let go while any is owed
+        self.owed = 0
+        #: sends held back until the client's commands on the shared pool,
+        #: sent before it was pinned, are answered (see ``Forwarder._call``)
+        self.parked: list[Callable[[], None]] = []
         self.multi = False
         self.watching = False
         self.sticky = False  # CLIENT TRACKING/CACHING/… : kept until RESET or disconnect
@@ -99,14 +109,15 @@ class Pin:
     def holds_state(self, default_db: int) -> bool:
         c = self.connection
         return (self.multi or self.watching or self.sticky or self.reply_off
-                or c.subscribed or c.monitoring or self.db != default_db)
+                or self.skip_next or c.subscribed or c.monitoring or self.db != default_db)
 
 
 class Forwarder:
     """Sends the commands redisp does not answer itself to the backing Redis."""
 
     def __init__(self, config: Config, reactor: Any, reader: Any, gate: Any,
-                 metrics: Metrics, pool: RelayPool | None = None) -> None:
+                 metrics: Metrics, pool: RelayPool | None = None,
+                 slots: ClientSlots | None = None) -> None:
         self.config = config
         self.mode = config.forward
         self.deny = frozenset(name.lower().encode() for name in config.deny_commands)
@@ -115,6 +126,10 @@ class Forwarder:
         self._gate = gate
         self._metrics = metrics
         self._default_db = config.redis.db
+        # the counts live in metrics, so this shares the doors' max_clients
+        self._slots = slots or ClientSlots(config.max_clients, metrics)
+        #: clients with commands in flight on the shared pool -> how many
+        self._pooled: dict[Any, int] = {}
         self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
                                       on_ready=self._pool_ready)
         self.table: CommandTable | None = None
@@ -174,20 +189,29 @@ class Forwarder:
         name = argv[0].lower()
         if name in self.deny:
             return error(b"ERR command '" + _quoted(name) + b"' is not allowed through redisp")
-        if self.mode == "read" and info is not None and not info.readonly:
+        if (self.mode == "read" and info is not None and not info.readonly
+                and name != b"command"):  # the table itself: clients read it at connect
             return error(b"ERR redisp forwards read-only commands only: '" + _quoted(name) + b"'")
         return None
 
     def forward(self, session: Any, argv: list[bytes]) -> Deferred:
-        """The reply to ``argv`` from the backing, as ``(frame, outcome)``."""
+        """The reply to ``argv`` from the backing, as ``(frame, outcome)``.
+
+        ``session.forwarding`` counts the request from here until its reply:
+        a GET the client sends meanwhile follows it to the backing instead
+        of being answered from the cache before it (read-your-writes on one
+        connection), even while it still waits for the table or the gate.
+        """
+        session.forwarding += 1
         result: Deferred = Deferred()
+        result.addBoth(_forwarded, session)
         self._with_table(lambda table: self._route(session, argv, table, result))
         return result
 
     def _route(self, session: Any, argv: list[bytes], table: CommandTable | BackingError,
                result: Deferred) -> None:
         if isinstance(table, BackingError):
-            self._answer(result, argv, table, None, None)
+            self._answer(result, argv, table)
             return
         info = table.lookup(argv)
         refused = self.refusal(argv, info)
@@ -197,25 +221,41 @@ class Forwarder:
             return
         pin = session.pin
         if pin is None and _pins(argv, info, self._default_db):
-            pin = session.pin = Pin(self.pool.pinned(
-                resp3=session.encoder.version == 3, db=self._default_db,
-                on_push=session.push, on_lost=lambda _: self._pin_lost(session)),
-                self._default_db)
-            self._metrics.pinned_clients += 1
+            if not self._slots.acquire_pinned():
+                # SPEC §7: pinned connections count toward max_clients
+                self._count(argv, REFUSED_OUTCOME)
+                result.callback((MAX_CLIENTS_ERROR, "backing_error"))
+                return
+            pin = session.pin = self._pin(session)
+        if pin is None:
+            self._pooled[session] = self._pooled.get(session, 0) + 1
+            result.addBoth(self._pool_settled, session)
+        else:
+            pin.owed += 1
+            result.addBoth(self._pin_settled, session, pin)
         blocking = info is not None and info.blocking
-        if pin is not None and blocking:
-            # SPEC §7: a blocking command waits outside the gate
-            self._send(session, pin, argv, info, result)
-        elif pin is not None and pin.blocking:
-            # behind a blocking call on its own connection: holding a token
-            # there would stall every client (concurrency 1)
+        if pin is not None and (blocking or pin.blocking):
+            # SPEC §7: a blocking command waits outside the gate; so do the
+            # commands behind it on its connection (holding a token there
+            # would stall every client under concurrency 1)
             self._send(session, pin, argv, info, result)
         else:
             self._gate.enter(self._admitted, session, pin, argv, info, result)
 
+    def _pin(self, session: Any) -> Pin:
+        pin = Pin(self._default_db)
+        pin.connection = self.pool.pinned(
+            resp3=session.encoder.version == 3, db=self._default_db,
+            on_push=session.push, on_lost=lambda _: self._pin_lost(session, pin))
+        return pin
+
     def _admitted(self, session: Any, pin: Pin | None, argv: list[bytes],
                   info: CommandInfo | None, result: Deferred) -> None:
         result.addBoth(self._leave)
+        if session.gone:
+            # SPEC §4: work for a client that has left is dropped at the gate
+            result.callback((b"", "other"))
+            return
         self._send(session, pin, argv, info, result)
 
     def _leave(self, value: Any) -> Any:
@@ -225,117 +265,152 @@ class Forwarder:
     def _send(self, session: Any, pin: Pin | None, argv: list[bytes],
               info: CommandInfo | None, result: Deferred) -> None:
         invalidation = _invalidation(argv, info)
-        if invalidation is None:  # only the backing can say which keys: ask first
-            self._getkeys(session, pin, argv, info, result)
-            return
+        if invalidation is None:
+            # only the backing can say which keys (movable keys): it is asked
+            # on the pool while the command itself goes out now, in its order
+            asked = _AskedKeys(info)  # type: ignore[arg-type]
+            self.pool.call(session.lane, encode_command(getkeys_request(argv)), asked.got)
+            invalidation = asked
         self._call(session, pin, argv, info, invalidation, result)
-
-    def _getkeys(self, session: Any, pin: Pin | None, argv: list[bytes],
-                 info: CommandInfo, result: Deferred) -> None:
-        def got(frame: bytes | BackingError) -> None:
-            invalidation: Any = FLUSH
-            if not isinstance(frame, BackingError):
-                try:
-                    reply = decode(frame)
-                    if not isinstance(reply, ErrorReply):
-                        found = keys_from_getkeys(info, reply)
-                        invalidation = found if found is FLUSH else [("key", k) for k in found]
-                except (ValueError, TypeError, IndexError):
-                    pass
-            self._call(session, pin, argv, info, invalidation, result)
-
-        self.pool.call(session.lane, encode_command(getkeys_request(argv)), got)
 
     def _call(self, session: Any, pin: Pin | None, argv: list[bytes],
               info: CommandInfo | None, invalidation: Any, result: Deferred) -> None:
         request = encode_command(argv)
-        session.forwarding += 1
         name = argv[0].lower()
 
         def done(frame: bytes | BackingError) -> None:
-            session.forwarding -= 1
+            if blocking:
+                pin.blocking -= 1  # type: ignore[union-attr]
+            if invalidation.__class__ is _AskedKeys:
+                invalidation.then(lambda found: answered(frame, found))
+            else:
+                answered(frame, invalidation)
+
+        def answered(frame: bytes | BackingError, invalidation: Any) -> None:
             if pin is not None:
-                if blocking:
-                    pin.blocking -= 1
-                self._pinned_reply(session, pin, argv, name, info, invalidation, frame)
+                self._pinned_reply(pin, argv, name, invalidation, frame)
             elif not isinstance(frame, BackingError) or frame.kind == "timeout":
                 # a timed-out write may still be applied: drop its keys too
                 self._invalidate(argv, invalidation)
-            self._answer(result, argv, frame, pin, session)
+            self._answer(result, argv, frame)
 
+        blocking = False
         if pin is None:
             self.pool.call(session.lane, request, done, resp3=session.encoder.version == 3)
             return
-        blocking = info is not None and info.blocking
         connection = pin.connection
         mode = _reply_mode(argv)
-        if (pin.reply_off and mode != b"on") or pin.skip_next or mode in (b"off", b"skip"):
+        if name == b"reset" and not pin.skip_next:
+            silent = False  # RESET answers even under CLIENT REPLY OFF
+        else:
+            silent = (pin.reply_off and mode != b"on") or pin.skip_next or mode in (b"off", b"skip")
+        if silent:
             # CLIENT REPLY OFF/SKIP: Redis answers nothing, so nothing is
             # awaited or relayed; SKIP silences itself and the next command
             pin.skip_next = mode == b"skip"
             if mode == b"off":
                 pin.reply_off = True
-            connection.send(request)
-            session.forwarding -= 1
-            self._invalidate(argv, invalidation)
+            elif name == b"reset":
+                pin.reply_off = False
+            self._pinned_send(session, pin, lambda: connection.send(request))
+            if invalidation.__class__ is _AskedKeys:
+                invalidation.then(lambda found: self._invalidate(argv, found))
+            else:
+                self._invalidate(argv, invalidation)
             self._count(argv, OK_OUTCOME)
             result.callback((b"", "forwarded"))
             return
+        blocking = info is not None and info.blocking
         if blocking:
             pin.blocking += 1
             timeout = self.config.redis_timeout + _blocking_timeout(argv, name)
         else:
             timeout = None
-        connection.call(request, done, timeout, _CONFIRMS.get(name))
+        confirms = _CONFIRMS.get(name)
+        expect = (len(argv) - 1 or None) if confirms in CONFIRMED else 1
+        self._pinned_send(session, pin, lambda: connection.call(
+            request, done, timeout, confirms, expect))
 
-    def _pinned_reply(self, session: Any, pin: Pin, argv: list[bytes], name: bytes,
-                      info: CommandInfo | None, invalidation: Any,
+    def _pinned_send(self, session: Any, pin: Pin, send: Callable[[], None]) -> None:
+        """``send()`` now, or once the client's commands sent on the shared
+        pool before it was pinned are answered: Redis runs a client's
+        commands in the order it sent them, even across the two connections
+        (SET then WATCH, LPUSH then BLPOP)."""
+        if session in self._pooled or pin.parked:
+            pin.parked.append(send)
+        else:
+            send()
+
+    def _pool_settled(self, value: Any, session: Any) -> Any:
+        left = self._pooled[session] - 1
+        if left:
+            self._pooled[session] = left
+        else:
+            del self._pooled[session]
+            pin = session.pin
+            if pin is not None:
+                _unpark(pin)
+        return value
+
+    def _pinned_reply(self, pin: Pin, argv: list[bytes], name: bytes, invalidation: Any,
                       frame: bytes | BackingError) -> None:
-        """Keep the pin's state in step with what Redis answered, apply the
-        writes that took effect, and let the pin go once no state is left."""
-        ok = not isinstance(frame, BackingError) and frame[:1] not in (b"-", b"!")
+        """Keep the pin's state in step with what Redis answered, and apply
+        the writes that took effect (or may have: a call that failed on the
+        way may still have run)."""
+        failed = isinstance(frame, BackingError)
+        ok = not failed and frame[:1] not in (b"-", b"!")  # type: ignore[index]
+        if name == b"reset" and ok:  # run at once, inside MULTI too
+            pin.multi = pin.watching = pin.sticky = pin.reply_off = False
+            pin.db = self._default_db
+            pin.queued = []
+            return
         if pin.multi:
             if name == b"exec":
                 pin.multi = pin.watching = False
-                if ok and frame not in _NULLS:
-                    for queued in pin.queued:
-                        self._invalidate(queued[0], queued[1])
+                if failed or (ok and frame not in _NULLS):
+                    for queued_argv, queued in pin.queued:
+                        self._invalidate(queued_argv, queued)
+                        if queued_argv[0].lower() == b"select" and len(queued_argv) == 2:
+                            pin.db = parse_integer(queued_argv[1]) or 0
                 pin.queued = []
             elif name == b"discard":
                 pin.multi = pin.watching = False
                 pin.queued = []
             elif ok and frame == b"+QUEUED\r\n":
                 pin.queued.append((argv, invalidation))
-            elif not isinstance(frame, BackingError) and frame.startswith(b"-EXECABORT"):
+            elif not failed and frame.startswith(b"-EXECABORT"):  # type: ignore[union-attr]
                 pin.multi = False
-        else:
-            if ok and pin.db == self._default_db:
+            return
+        if ok or failed:
+            # in another db only a flush reaches the cache (FLUSHALL, SWAPDB)
+            if pin.db == self._default_db or invalidation is FLUSH:
                 self._invalidate(argv, invalidation)
-            elif isinstance(frame, BackingError) and frame.kind == "timeout":
-                self._invalidate(argv, invalidation)
-            if ok:
-                if name == b"multi":
-                    pin.multi = True
-                elif name == b"watch":
-                    pin.watching = True
-                elif name in (b"unwatch", b"exec", b"discard"):
-                    pin.watching = False
-                elif name == b"select":
-                    pin.db = parse_integer(argv[1]) or 0
-                elif name == b"reset":
-                    pin.multi = pin.watching = pin.sticky = pin.reply_off = False
-                    pin.db = self._default_db
-                elif name == b"client" and len(argv) > 2:
-                    sub = argv[1].lower()
-                    if sub == b"reply":
-                        pin.reply_off = argv[2].lower() == b"off"
-                    elif sub in _PINNING_CLIENT:
-                        pin.sticky = True
-        if pin.connection.waiting == 0 and not pin.holds_state(self._default_db):
-            self._unpin(session)
+        if not ok:
+            return
+        if name == b"multi":
+            pin.multi = True
+        elif name == b"watch":
+            pin.watching = True
+        elif name in (b"unwatch", b"exec", b"discard"):
+            pin.watching = False
+        elif name == b"select":
+            pin.db = parse_integer(argv[1]) or 0
+        elif name == b"client" and len(argv) > 2:
+            sub = argv[1].lower()
+            if sub == b"reply":
+                pin.reply_off = argv[2].lower() == b"off"
+            elif sub in _PINNING_CLIENT:
+                pin.sticky = True
 
-    def _answer(self, result: Deferred, argv: list[bytes], frame: bytes | BackingError,
-                pin: Pin | None, session: Any) -> None:
+    def _pin_settled(self, value: Any, session: Any, pin: Pin) -> Any:
+        """One of the pin's commands is answered: let the pin go once none
+        is owed and no state is left."""
+        pin.owed -= 1
+        if not pin.owed and session.pin is pin and not pin.holds_state(self._default_db):
+            self._unpin(session)
+        return value
+
+    def _answer(self, result: Deferred, argv: list[bytes], frame: bytes | BackingError) -> None:
         if isinstance(frame, BackingError):
             self._count(argv, FAILED_OUTCOME)
             result.callback((error("ERR " + str(frame)), "backing_error"))
@@ -352,7 +427,7 @@ class Forwarder:
             return
         invalidate = self._reader.invalidate
         for entry in invalidation:
-            invalidate(entry[1] if entry.__class__ is tuple else argv[entry])
+            invalidate(entry if entry.__class__ is bytes else argv[entry])
         self._metrics.write_invalidations += len(invalidation)
 
     def _count(self, argv: list[bytes], outcome: str) -> None:
@@ -366,20 +441,67 @@ class Forwarder:
     def _unpin(self, session: Any) -> None:
         pin, session.pin = session.pin, None
         if pin is not None:
-            self._metrics.pinned_clients -= 1
+            self._slots.release_pinned()
             pin.connection.close()
+            _unpark(pin)  # (they fail: the connection is closing)
 
-    def _pin_lost(self, session: Any) -> None:
+    def _pin_lost(self, session: Any, pin: Pin) -> None:
         """The pinned connection went down by itself: its state is gone in
         Redis too; the client's next command starts afresh on the pool."""
-        if session.pin is not None and session.pin.connection.lost:
+        if session.pin is pin:
             session.pin = None
-            self._metrics.pinned_clients -= 1
+            self._slots.release_pinned()
+            _unpark(pin)
 
     def release(self, session: Any) -> None:
-        """The client left: close its pinned connection, so Redis drops the
-        state (an open MULTI, a BLPOP, subscriptions)."""
+        """The client left: its commands still waiting at the gate are
+        dropped, and its pinned connection closed, so Redis drops the state
+        (an open MULTI, a BLPOP, subscriptions)."""
+        session.gone = True
         self._unpin(session)
+
+
+class _AskedKeys:
+    """Which keys a movable-keys command writes, as the backing says
+    (``COMMAND GETKEYSANDFLAGS``), asked while the command itself is sent."""
+
+    __slots__ = ("info", "found", "waiters")
+
+    def __init__(self, info: CommandInfo) -> None:
+        self.info = info
+        self.found: Any = None  # the keys (a list of bytes) or FLUSH, once answered
+        self.waiters: list[Callable[[Any], None]] = []
+
+    def got(self, frame: bytes | BackingError) -> None:
+        found: Any = FLUSH  # the backing could not say: anything may have changed
+        if not isinstance(frame, BackingError):
+            try:
+                reply = decode(frame)
+                if not isinstance(reply, ErrorReply):
+                    found = keys_from_getkeys(self.info, reply)
+            except (ValueError, TypeError, IndexError):
+                pass
+        self.found = found
+        waiters, self.waiters = self.waiters, []
+        for then in waiters:
+            then(found)
+
+    def then(self, f: Callable[[Any], None]) -> None:
+        if self.found is None:
+            self.waiters.append(f)
+        else:
+            f(self.found)
+
+
+def _forwarded(value: Any, session: Any) -> Any:
+    session.forwarding -= 1
+    return value
+
+
+def _unpark(pin: Pin) -> None:
+    parked, pin.parked = pin.parked, []
+    for send in parked:
+        send()
 
 
 def _pins(argv: list[bytes], info: CommandInfo | None, default_db: int) -> bool:

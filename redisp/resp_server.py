@@ -109,7 +109,7 @@ class RespProtocol(Protocol):
         self._lost = True
         self._pending.clear()
         self._out.clear()
-        if self._session.pin is not None:
+        if self._session.forwarder is not None:
             self._session.forwarder.release(self._session)
         if self._admitted:
             self._admitted = False
