@@ -101,6 +101,9 @@ class Session:
         self.gone = False  # the client left: its forwarded commands not yet sent are dropped
         #: write a push frame (pub/sub message) to the client, in order with replies
         self.push: Callable[[bytes], None] = lambda frame: None
+        #: close the connection once every reply owed is written (the
+        #: client's pinned connection was lost with its state)
+        self.hang_up: Callable[[], None] = lambda: None
 
     @property
     def plain(self) -> bool:

@@ -210,6 +210,9 @@ class Forwarder:
 
     def _route(self, session: Any, argv: list[bytes], table: CommandTable | BackingError,
                result: Deferred) -> None:
+        if session.gone:  # it left while the table was read: nothing to pin or send
+            result.callback((b"", "other"))
+            return
         if isinstance(table, BackingError):
             self._answer(result, argv, table)
             return
@@ -287,6 +290,11 @@ class Forwarder:
                 answered(frame, invalidation)
 
         def answered(frame: bytes | BackingError, invalidation: Any) -> None:
+            if info is None and not isinstance(frame, BackingError):
+                if frame[:1] in (b"-", b"!"):
+                    invalidation = None  # unknown to Redis too: it changed nothing
+                else:
+                    self._load_table()  # a command added since (MODULE LOAD)
             if pin is not None:
                 self._pinned_reply(pin, argv, name, invalidation, frame)
             elif not isinstance(frame, BackingError) or frame.kind == "timeout":
@@ -446,12 +454,17 @@ class Forwarder:
             _unpark(pin)  # (they fail: the connection is closing)
 
     def _pin_lost(self, session: Any, pin: Pin) -> None:
-        """The pinned connection went down by itself: its state is gone in
-        Redis too; the client's next command starts afresh on the pool."""
+        """The pinned connection went down by itself (backing restarted,
+        CLIENT KILL): its state is gone in Redis too.  A client that held
+        state is hung up on once its replies are out, as Redis would have
+        done: a subscriber must not wait for messages that will never
+        come, nor a MULTI go on with its commands run one by one."""
         if session.pin is pin:
             session.pin = None
             self._slots.release_pinned()
             _unpark(pin)
+            if pin.holds_state(self._default_db):
+                session.hang_up()
 
     def release(self, session: Any) -> None:
         """The client left: its commands still waiting at the gate are

@@ -68,6 +68,7 @@ class RespProtocol(Protocol):
             self._session.forwarder = forwarder
             self._session.lane = forwarder.pool.lane()
             self._session.push = self.push
+            self._session.hang_up = self.hang_up
         self._concurrency = config.concurrency  # packets of GETs up to this size: one gate entry
         self._parser = RequestParser(
             config.max_bulk_bytes, config.max_args, config.max_inline_bytes
@@ -244,6 +245,14 @@ class RespProtocol(Protocol):
         if not (self._dispatching or self._flush_due):
             self._flush_due = True
             self.factory.flush_later(self)
+
+    def hang_up(self) -> None:
+        """Read no more requests; close once the replies owed are written.
+        As if Redis had closed the client's connection: its pinned
+        connection was lost, and the state with it (SUBSCRIBE, MULTI)."""
+        if not (self._lost or self._closing):
+            self._closing = True
+            self._flush(self._send)
 
     def _protocol_error(self, problem: ProtocolError) -> None:
         """Answer the error after every earlier reply, then hang up (as Redis)."""

@@ -91,6 +91,13 @@ class RespClient(Protocol):
         self.transport.loseConnection()
         return self.closed
 
+    def hung_up(self) -> defer.Deferred:
+        """Fires once the other side has closed the connection (a guard
+        fails the test if it never does)."""
+        d: defer.Deferred = defer.Deferred()
+        self.closed.addBoth(lambda r: (d.called or d.callback(None), r)[1])
+        return d.addTimeout(STARTUP_LIMIT, reactor)
+
 
 def connect(port: int) -> defer.Deferred:
     return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RespClient())
@@ -707,3 +714,69 @@ def test_monitor_sees_commands(proxy, clients):
     assert line.startswith(b"+") and b'"SET" "mon:k" "seen"' in line
     yield m.close()
     yield until(lambda: proxy.proxy.metrics.pinned_clients == 0)
+
+
+# -- a pinned connection lost with its state -----------------------------------------------
+
+
+@inline
+def test_a_subscriber_whose_pinned_connection_dies_is_hung_up_on(proxy, clients, direct):
+    """It must not wait for messages that will never come: as if Redis had
+    closed its connection, so its library reconnects and subscribes again."""
+    sub = yield clients(proxy.resp_port)
+    yield sub.call("SUBSCRIBE", "hu:ch")
+    assert direct.client_kill_filter(_type="pubsub") >= 1
+    yield sub.hung_up()
+    yield until(lambda: proxy.proxy.metrics.pinned_clients == 0)
+
+
+@inline
+def test_a_multi_whose_pinned_connection_dies_is_hung_up_on(proxy, clients, direct):
+    c = yield clients(proxy.resp_port)
+    assert (yield c.pipeline(["MULTI"], ["SET", "hu:a", "1"])) == [b"+OK\r\n", b"+QUEUED\r\n"]
+    [pinned] = [cl for cl in backing_clients(direct) if cl["multi"] != "-1"]
+    direct.client_kill_filter(_id=pinned["id"])
+    yield c.hung_up()
+    assert direct.get("hu:a") is None
+    yield until(lambda: proxy.proxy.metrics.pinned_clients == 0)
+
+
+@pytest.mark.parametrize("resp3", [False, True], ids=["resp2", "resp3"])
+@inline
+def test_client_tracking_on_a_pinned_connection(proxy, clients, resp3):
+    """CLIENT TRACKING pins: the client's GETs go to its own connection
+    (Redis must see them to track them) and invalidations come back to it."""
+    c = yield clients(proxy.resp_port)
+    writer = yield clients(proxy.resp_port)
+    yield writer.call("SET", "tr:k", "1")
+    if resp3:
+        yield c.call("HELLO", "3")
+        assert (yield c.call("CLIENT", "TRACKING", "ON")) == b"+OK\r\n"
+    else:  # RESP2: invalidations go to another connection, subscribed to them
+        inv = yield clients(proxy.resp_port)
+        yield inv.call("SUBSCRIBE", "__redis__:invalidate")
+        [info] = [cl for cl in backing_clients_of(proxy) if cl["cmd"] == "subscribe"]
+        assert (yield c.call("CLIENT", "TRACKING", "ON", "REDIRECT", info["id"])) == b"+OK\r\n"
+    assert (yield c.call("GET", "tr:k")) == b"$1\r\n1\r\n"
+    yield writer.call("SET", "tr:k", "2")
+    if resp3:
+        [push] = yield c.read()
+        assert push == b">2\r\n$10\r\ninvalidate\r\n*1\r\n$4\r\ntr:k\r\n"
+    else:
+        [message] = yield inv.read()
+        assert message == (b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n"
+                           b"*1\r\n$4\r\ntr:k\r\n")
+    assert (yield c.call("GET", "tr:k")) == b"$1\r\n2\r\n"
+    assert proxy.proxy.metrics.pinned_clients >= 1
+    assert (yield c.call("RESET")) == b"+RESET\r\n"
+    if not resp3:
+        yield inv.call("UNSUBSCRIBE")
+    yield until(lambda: proxy.proxy.metrics.pinned_clients == 0)
+
+
+def backing_clients_of(proxy) -> list[dict]:
+    client = redis.Redis(port=proxy.proxy.config.redis.port)
+    try:
+        return client.client_list()
+    finally:
+        client.close()
