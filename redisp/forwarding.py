@@ -70,9 +70,11 @@ REFUSED_OUTCOME = "refused"  # deny_commands or forward mode
 #: a reply for the RESP door: (encoded reply, request outcome)
 Reply = tuple[bytes, str]
 
-#: commands that pin a client by their name alone (the rest: blocking flag, SELECT n)
+#: commands that pin a client by their name alone (the rest: blocking flag, SELECT n).
+#: (P|S)UNSUBSCRIBE too, when not subscribed: its RESP3 reply is a push frame,
+#: which a pool connection could not tell from a reply
 _PINNING = frozenset((b"multi", b"watch", b"subscribe", b"psubscribe", b"ssubscribe",
-                      b"monitor"))
+                      b"unsubscribe", b"punsubscribe", b"sunsubscribe", b"monitor"))
 #: CLIENT subcommands that put state on the connection
 _PINNING_CLIENT = frozenset((b"tracking", b"caching", b"reply", b"no-evict", b"no-touch"))
 #: the confirmations a (un)subscribe command answers with (relay.py's ``confirms``)

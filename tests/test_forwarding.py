@@ -780,3 +780,16 @@ def backing_clients_of(proxy) -> list[dict]:
         return client.client_list()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("resp3", [False, True], ids=["resp2", "resp3"])
+@inline
+def test_unsubscribe_when_not_subscribed(proxy, redis_server, resp3):
+    """RESP3 answers it with a push frame: on a shared pool connection that
+    frame would be taken for a push and every later reply shifted by one."""
+    requests = [["UNSUBSCRIBE"], ["PUNSUBSCRIBE", "x"], ["SUNSUBSCRIBE"], ["GET", "un:k"],
+                ["PING"]]
+    expected = yield run_on(redis_server.port, requests, resp3)
+    got = yield run_on(proxy.resp_port, requests, resp3)
+    assert got == expected
+    yield until(lambda: proxy.proxy.metrics.pinned_clients == 0)
