@@ -207,11 +207,14 @@ class Forwarder:
         session.forwarding += 1
         result: Deferred = Deferred()
         result.addBoth(_forwarded, session)
-        self._with_table(lambda table: self._route(session, argv, table, result))
+        # the protocol the client speaks now: a HELLO it sends next must not
+        # change the reply to this (it may wait for the table or the gate)
+        resp3 = session.encoder.version == 3
+        self._with_table(lambda table: self._route(session, argv, table, result, resp3))
         return result
 
     def _route(self, session: Any, argv: list[bytes], table: CommandTable | BackingError,
-               result: Deferred) -> None:
+               result: Deferred, resp3: bool) -> None:
         if session.gone:  # it left while the table was read: nothing to pin or send
             result.callback((b"", "other"))
             return
@@ -231,7 +234,7 @@ class Forwarder:
                 self._count(argv, REFUSED_OUTCOME)
                 result.callback((MAX_CLIENTS_ERROR, "backing_error"))
                 return
-            pin = session.pin = self._pin(session)
+            pin = session.pin = self._pin(session, resp3)
         if pin is None:
             self._pooled[session] = self._pooled.get(session, 0) + 1
             result.addBoth(self._pool_settled, session)
@@ -243,32 +246,32 @@ class Forwarder:
             # SPEC §7: a blocking command waits outside the gate; so do the
             # commands behind it on its connection (holding a token there
             # would stall every client under concurrency 1)
-            self._send(session, pin, argv, info, result)
+            self._send(session, pin, argv, info, result, resp3)
         else:
-            self._gate.enter(self._admitted, session, pin, argv, info, result)
+            self._gate.enter(self._admitted, session, pin, argv, info, result, resp3)
 
-    def _pin(self, session: Any) -> Pin:
+    def _pin(self, session: Any, resp3: bool) -> Pin:
         pin = Pin(self._default_db)
         pin.connection = self.pool.pinned(
-            resp3=session.encoder.version == 3, db=self._default_db,
+            resp3=resp3, db=self._default_db,
             on_push=session.push, on_lost=lambda _: self._pin_lost(session, pin))
         return pin
 
     def _admitted(self, session: Any, pin: Pin | None, argv: list[bytes],
-                  info: CommandInfo | None, result: Deferred) -> None:
+                  info: CommandInfo | None, result: Deferred, resp3: bool) -> None:
         result.addBoth(self._leave)
         if session.gone:
             # SPEC §4: work for a client that has left is dropped at the gate
             result.callback((b"", "other"))
             return
-        self._send(session, pin, argv, info, result)
+        self._send(session, pin, argv, info, result, resp3)
 
     def _leave(self, value: Any) -> Any:
         self._gate.leave()
         return value
 
     def _send(self, session: Any, pin: Pin | None, argv: list[bytes],
-              info: CommandInfo | None, result: Deferred) -> None:
+              info: CommandInfo | None, result: Deferred, resp3: bool) -> None:
         invalidation = _invalidation(argv, info)
         if invalidation is None:
             # only the backing can say which keys (movable keys): it is asked
@@ -276,10 +279,11 @@ class Forwarder:
             asked = _AskedKeys(info)  # type: ignore[arg-type]
             self.pool.call(session.lane, encode_command(getkeys_request(argv)), asked.got)
             invalidation = asked
-        self._call(session, pin, argv, info, invalidation, result)
+        self._call(session, pin, argv, info, invalidation, result, resp3)
 
     def _call(self, session: Any, pin: Pin | None, argv: list[bytes],
-              info: CommandInfo | None, invalidation: Any, result: Deferred) -> None:
+              info: CommandInfo | None, invalidation: Any, result: Deferred,
+              resp3: bool) -> None:
         request = encode_command(argv)
         name = argv[0].lower()
 
@@ -306,7 +310,7 @@ class Forwarder:
 
         blocking = False
         if pin is None:
-            self.pool.call(session.lane, request, done, resp3=session.encoder.version == 3)
+            self.pool.call(session.lane, request, done, resp3=resp3)
             return
         connection = pin.connection
         mode = _reply_mode(argv)

@@ -25,6 +25,7 @@ from redisp.frames import decode
 from redisp.gate import Gate
 from redisp.metrics import Metrics
 from redisp.relay import RelayProtocol
+from redisp.resp import RESP3
 from tests.raw_redis import COMMAND_REPLY_FILE, encode
 
 TABLE = CommandTable.from_command_reply(decode(COMMAND_REPLY_FILE.read_bytes()))
@@ -61,6 +62,7 @@ class FakePool:
         self.wire: list[bytes] = []
         self.waiting: deque = deque()
         self.pins: list[FakeConnection] = []
+        self.protocols: list[int] = []
 
     def lane(self) -> int:
         return 0
@@ -68,6 +70,7 @@ class FakePool:
     def call(self, lane, request, done, resp3=False, timeout=None) -> None:
         self.wire.append(request)
         self.waiting.append(done)
+        self.protocols.append(3 if resp3 else 2)
 
     def pinned(self, resp3=False, db=None, on_push=None, on_lost=None) -> FakeConnection:
         pin = FakeConnection(on_push, on_lost)
@@ -207,6 +210,22 @@ def test_a_movable_key_write_whose_keys_cannot_be_asked_flushes():
     getkeys(BackingUnavailable("backing redis unavailable (x)"))
     sort_done(b":3\r\n")
     assert t.reader.invalidated == ["ALL"] and sort[0][0] == b":3\r\n"
+
+
+def test_a_reply_is_in_the_protocol_of_when_the_command_was_sent():
+    """HGETALL waits at the gate, then the client's HELLO 3 runs (at once,
+    locally): the HGETALL is still a RESP2 request, answered as an array."""
+    t = Setup()
+    s = t.session()
+    t.hold_gate()
+    t.forward(s, "HGETALL", "h")
+    s.encoder = RESP3
+    t.forward(s, "HGETALL", "h")
+    t.free_gate()
+    assert t.pool.protocols == [2]
+    t.pool.reply(b"*0\r\n")
+    t.turn()
+    assert t.pool.protocols == [2, 3]
 
 
 def test_a_blocking_command_does_not_wait_at_the_gate():
