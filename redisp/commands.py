@@ -99,8 +99,9 @@ class Session:
         self.lane = 0  # its connection of the shared pool
         self.forwarding = 0  # forwarded commands in flight: GETs follow them to Redis
         self.gone = False  # the client left: its forwarded commands not yet sent are dropped
-        #: write a push frame (pub/sub message) to the client, in order with replies
-        self.push: Callable[[bytes], None] = lambda frame: None
+        #: write a push frame (pub/sub message) to the client, in order with
+        #: replies: ``push(frame, owed)``, see RespProtocol.push
+        self.push: Callable[..., None] = lambda frame, owed=0: None
         #: close the connection once every reply owed is written (the
         #: client's pinned connection was lost with its state)
         self.hang_up: Callable[[], None] = lambda: None

@@ -254,7 +254,8 @@ class Forwarder:
         pin = Pin(self._default_db)
         pin.connection = self.pool.pinned(
             resp3=resp3, db=self._default_db,
-            on_push=session.push, on_lost=lambda _: self._pin_lost(session, pin))
+            on_push=lambda frame: session.push(frame, pin.owed),
+            on_lost=lambda _: self._pin_lost(session, pin))
         return pin
 
     def _admitted(self, session: Any, pin: Pin | None, argv: list[bytes],

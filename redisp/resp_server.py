@@ -233,15 +233,26 @@ class RespProtocol(Protocol):
                 self._closing = True
                 break
 
-    def push(self, frame: bytes) -> None:
-        """A frame Redis sent unasked (pub/sub message, MONITOR line) on the
-        client's pinned connection: after every reply already owed."""
+    def push(self, frame: bytes, owed: int = 0) -> None:
+        """A frame Redis sent unasked (pub/sub message, MONITOR line,
+        invalidation) on the client's pinned connection, ``owed`` of whose
+        commands are still unanswered: it goes before their replies, which
+        Redis sends after it (they are the last ``owed`` replies still
+        owed), and after everything else."""
         if self._lost:
             return
-        if self._pending:
-            self._pending.append([frame])
-        else:
+        pending = self._pending
+        if not pending:
             self._out.append(frame)
+        elif not owed:
+            pending.append([frame])
+        else:
+            i = len(pending)
+            while owed and i:
+                i -= 1
+                if pending[i][0] is None:
+                    owed -= 1
+            pending.insert(i, [frame])
         if not (self._dispatching or self._flush_due):
             self._flush_due = True
             self.factory.flush_later(self)

@@ -793,3 +793,24 @@ def test_unsubscribe_when_not_subscribed(proxy, redis_server, resp3):
     got = yield run_on(proxy.resp_port, requests, resp3)
     assert got == expected
     yield until(lambda: proxy.proxy.metrics.pinned_clients == 0)
+
+
+@inline
+def test_resp3_messages_arrive_while_a_command_is_owed(proxy, redis_server, clients, direct):
+    """RESP3 allows any command while subscribed: a message published while
+    the client's BLPOP waits reaches it at once, before the BLPOP's reply,
+    as Redis sends them."""
+    c = yield clients(proxy.resp_port)
+    pub = yield clients(proxy.resp_port)
+    yield c.call("HELLO", "3")
+    yield c.call("SUBSCRIBE", "m3:ch")
+    yield pub.call("DEL", "m3:q")
+    c.send(["BLPOP", "m3:q", "0"])
+    yield until(lambda: any(cl["cmd"] == "blpop" for cl in backing_clients(direct)))
+    yield pub.call("PUBLISH", "m3:ch", "first")
+    [message] = yield c.read()
+    assert message == b">3\r\n$7\r\nmessage\r\n$5\r\nm3:ch\r\n$5\r\nfirst\r\n"
+    yield pub.call("LPUSH", "m3:q", "x")
+    assert (yield c.read()) == [b"*2\r\n$4\r\nm3:q\r\n$1\r\nx\r\n"]
+    assert (yield c.call("RESET")) == b"+RESET\r\n"
+    yield until(lambda: proxy.proxy.metrics.pinned_clients == 0)
