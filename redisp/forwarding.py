@@ -70,7 +70,7 @@ REFUSED_OUTCOME = "refused"  # deny_commands or forward mode
 #: a reply for the RESP door: (encoded reply, request outcome)
 Reply = tuple[bytes, str]
 
-#: commands that pin a client by their name alone (the rest: blocking flag, SELECT n).
+#: commands that pin a client by their name alone (the rest: ``_blocks``, SELECT n).
 #: (P|S)UNSUBSCRIBE too, when not subscribed: its RESP3 reply is a push frame,
 #: which a pool connection could not tell from a reply
 _PINNING = frozenset((b"multi", b"watch", b"subscribe", b"psubscribe", b"ssubscribe",
@@ -227,8 +227,9 @@ class Forwarder:
             self._count(argv, REFUSED_OUTCOME)
             result.callback((refused, "bad_request"))
             return
+        blocks = _blocks(argv, info)
         pin = session.pin
-        if pin is None and _pins(argv, info, self._default_db):
+        if pin is None and (blocks or _pins(argv, info, self._default_db)):
             if not self._slots.acquire_pinned():
                 # SPEC §7: pinned connections count toward max_clients
                 self._count(argv, REFUSED_OUTCOME)
@@ -241,14 +242,13 @@ class Forwarder:
         else:
             pin.owed += 1
             result.addBoth(self._pin_settled, session, pin)
-        blocking = info is not None and info.blocking
-        if pin is not None and (blocking or pin.blocking):
+        if pin is not None and (blocks or pin.blocking):
             # SPEC §7: a blocking command waits outside the gate; so do the
             # commands behind it on its connection (holding a token there
             # would stall every client under concurrency 1)
-            self._send(session, pin, argv, info, result, resp3)
+            self._send(session, pin, argv, info, result, resp3, blocks)
         else:
-            self._gate.enter(self._admitted, session, pin, argv, info, result, resp3)
+            self._gate.enter(self._admitted, session, pin, argv, info, result, resp3, blocks)
 
     def _pin(self, session: Any, resp3: bool) -> Pin:
         pin = Pin(self._default_db)
@@ -259,20 +259,21 @@ class Forwarder:
         return pin
 
     def _admitted(self, session: Any, pin: Pin | None, argv: list[bytes],
-                  info: CommandInfo | None, result: Deferred, resp3: bool) -> None:
+                  info: CommandInfo | None, result: Deferred, resp3: bool,
+                  blocks: float) -> None:
         result.addBoth(self._leave)
         if session.gone:
             # SPEC §4: work for a client that has left is dropped at the gate
             result.callback((b"", "other"))
             return
-        self._send(session, pin, argv, info, result, resp3)
+        self._send(session, pin, argv, info, result, resp3, blocks)
 
     def _leave(self, value: Any) -> Any:
         self._gate.leave()
         return value
 
     def _send(self, session: Any, pin: Pin | None, argv: list[bytes],
-              info: CommandInfo | None, result: Deferred, resp3: bool) -> None:
+              info: CommandInfo | None, result: Deferred, resp3: bool, blocks: float) -> None:
         invalidation = _invalidation(argv, info)
         if invalidation is None:
             # only the backing can say which keys (movable keys): it is asked
@@ -280,11 +281,11 @@ class Forwarder:
             asked = _AskedKeys(info)  # type: ignore[arg-type]
             self.pool.call(session.lane, encode_command(getkeys_request(argv)), asked.got)
             invalidation = asked
-        self._call(session, pin, argv, info, invalidation, result, resp3)
+        self._call(session, pin, argv, info, invalidation, result, resp3, blocks)
 
     def _call(self, session: Any, pin: Pin | None, argv: list[bytes],
               info: CommandInfo | None, invalidation: Any, result: Deferred,
-              resp3: bool) -> None:
+              resp3: bool, blocks: float) -> None:
         request = encode_command(argv)
         name = argv[0].lower()
 
@@ -335,10 +336,10 @@ class Forwarder:
             self._count(argv, OK_OUTCOME)
             result.callback((b"", "forwarded"))
             return
-        blocking = info is not None and info.blocking
+        blocking = bool(blocks)
         if blocking:
             pin.blocking += 1
-            timeout = self.config.redis_timeout + _blocking_timeout(argv, name)
+            timeout = self.config.redis_timeout + blocks
         else:
             timeout = None
         confirms = _CONFIRMS.get(name)
@@ -525,8 +526,9 @@ def _unpark(pin: Pin) -> None:
 
 
 def _pins(argv: list[bytes], info: CommandInfo | None, default_db: int) -> bool:
+    """Whether ``argv`` puts state on the connection (blocking: ``_blocks``)."""
     name = argv[0].lower()
-    if name in _PINNING or (info is not None and info.blocking):
+    if name in _PINNING:
         return True
     if name == b"select":
         return len(argv) == 2 and parse_integer(argv[1]) != default_db
@@ -551,22 +553,29 @@ def _reply_mode(argv: list[bytes]) -> bytes | None:
     return None
 
 
-def _blocking_timeout(argv: list[bytes], name: bytes) -> float:
-    """A blocking command's own timeout in seconds (inf for 0, "forever")."""
+#: where Redis's own blocking commands take their timeout (seconds, or ms)
+_TIMEOUT_AT = {b"blmpop": (1, 1), b"bzmpop": (1, 1), b"wait": (-1, 1000), b"waitaof": (-1, 1000)}
+
+
+def _blocks(argv: list[bytes], info: CommandInfo | None) -> float:
+    """How long ``argv`` may block its connection, in seconds (inf for
+    "forever"), or 0 when it will not (XREAD without BLOCK: no pin for it).
+    A timeout that cannot be read (a module's blocking command) is taken
+    to block for good."""
+    if info is None or not info.blocking:
+        return 0.0
+    name = argv[0].lower()
     try:
         if name in (b"xread", b"xreadgroup"):
             lowered = [a.lower() for a in argv]
             if b"block" not in lowered:
                 return 0.0
             value = float(argv[lowered.index(b"block") + 1]) / 1000
-        elif name in (b"wait", b"waitaof"):
-            value = float(argv[-1]) / 1000
-        elif name in (b"blmpop", b"bzmpop"):
-            value = float(argv[1])
         else:
-            value = float(argv[-1])
+            at, unit = _TIMEOUT_AT.get(name, (-1, 1))
+            value = float(argv[at]) / unit
     except (ValueError, IndexError):
-        return 0.0  # Redis answers the error at once
+        return math.inf  # (Redis's own commands then answer an error at once)
     return math.inf if value <= 0 else value
 
 

@@ -242,6 +242,16 @@ def test_a_blocking_command_does_not_wait_at_the_gate():
     assert get[0][0] == b"$-1\r\n" and pin.closed
 
 
+def test_xread_pins_only_with_block():
+    t = Setup(concurrency=64)
+    s = t.session()
+    t.forward(s, "XREAD", "COUNT", "1", "STREAMS", "x", "0")
+    assert t.pool.pins == [] and len(t.pool.wire) == 1
+    t.pool.reply(b"*-1\r\n")
+    t.forward(s, "XREAD", "BLOCK", "0", "STREAMS", "x", "$")
+    assert len(t.pool.pins) == 1 and t.pool.pins[0].wire
+
+
 def test_work_of_a_client_that_left_is_dropped_at_the_gate():
     t = Setup()
     s = t.session()
