@@ -204,41 +204,45 @@ class Forwarder:
         of being answered from the cache before it (read-your-writes on one
         connection), even while it still waits for the table or the gate.
         """
-        session.forwarding += 1
+        session.forwarding += 1  # back down once settled (_pool_done, _pin_settled, _early)
         result: Deferred = Deferred()
-        result.addBoth(_forwarded, session)
         # the protocol the client speaks now: a HELLO it sends next must not
         # change the reply to this (it may wait for the table or the gate)
         resp3 = session.encoder.version == 3
-        self._with_table(lambda table: self._route(session, argv, table, result, resp3))
+        table = self.table
+        if table is not None:
+            self._route(session, argv, table, result, resp3)
+        else:
+            self._with_table(lambda table: self._route(session, argv, table, result, resp3))
         return result
 
     def _route(self, session: Any, argv: list[bytes], table: CommandTable | BackingError,
                result: Deferred, resp3: bool) -> None:
         if session.gone:  # it left while the table was read: nothing to pin or send
-            result.callback((b"", "other"))
+            _early(session, result, (b"", "other"))
             return
         if isinstance(table, BackingError):
+            session.forwarding -= 1
             self._answer(result, argv, table)
             return
         info = table.lookup(argv)
         refused = self.refusal(argv, info)
         if refused is not None:
             self._count(argv, REFUSED_OUTCOME)
-            result.callback((refused, "bad_request"))
+            _early(session, result, (refused, "bad_request"))
             return
-        blocks = _blocks(argv, info)
+        blocks = _blocks(argv, info) if info is not None and info.blocking else 0.0
         pin = session.pin
         if pin is None and (blocks or _pins(argv, info, self._default_db)):
             if not self._slots.acquire_pinned():
                 # SPEC §7: pinned connections count toward max_clients
                 self._count(argv, REFUSED_OUTCOME)
-                result.callback((MAX_CLIENTS_ERROR, "backing_error"))
+                _early(session, result, (MAX_CLIENTS_ERROR, "backing_error"))
                 return
             pin = session.pin = self._pin(session, resp3)
-        if pin is None:
-            self._pooled[session] = self._pooled.get(session, 0) + 1
-            result.addBoth(self._pool_settled, session)
+        if pin is None:  # settled by _pool_done, called where its reply is given
+            pooled = self._pooled
+            pooled[session] = pooled.get(session, 0) + 1
         else:
             pin.owed += 1
             result.addBoth(self._pin_settled, session, pin)
@@ -264,6 +268,8 @@ class Forwarder:
         result.addBoth(self._leave)
         if session.gone:
             # SPEC §4: work for a client that has left is dropped at the gate
+            if pin is None:
+                self._pool_done(session)
             result.callback((b"", "other"))
             return
         self._send(session, pin, argv, info, result, resp3, blocks)
@@ -293,22 +299,10 @@ class Forwarder:
             if blocking:
                 pin.blocking -= 1  # type: ignore[union-attr]
             if invalidation.__class__ is _AskedKeys:
-                invalidation.then(lambda found: answered(frame, found))
+                invalidation.then(lambda found: self._answered(
+                    session, result, argv, name, pin, info, found, frame))
             else:
-                answered(frame, invalidation)
-
-        def answered(frame: bytes | BackingError, invalidation: Any) -> None:
-            if info is None and not isinstance(frame, BackingError):
-                if frame[:1] in (b"-", b"!"):
-                    invalidation = None  # unknown to Redis too: it changed nothing
-                else:
-                    self._load_table()  # a command added since (MODULE LOAD)
-            if pin is not None:
-                self._pinned_reply(pin, argv, name, invalidation, frame)
-            elif not isinstance(frame, BackingError) or frame.kind == "timeout":
-                # a timed-out write may still be applied: drop its keys too
-                self._invalidate(argv, invalidation)
-            self._answer(result, argv, frame)
+                self._answered(session, result, argv, name, pin, info, invalidation, frame)
 
         blocking = False
         if pin is None:
@@ -347,6 +341,25 @@ class Forwarder:
         self._pinned_send(session, pin, lambda: connection.call(
             request, done, timeout, confirms, expect))
 
+    def _answered(self, session: Any, result: Deferred, argv: list[bytes], name: bytes,
+                  pin: Pin | None,
+                  info: CommandInfo | None, invalidation: Any,
+                  frame: bytes | BackingError) -> None:
+        """The reply came: drop what the command wrote, then answer."""
+        if info is None and not isinstance(frame, BackingError):
+            if frame[:1] in (b"-", b"!"):
+                invalidation = None  # unknown to Redis too: it changed nothing
+            else:
+                self._load_table()  # a command added since (MODULE LOAD)
+        if pin is not None:
+            self._pinned_reply(pin, argv, name, invalidation, frame)
+        else:
+            if frame.__class__ is bytes or frame.kind == "timeout":  # type: ignore[union-attr]
+                # (a timed-out write may still be applied: drop its keys too)
+                self._invalidate(argv, invalidation)
+            self._pool_done(session)
+        self._answer(result, argv, frame)
+
     def _pinned_send(self, session: Any, pin: Pin, send: Callable[[], None]) -> None:
         """``send()`` now, or once the client's commands sent on the shared
         pool before it was pinned are answered: Redis runs a client's
@@ -357,7 +370,9 @@ class Forwarder:
         else:
             send()
 
-    def _pool_settled(self, value: Any, session: Any) -> Any:
+    def _pool_done(self, session: Any) -> None:
+        """A command of ``session`` on the shared pool is answered (or dropped)."""
+        session.forwarding -= 1
         left = self._pooled[session] - 1
         if left:
             self._pooled[session] = left
@@ -366,7 +381,6 @@ class Forwarder:
             pin = session.pin
             if pin is not None:
                 _unpark(pin)
-        return value
 
     def _pinned_reply(self, pin: Pin, argv: list[bytes], name: bytes, invalidation: Any,
                       frame: bytes | BackingError) -> None:
@@ -421,6 +435,7 @@ class Forwarder:
     def _pin_settled(self, value: Any, session: Any, pin: Pin) -> Any:
         """One of the pin's commands is answered: let the pin go once none
         is owed and no state is left."""
+        session.forwarding -= 1
         pin.owed -= 1
         if not pin.owed and session.pin is pin and not pin.holds_state(self._default_db):
             self._unpin(session)
@@ -514,9 +529,10 @@ class _AskedKeys:
             f(self.found)
 
 
-def _forwarded(value: Any, session: Any) -> Any:
+def _early(session: Any, result: Deferred, reply: Reply) -> None:
+    """Answer a request settled before it was routed anywhere."""
     session.forwarding -= 1
-    return value
+    result.callback(reply)
 
 
 def _unpark(pin: Pin) -> None:
