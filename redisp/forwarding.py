@@ -13,11 +13,22 @@ three routes, decided in ``Forwarder.forward`` and nowhere else:
   connection of its own (``Pin``), and every later command of that client
   goes there until the state ends.
 
+A pin is let go when its state has ended *and* no command routed to it is
+still owed (one may wait at the gate behind EXEC), and its first command
+waits until the client's commands sent on the pool before it are answered:
+Redis runs a client's commands in the order it sent them, across the two
+connections too (SET then WATCH).  A pin lost by itself while holding state
+(backing restart, CLIENT KILL) hangs up on the client, as Redis would have:
+a subscriber must notice, and a MULTI must not go on one command at a time.
+A client that leaves has its pin closed, and its forwarded commands still
+at the gate are dropped (SPEC §4).
+
 Writes drop what they touch.  Which argv entries are keys, and which of them
 a command may modify, comes from the backing's own ``COMMAND`` reply
 (command_table.py), read when the pool first connects and again whenever a
 pool connection comes back; where key specs cannot say, ``COMMAND
-GETKEYSANDFLAGS`` asks the backing first.  The keys are dropped from the
+GETKEYSANDFLAGS`` asks the backing, while the command itself goes out in
+its place in the client's order (``_AskedKeys``).  The keys are dropped from the
 cache, and every fetch of them in flight is poisoned (``CachedReader.
 invalidate``), when the write's reply arrives and before it is handed to the
 client: a fetch that read the old value cannot be stored after the client
@@ -26,8 +37,15 @@ has seen its write acknowledged.  Commands that change keys they do not name
 Inside MULTI the writes are collected and applied when EXEC answers.
 
 Read-your-writes on one connection: while a client has forwarded commands
-in flight its GETs are forwarded too (``Session.forwarding``), so a GET
-pipelined behind a SET sees the SET, as on Redis.
+in flight (from ``forward`` on, waiting for the table or the gate included)
+its GETs are forwarded too (``Session.forwarding``), so a GET pipelined
+behind a SET sees the SET, as on Redis.
+
+Not followed: a HELLO that changes the protocol while the client is pinned
+(the pin keeps the protocol it was opened with), commands pipelined across
+a protocol-changing HELLO (the two protocols use different pool
+connections, so they may run out of order), and subscriptions made inside
+MULTI (relay.py does not see them: the pin is let go after EXEC).
 
 The gate: shared and pinned commands pass it as GETs do (SPEC §4), with the
 two exceptions SPEC §7 names: a blocking command waits on its pinned
