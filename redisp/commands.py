@@ -104,8 +104,13 @@ class Session:
         self.pin: Any = None  # the client's own backing connection while it holds state
         self.lane = 0  # its connection of the shared pool
         self.forwarding = 0  # forwarded commands in flight: GETs follow them to Redis
-        #: write a push frame (pub/sub message) to the client, in order with replies
-        self.push: Callable[[bytes], None] = lambda frame: None
+        self.gone = False  # the client left: its forwarded commands not yet sent are dropped
+        #: write a push frame (pub/sub message) to the client, in order with
+        #: replies: ``push(frame, owed)``, see RespProtocol.push
+        self.push: Callable[..., None] = lambda frame, owed=0: None
+        #: close the connection once every reply owed is written (the
+        #: client's pinned connection was lost with its state)
+        self.hang_up: Callable[[], None] = lambda: None
 
     @property
     def plain(self) -> bool:
@@ -297,13 +302,16 @@ def _select(session: Session, argv: list[bytes]) -> Reply:
 
 
 def _reset(session: Session, argv: list[bytes]) -> Reply:
-    """As Redis: the connection back to its first state.  A pinned
-    connection is closed, which makes Redis drop whatever it held."""
-    if session.forwarder is not None:
-        session.forwarder.release(session)
+    """As Redis: the connection back to its first state.  A pinned client's
+    RESET goes to its pinned connection, after what the client sent before
+    it (a BLPOP still blocked, an open MULTI): Redis drops the state and
+    answers, and the pin is let go (forwarding.py)."""
+    reply: Reply = (simple("RESET"), OTHER)
+    if session.pin is not None:
+        reply = session.forwarder.forward(session, argv)
     session.encoder = RESP2
     session.name = None
-    return simple("RESET"), OTHER
+    return reply
 
 
 def _hello(session: Session, argv: list[bytes]) -> Reply:

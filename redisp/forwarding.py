@@ -13,11 +13,22 @@ three routes, decided in ``Forwarder.forward`` and nowhere else:
   connection of its own (``Pin``), and every later command of that client
   goes there until the state ends.
 
+A pin is let go when its state has ended *and* no command routed to it is
+still owed (one may wait at the gate behind EXEC), and its first command
+waits until the client's commands sent on the pool before it are answered:
+Redis runs a client's commands in the order it sent them, across the two
+connections too (SET then WATCH).  A pin lost by itself while holding state
+(backing restart, CLIENT KILL) hangs up on the client, as Redis would have:
+a subscriber must notice, and a MULTI must not go on one command at a time.
+A client that leaves has its pin closed, and its forwarded commands still
+at the gate are dropped (SPEC §4).
+
 Writes drop what they touch.  Which argv entries are keys, and which of them
 a command may modify, comes from the backing's own ``COMMAND`` reply
 (command_table.py), read when the pool first connects and again whenever a
 pool connection comes back; where key specs cannot say, ``COMMAND
-GETKEYSANDFLAGS`` asks the backing first.  The keys are dropped from the
+GETKEYSANDFLAGS`` asks the backing, while the command itself goes out in
+its place in the client's order (``_AskedKeys``).  The keys are dropped from the
 cache, and every fetch of them in flight is poisoned (``CachedReader.
 invalidate``), when the write's reply arrives and before it is handed to the
 client: a fetch that read the old value cannot be stored after the client
@@ -26,8 +37,15 @@ has seen its write acknowledged.  Commands that change keys they do not name
 Inside MULTI the writes are collected and applied when EXEC answers.
 
 Read-your-writes on one connection: while a client has forwarded commands
-in flight its GETs are forwarded too (``Session.forwarding``), so a GET
-pipelined behind a SET sees the SET, as on Redis.
+in flight (from ``forward`` on, waiting for the table or the gate included)
+its GETs are forwarded too (``Session.forwarding``), so a GET pipelined
+behind a SET sees the SET, as on Redis.
+
+Not followed: a HELLO that changes the protocol while the client is pinned
+(the pin keeps the protocol it was opened with), commands pipelined across
+a protocol-changing HELLO (the two protocols use different pool
+connections, so they may run out of order), and subscriptions made inside
+MULTI (relay.py does not see them: the pin is let go after EXEC).
 
 The gate: shared and pinned commands pass it as GETs do (SPEC §4), with the
 two exceptions SPEC §7 names: a blocking command waits on its pinned
@@ -45,6 +63,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from redisp.backing import BackingError, BackingTimeout, BackingUnavailable, first_line
+from redisp.clients import ClientSlots
 from redisp.command_table import (
     FLUSH,
     CommandInfo,
@@ -55,7 +74,7 @@ from redisp.command_table import (
 from redisp.config import Config
 from redisp.frames import ErrorReply, decode
 from redisp.metrics import Metrics
-from redisp.relay import RelayPool, RelayProtocol, encode_command
+from redisp.relay import CONFIRMED, RelayPool, RelayProtocol, encode_command
 from redisp.resp import error, parse_integer
 
 log = Logger()
@@ -69,9 +88,11 @@ REFUSED_OUTCOME = "refused"  # deny_commands or forward mode
 #: a reply for the RESP door: (encoded reply, request outcome)
 Reply = tuple[bytes, str]
 
-#: commands that pin a client by their name alone (the rest: blocking flag, SELECT n)
+#: commands that pin a client by their name alone (the rest: ``_blocks``, SELECT n).
+#: (P|S)UNSUBSCRIBE too, when not subscribed: its RESP3 reply is a push frame,
+#: which a pool connection could not tell from a reply
 _PINNING = frozenset((b"multi", b"watch", b"subscribe", b"psubscribe", b"ssubscribe",
-                      b"monitor"))
+                      b"unsubscribe", b"punsubscribe", b"sunsubscribe", b"monitor"))
 #: CLIENT subcommands that put state on the connection
 _PINNING_CLIENT = frozenset((b"tracking", b"caching", b"reply", b"no-evict", b"no-touch"))
 #: the confirmations a (un)subscribe command answers with (relay.py's ``confirms``)
@@ -80,14 +101,23 @@ _CONFIRMS = {b"subscribe": b"subscribe", b"psubscribe": b"psubscribe",
              b"punsubscribe": b"punsubscribe", b"sunsubscribe": b"sunsubscribe",
              b"monitor": b"monitor"}
 _NULLS = (b"*-1\r\n", b"_\r\n")
+#: a pinned connection would pass max_clients (Redis's own wording)
+MAX_CLIENTS_ERROR = error("ERR max number of clients reached")
 
 
 class Pin:
     """A client's own backing connection, and the state that keeps it."""
 
-    def __init__(self, connection: RelayProtocol, db: int) -> None:
-        self.connection = connection
+    connection: RelayProtocol
+
+    def __init__(self, db: int) -> None:
         self.db = db
+        #: the client's commands routed here and not answered yet (some may
+        #: still wait at the gate): the pin is not let go while any is owed
+        self.owed = 0
+        #: sends held back until the client's commands on the shared pool,
+        #: sent before it was pinned, are answered (see ``Forwarder._call``)
+        self.parked: list[Callable[[], None]] = []
         self.multi = False
         self.watching = False
         self.sticky = False  # CLIENT TRACKING/CACHING/… : kept until RESET or disconnect
@@ -99,14 +129,15 @@ class Pin:
     def holds_state(self, default_db: int) -> bool:
         c = self.connection
         return (self.multi or self.watching or self.sticky or self.reply_off
-                or c.subscribed or c.monitoring or self.db != default_db)
+                or self.skip_next or c.subscribed or c.monitoring or self.db != default_db)
 
 
 class Forwarder:
     """Sends the commands redisp does not answer itself to the backing Redis."""
 
     def __init__(self, config: Config, reactor: Any, reader: Any, gate: Any,
-                 metrics: Metrics, pool: RelayPool | None = None, backing: Any = None) -> None:
+                 metrics: Metrics, pool: RelayPool | None = None,
+                 slots: ClientSlots | None = None, backing: Any = None) -> None:
         self.config = config
         self.mode = config.forward
         self.deny = frozenset(name.lower().encode() for name in config.deny_commands)
@@ -116,6 +147,10 @@ class Forwarder:
         self._metrics = metrics
         self._default_db = config.redis.db
         self._backing = backing  # its state says when the backing stopped answering
+        # the counts live in metrics, so this shares the doors' max_clients
+        self._slots = slots or ClientSlots(config.max_clients, metrics)
+        #: clients with commands in flight on the shared pool -> how many
+        self._pooled: dict[Any, int] = {}
         self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
                                       on_ready=self._pool_ready)
         self.table: CommandTable | None = None
@@ -175,99 +210,121 @@ class Forwarder:
         name = argv[0].lower()
         if name in self.deny:
             return error(b"ERR command '" + _quoted(name) + b"' is not allowed through redisp")
-        if self.mode == "read" and info is not None and not info.readonly:
+        if (self.mode == "read" and info is not None and not info.readonly
+                and name != b"command"):  # the table itself: clients read it at connect
             return error(b"ERR redisp forwards read-only commands only: '" + _quoted(name) + b"'")
         return None
 
     def forward(self, session: Any, argv: list[bytes]) -> Deferred:
-        """The reply to ``argv`` from the backing, as ``(frame, outcome)``."""
+        """The reply to ``argv`` from the backing, as ``(frame, outcome)``.
+
+        ``session.forwarding`` counts the request from here until its reply:
+        a GET the client sends meanwhile follows it to the backing instead
+        of being answered from the cache before it (read-your-writes on one
+        connection), even while it still waits for the table or the gate.
+        """
+        session.forwarding += 1  # back down once settled (_pool_done, _pin_settled, _early)
         result: Deferred = Deferred()
-        self._with_table(lambda table: self._route(session, argv, table, result))
+        # the protocol the client speaks now: a HELLO it sends next must not
+        # change the reply to this (it may wait for the table or the gate)
+        resp3 = session.encoder.version == 3
+        table = self.table
+        if table is not None:
+            self._route(session, argv, table, result, resp3)
+        else:
+            self._with_table(lambda table: self._route(session, argv, table, result, resp3))
         return result
 
     def _route(self, session: Any, argv: list[bytes], table: CommandTable | BackingError,
-               result: Deferred) -> None:
+               result: Deferred, resp3: bool) -> None:
+        if session.gone:  # it left while the table was read: nothing to pin or send
+            _early(session, result, (b"", "other"))
+            return
         if isinstance(table, BackingError):
-            self._answer(result, argv, table, None, None)
+            session.forwarding -= 1
+            self._answer(result, argv, table)
             return
         info = table.lookup(argv)
         refused = self.refusal(argv, info)
         if refused is not None:
             self._count(argv, REFUSED_OUTCOME)
-            result.callback((refused, "bad_request"))
+            _early(session, result, (refused, "bad_request"))
             return
+        blocks = _blocks(argv, info) if info is not None and info.blocking else 0.0
         pin = session.pin
-        if pin is None and _pins(argv, info, self._default_db):
-            pin = session.pin = Pin(self.pool.pinned(
-                resp3=session.encoder.version == 3, db=self._default_db,
-                on_push=session.push, on_lost=lambda _: self._pin_lost(session)),
-                self._default_db)
-            self._metrics.pinned_clients += 1
-        blocking = info is not None and info.blocking
-        if pin is not None and blocking:
-            # SPEC §7: a blocking command waits outside the gate
-            self._send(session, pin, argv, info, result)
-        elif pin is not None and pin.blocking:
-            # behind a blocking call on its own connection: holding a token
-            # there would stall every client (concurrency 1)
-            self._send(session, pin, argv, info, result)
+        if pin is None and (blocks or _pins(argv, info, self._default_db)):
+            if not self._slots.acquire_pinned():
+                # SPEC §7: pinned connections count toward max_clients
+                self._count(argv, REFUSED_OUTCOME)
+                _early(session, result, (MAX_CLIENTS_ERROR, "backing_error"))
+                return
+            pin = session.pin = self._pin(session, resp3)
+        if pin is None:  # settled by _pool_done, called where its reply is given
+            pooled = self._pooled
+            pooled[session] = pooled.get(session, 0) + 1
         else:
-            self._gate.enter(self._admitted, session, pin, argv, info, result)
+            pin.owed += 1
+            result.addBoth(self._pin_settled, session, pin)
+        if pin is not None and (blocks or pin.blocking):
+            # SPEC §7: a blocking command waits outside the gate; so do the
+            # commands behind it on its connection (holding a token there
+            # would stall every client under concurrency 1)
+            self._send(session, pin, argv, info, result, resp3, blocks)
+        else:
+            self._gate.enter(self._admitted, session, pin, argv, info, result, resp3, blocks)
+
+    def _pin(self, session: Any, resp3: bool) -> Pin:
+        pin = Pin(self._default_db)
+        pin.connection = self.pool.pinned(
+            resp3=resp3, db=self._default_db,
+            on_push=lambda frame: session.push(frame, pin.owed),
+            on_lost=lambda _: self._pin_lost(session, pin))
+        return pin
 
     def _admitted(self, session: Any, pin: Pin | None, argv: list[bytes],
-                  info: CommandInfo | None, result: Deferred) -> None:
+                  info: CommandInfo | None, result: Deferred, resp3: bool,
+                  blocks: float) -> None:
         result.addBoth(self._leave)
-        self._send(session, pin, argv, info, result)
+        if session.gone:
+            # SPEC §4: work for a client that has left is dropped at the gate
+            if pin is None:
+                self._pool_done(session)
+            result.callback((b"", "other"))
+            return
+        self._send(session, pin, argv, info, result, resp3, blocks)
 
     def _leave(self, value: Any) -> Any:
         self._gate.leave()
         return value
 
     def _send(self, session: Any, pin: Pin | None, argv: list[bytes],
-              info: CommandInfo | None, result: Deferred) -> None:
+              info: CommandInfo | None, result: Deferred, resp3: bool, blocks: float) -> None:
         invalidation = _invalidation(argv, info)
-        if invalidation is None:  # only the backing can say which keys: ask first
-            self._getkeys(session, pin, argv, info, result)
-            return
-        self._call(session, pin, argv, info, invalidation, result)
-
-    def _getkeys(self, session: Any, pin: Pin | None, argv: list[bytes],
-                 info: CommandInfo, result: Deferred) -> None:
-        def got(frame: bytes | BackingError) -> None:
-            invalidation: Any = FLUSH
-            if not isinstance(frame, BackingError):
-                try:
-                    reply = decode(frame)
-                    if not isinstance(reply, ErrorReply):
-                        found = keys_from_getkeys(info, reply)
-                        invalidation = found if found is FLUSH else [("key", k) for k in found]
-                except (ValueError, TypeError, IndexError):
-                    pass
-            self._call(session, pin, argv, info, invalidation, result)
-
-        self.pool.call(session.lane, encode_command(getkeys_request(argv)), got)
+        if invalidation is None:
+            # only the backing can say which keys (movable keys): it is asked
+            # on the pool while the command itself goes out now, in its order
+            asked = _AskedKeys(info)  # type: ignore[arg-type]
+            self.pool.call(session.lane, encode_command(getkeys_request(argv)), asked.got)
+            invalidation = asked
+        self._call(session, pin, argv, info, invalidation, result, resp3, blocks)
 
     def _call(self, session: Any, pin: Pin | None, argv: list[bytes],
-              info: CommandInfo | None, invalidation: Any, result: Deferred) -> None:
+              info: CommandInfo | None, invalidation: Any, result: Deferred,
+              resp3: bool, blocks: float) -> None:
         request = encode_command(argv)
-        session.forwarding += 1
         name = argv[0].lower()
 
         def done(frame: bytes | BackingError) -> None:
-            session.forwarding -= 1
-            if pin is not None:
-                if blocking:
-                    pin.blocking -= 1
-                self._pinned_reply(session, pin, argv, name, info, invalidation, frame)
-            elif not isinstance(frame, BackingError) or frame.kind == "timeout":
-                # a timed-out write may still be applied: drop its keys too
-                self._invalidate(argv, invalidation)
-                if frame.__class__ is BackingTimeout and self._backing is not None:
-                    self._backing.suspect()
-            self._answer(result, argv, frame, pin, session)
+            if blocking:
+                pin.blocking -= 1  # type: ignore[union-attr]
+            if invalidation.__class__ is _AskedKeys:
+                invalidation.then(lambda found: self._answered(
+                    session, result, argv, name, pin, info, found, frame))
+            else:
+                self._answered(session, result, argv, name, pin, info, invalidation, frame)
 
+        blocking = False
         if pin is None:
-            resp3 = session.encoder.version == 3
             if self._stalled():
                 # SPEC §9: after a call timed out, and until the backing answers
                 # again, fail fast instead of each command waiting out the timeout
@@ -276,76 +333,142 @@ class Forwarder:
                 return
             self.pool.call(session.lane, request, done, resp3=resp3)
             return
-        blocking = info is not None and info.blocking
         connection = pin.connection
         mode = _reply_mode(argv)
-        if (pin.reply_off and mode != b"on") or pin.skip_next or mode in (b"off", b"skip"):
+        if name == b"reset" and not pin.skip_next:
+            silent = False  # RESET answers even under CLIENT REPLY OFF
+        else:
+            silent = (pin.reply_off and mode != b"on") or pin.skip_next or mode in (b"off", b"skip")
+        if silent:
             # CLIENT REPLY OFF/SKIP: Redis answers nothing, so nothing is
             # awaited or relayed; SKIP silences itself and the next command
             pin.skip_next = mode == b"skip"
             if mode == b"off":
                 pin.reply_off = True
-            connection.send(request)
-            session.forwarding -= 1
-            self._invalidate(argv, invalidation)
+            elif name == b"reset":
+                pin.reply_off = False
+            self._pinned_send(session, pin, lambda: connection.send(request))
+            if invalidation.__class__ is _AskedKeys:
+                invalidation.then(lambda found: self._invalidate(argv, found))
+            else:
+                self._invalidate(argv, invalidation)
             self._count(argv, OK_OUTCOME)
             result.callback((b"", "forwarded"))
             return
+        blocking = bool(blocks)
         if blocking:
             pin.blocking += 1
-            timeout = self.config.redis_timeout + _blocking_timeout(argv, name)
+            timeout = self.config.redis_timeout + blocks
         else:
             timeout = None
-        connection.call(request, done, timeout, _CONFIRMS.get(name))
+        confirms = _CONFIRMS.get(name)
+        expect = (len(argv) - 1 or None) if confirms in CONFIRMED else 1
+        self._pinned_send(session, pin, lambda: connection.call(
+            request, done, timeout, confirms, expect))
 
-    def _pinned_reply(self, session: Any, pin: Pin, argv: list[bytes], name: bytes,
-                      info: CommandInfo | None, invalidation: Any,
+    def _answered(self, session: Any, result: Deferred, argv: list[bytes], name: bytes,
+                  pin: Pin | None,
+                  info: CommandInfo | None, invalidation: Any,
+                  frame: bytes | BackingError) -> None:
+        """The reply came: drop what the command wrote, then answer."""
+        if info is None and not isinstance(frame, BackingError):
+            if frame[:1] in (b"-", b"!"):
+                invalidation = None  # unknown to Redis too: it changed nothing
+            else:
+                self._load_table()  # a command added since (MODULE LOAD)
+        if pin is not None:
+            self._pinned_reply(pin, argv, name, invalidation, frame)
+        else:
+            if frame.__class__ is bytes or frame.kind == "timeout":  # type: ignore[union-attr]
+                # (a timed-out write may still be applied: drop its keys too)
+                self._invalidate(argv, invalidation)
+                if frame.__class__ is BackingTimeout and self._backing is not None:
+                    self._backing.suspect()  # misses and commands behind it fail fast
+            self._pool_done(session)
+        self._answer(result, argv, frame)
+
+    def _pinned_send(self, session: Any, pin: Pin, send: Callable[[], None]) -> None:
+        """``send()`` now, or once the client's commands sent on the shared
+        pool before it was pinned are answered: Redis runs a client's
+        commands in the order it sent them, even across the two connections
+        (SET then WATCH, LPUSH then BLPOP)."""
+        if session in self._pooled or pin.parked:
+            pin.parked.append(send)
+        else:
+            send()
+
+    def _pool_done(self, session: Any) -> None:
+        """A command of ``session`` on the shared pool is answered (or dropped)."""
+        session.forwarding -= 1
+        left = self._pooled[session] - 1
+        if left:
+            self._pooled[session] = left
+        else:
+            del self._pooled[session]
+            pin = session.pin
+            if pin is not None:
+                _unpark(pin)
+
+    def _pinned_reply(self, pin: Pin, argv: list[bytes], name: bytes, invalidation: Any,
                       frame: bytes | BackingError) -> None:
-        """Keep the pin's state in step with what Redis answered, apply the
-        writes that took effect, and let the pin go once no state is left."""
-        ok = not isinstance(frame, BackingError) and frame[:1] not in (b"-", b"!")
+        """Keep the pin's state in step with what Redis answered, and apply
+        the writes that took effect (or may have: a call that failed on the
+        way may still have run)."""
+        failed = isinstance(frame, BackingError)
+        ok = not failed and frame[:1] not in (b"-", b"!")  # type: ignore[index]
+        if name == b"reset" and ok:  # run at once, inside MULTI too
+            pin.multi = pin.watching = pin.sticky = pin.reply_off = False
+            pin.db = self._default_db
+            pin.queued = []
+            return
         if pin.multi:
             if name == b"exec":
                 pin.multi = pin.watching = False
-                if ok and frame not in _NULLS:
-                    for queued in pin.queued:
-                        self._invalidate(queued[0], queued[1])
+                if failed or (ok and frame not in _NULLS):
+                    for queued_argv, queued in pin.queued:
+                        self._invalidate(queued_argv, queued)
+                        if queued_argv[0].lower() == b"select" and len(queued_argv) == 2:
+                            pin.db = parse_integer(queued_argv[1]) or 0
                 pin.queued = []
             elif name == b"discard":
                 pin.multi = pin.watching = False
                 pin.queued = []
             elif ok and frame == b"+QUEUED\r\n":
                 pin.queued.append((argv, invalidation))
-            elif not isinstance(frame, BackingError) and frame.startswith(b"-EXECABORT"):
+            elif not failed and frame.startswith(b"-EXECABORT"):  # type: ignore[union-attr]
                 pin.multi = False
-        else:
-            if ok and pin.db == self._default_db:
+            return
+        if ok or failed:
+            # in another db only a flush reaches the cache (FLUSHALL, SWAPDB)
+            if pin.db == self._default_db or invalidation is FLUSH:
                 self._invalidate(argv, invalidation)
-            elif isinstance(frame, BackingError) and frame.kind == "timeout":
-                self._invalidate(argv, invalidation)
-            if ok:
-                if name == b"multi":
-                    pin.multi = True
-                elif name == b"watch":
-                    pin.watching = True
-                elif name in (b"unwatch", b"exec", b"discard"):
-                    pin.watching = False
-                elif name == b"select":
-                    pin.db = parse_integer(argv[1]) or 0
-                elif name == b"reset":
-                    pin.multi = pin.watching = pin.sticky = pin.reply_off = False
-                    pin.db = self._default_db
-                elif name == b"client" and len(argv) > 2:
-                    sub = argv[1].lower()
-                    if sub == b"reply":
-                        pin.reply_off = argv[2].lower() == b"off"
-                    elif sub in _PINNING_CLIENT:
-                        pin.sticky = True
-        if pin.connection.waiting == 0 and not pin.holds_state(self._default_db):
-            self._unpin(session)
+        if not ok:
+            return
+        if name == b"multi":
+            pin.multi = True
+        elif name == b"watch":
+            pin.watching = True
+        elif name in (b"unwatch", b"exec", b"discard"):
+            pin.watching = False
+        elif name == b"select":
+            pin.db = parse_integer(argv[1]) or 0
+        elif name == b"client" and len(argv) > 2:
+            sub = argv[1].lower()
+            if sub == b"reply":
+                pin.reply_off = argv[2].lower() == b"off"
+            elif sub in _PINNING_CLIENT:
+                pin.sticky = True
 
-    def _answer(self, result: Deferred, argv: list[bytes], frame: bytes | BackingError,
-                pin: Pin | None, session: Any) -> None:
+    def _pin_settled(self, value: Any, session: Any, pin: Pin) -> Any:
+        """One of the pin's commands is answered: let the pin go once none
+        is owed and no state is left."""
+        session.forwarding -= 1
+        pin.owed -= 1
+        if not pin.owed and session.pin is pin and not pin.holds_state(self._default_db):
+            self._unpin(session)
+        return value
+
+    def _answer(self, result: Deferred, argv: list[bytes], frame: bytes | BackingError) -> None:
         if isinstance(frame, BackingError):
             self._count(argv, FAILED_OUTCOME)
             result.callback((error("ERR " + str(frame)), "backing_error"))
@@ -362,7 +485,7 @@ class Forwarder:
             return
         invalidate = self._reader.invalidate
         for entry in invalidation:
-            invalidate(entry[1] if entry.__class__ is tuple else argv[entry])
+            invalidate(entry if entry.__class__ is bytes else argv[entry])
         self._metrics.write_invalidations += len(invalidation)
 
     def _count(self, argv: list[bytes], outcome: str) -> None:
@@ -383,25 +506,79 @@ class Forwarder:
     def _unpin(self, session: Any) -> None:
         pin, session.pin = session.pin, None
         if pin is not None:
-            self._metrics.pinned_clients -= 1
+            self._slots.release_pinned()
             pin.connection.close()
+            _unpark(pin)  # (they fail: the connection is closing)
 
-    def _pin_lost(self, session: Any) -> None:
-        """The pinned connection went down by itself: its state is gone in
-        Redis too; the client's next command starts afresh on the pool."""
-        if session.pin is not None and session.pin.connection.lost:
+    def _pin_lost(self, session: Any, pin: Pin) -> None:
+        """The pinned connection went down by itself (backing restarted,
+        CLIENT KILL): its state is gone in Redis too.  A client that held
+        state is hung up on once its replies are out, as Redis would have
+        done: a subscriber must not wait for messages that will never
+        come, nor a MULTI go on with its commands run one by one."""
+        if session.pin is pin:
             session.pin = None
-            self._metrics.pinned_clients -= 1
+            self._slots.release_pinned()
+            _unpark(pin)
+            if pin.holds_state(self._default_db):
+                session.hang_up()
 
     def release(self, session: Any) -> None:
-        """The client left: close its pinned connection, so Redis drops the
-        state (an open MULTI, a BLPOP, subscriptions)."""
+        """The client left: its commands still waiting at the gate are
+        dropped, and its pinned connection closed, so Redis drops the state
+        (an open MULTI, a BLPOP, subscriptions)."""
+        session.gone = True
         self._unpin(session)
 
 
+class _AskedKeys:
+    """Which keys a movable-keys command writes, as the backing says
+    (``COMMAND GETKEYSANDFLAGS``), asked while the command itself is sent."""
+
+    __slots__ = ("info", "found", "waiters")
+
+    def __init__(self, info: CommandInfo) -> None:
+        self.info = info
+        self.found: Any = None  # the keys (a list of bytes) or FLUSH, once answered
+        self.waiters: list[Callable[[Any], None]] = []
+
+    def got(self, frame: bytes | BackingError) -> None:
+        found: Any = FLUSH  # the backing could not say: anything may have changed
+        if not isinstance(frame, BackingError):
+            try:
+                reply = decode(frame)
+                if not isinstance(reply, ErrorReply):
+                    found = keys_from_getkeys(self.info, reply)
+            except (ValueError, TypeError, IndexError):
+                pass
+        self.found = found
+        waiters, self.waiters = self.waiters, []
+        for then in waiters:
+            then(found)
+
+    def then(self, f: Callable[[Any], None]) -> None:
+        if self.found is None:
+            self.waiters.append(f)
+        else:
+            f(self.found)
+
+
+def _early(session: Any, result: Deferred, reply: Reply) -> None:
+    """Answer a request settled before it was routed anywhere."""
+    session.forwarding -= 1
+    result.callback(reply)
+
+
+def _unpark(pin: Pin) -> None:
+    parked, pin.parked = pin.parked, []
+    for send in parked:
+        send()
+
+
 def _pins(argv: list[bytes], info: CommandInfo | None, default_db: int) -> bool:
+    """Whether ``argv`` puts state on the connection (blocking: ``_blocks``)."""
     name = argv[0].lower()
-    if name in _PINNING or (info is not None and info.blocking):
+    if name in _PINNING:
         return True
     if name == b"select":
         return len(argv) == 2 and parse_integer(argv[1]) != default_db
@@ -426,22 +603,29 @@ def _reply_mode(argv: list[bytes]) -> bytes | None:
     return None
 
 
-def _blocking_timeout(argv: list[bytes], name: bytes) -> float:
-    """A blocking command's own timeout in seconds (inf for 0, "forever")."""
+#: where Redis's own blocking commands take their timeout (seconds, or ms)
+_TIMEOUT_AT = {b"blmpop": (1, 1), b"bzmpop": (1, 1), b"wait": (-1, 1000), b"waitaof": (-1, 1000)}
+
+
+def _blocks(argv: list[bytes], info: CommandInfo | None) -> float:
+    """How long ``argv`` may block its connection, in seconds (inf for
+    "forever"), or 0 when it will not (XREAD without BLOCK: no pin for it).
+    A timeout that cannot be read (a module's blocking command) is taken
+    to block for good."""
+    if info is None or not info.blocking:
+        return 0.0
+    name = argv[0].lower()
     try:
         if name in (b"xread", b"xreadgroup"):
             lowered = [a.lower() for a in argv]
             if b"block" not in lowered:
                 return 0.0
             value = float(argv[lowered.index(b"block") + 1]) / 1000
-        elif name in (b"wait", b"waitaof"):
-            value = float(argv[-1]) / 1000
-        elif name in (b"blmpop", b"bzmpop"):
-            value = float(argv[1])
         else:
-            value = float(argv[-1])
+            at, unit = _TIMEOUT_AT.get(name, (-1, 1))
+            value = float(argv[at]) / unit
     except (ValueError, IndexError):
-        return 0.0  # Redis answers the error at once
+        return math.inf  # (Redis's own commands then answer an error at once)
     return math.inf if value <= 0 else value
 
 
