@@ -60,10 +60,10 @@ KEEPALIVE = (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
 #: (LOADING, BUSY): it is alive but cannot serve yet
 PROBE_INTERVAL = 0.25
 
-#: reconnect after 0.2, 0.4, 0.8, then every 0.9 s, each plus up to 0.1 s of
-#: jitter: a Redis that is back is picked up within about a second (Twisted's
-#: default jitter alone adds up to a whole second)
-RETRY_POLICY = backoffPolicy(initialDelay=0.1, maxDelay=0.9, factor=2.0,
+#: reconnect after 0.2, 0.4, then every 0.5 s, each plus up to 0.1 s of
+#: jitter: a Redis that is back is picked up well within a second, connection
+#: set-up included (Twisted's default jitter alone adds up to a whole second)
+RETRY_POLICY = backoffPolicy(initialDelay=0.1, maxDelay=0.5, factor=2.0,
                              jitter=lambda: random.random() * 0.1)
 
 #: failures that mean the connection itself failed (and not Redis's answer)

@@ -27,7 +27,7 @@ from redisp.config import parse_redis_url
 from redisp.metrics import Metrics
 
 TIMEOUT = 2.0
-RETRY_AT_MOST = 1.0  # backing.RETRY_POLICY: 0.9 s plus up to 0.1 s of jitter
+RETRY_AT_MOST = 0.6  # backing.RETRY_POLICY: 0.5 s plus up to 0.1 s of jitter
 PING = b"*1\r\n$4\r\nPING\r\n"
 PONG = b"+PONG\r\n"
 
