@@ -34,7 +34,7 @@ from redisp.clients import ClientSlots
 from redisp.commands import HIT, MISS, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
 from redisp.config import Config
 from redisp.metrics import Metrics
-from redisp.resp import Encoder, ProtocolError, RequestParser, bulk, bulks, error
+from redisp.resp import Encoder, LogLimiter, ProtocolError, RequestParser, bulk, bulks, error
 from redisp.sending import can_send_now, send_now
 
 log = Logger()
@@ -226,11 +226,19 @@ class RespProtocol(Protocol):
                 break
 
     def _protocol_error(self, problem: ProtocolError) -> None:
-        """Answer the error after every earlier reply, then hang up (as Redis)."""
+        """Answer the error after every earlier reply, then hang up (as Redis).
+
+        Logged at most once a second across the door (``LogLimiter``), with
+        the count of those not logged: any client can send garbage at will
+        (the metrics count every one)."""
         self._metrics.request(DOOR, PROTOCOL_ERROR)
-        log.debug("RESP protocol error from {peer}: {problem}",
-                  peer=self.transport.getPeer(), problem=str(problem))
-        reply = error("ERR " + str(problem))
+        factory = self.factory
+        unlogged = factory.protocol_error_log.admit(factory.clock.seconds())
+        if unlogged is not None:
+            log.debug("RESP protocol error from {peer}: {problem}"
+                      " ({unlogged} more since the last such line, not logged)",
+                      peer=self.transport.getPeer(), problem=str(problem), unlogged=unlogged)
+        reply = problem.reply
         if self._pending:
             self._pending.append([reply])
         else:
@@ -356,6 +364,7 @@ class RespFactory(Factory):
         self._last_id = 0
         self._late: list[RespProtocol] = []  # connections with replies to flush
         self._late_call: IDelayedCall | None = None
+        self.protocol_error_log = LogLimiter()
 
     def flush_later(self, protocol: RespProtocol) -> None:
         """Flush ``protocol``'s settled replies at the end of this reactor turn.
