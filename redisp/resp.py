@@ -208,7 +208,7 @@ class RequestParser:
         "max_bulk_bytes", "max_args", "max_inline_bytes",
         "_parts", "_size", "_need", "_until", "_too_big", "_inline", "_stuck",
         "_args", "_remaining", "_bulk", "_failed",
-        "_max_count", "_max_size", "_known", "_gets",
+        "_max_count", "_max_size", "_known", "_gets_known",
     )
 
     def __init__(
@@ -247,8 +247,9 @@ class RequestParser:
         self._max_count = min(max_args, widest)
         self._max_size = min(max_bulk_bytes, widest)
         self._known = min(len(_HEADERS), self._max_size + 1)
-        # only_gets needs "*2", and "$3" for the name GET itself
-        self._gets = self._max_count >= 2 and self._known > 3
+        # only_gets also needs "*2", and "$3" for the name GET itself: else
+        # it takes no key at all
+        self._gets_known = self._known if self._max_count >= 2 and self._known > 3 else 0
 
     def feed(self, data: bytes) -> Parsed:
         """Every request completed by ``data``, in order.
@@ -371,21 +372,24 @@ class RequestParser:
                 self._wait_line(out, buf, pos, b"\n", _BIG_INLINE, inline=True)
                 break
             end = newline - 1 if newline > pos and buf[newline - 1] == 0x0D else newline
-            line = buf[pos:end]
-            if 0 in line:
-                self._stick(out, n - pos, _BIG_INLINE)
-                break
-            if end - pos > max_line:
+            if end - pos > max_line:  # NUL or not: too big either way
                 self._fail(out, _BIG_INLINE)
                 break
-            argv = split_inline(line)
-            if argv is None:
-                self._fail(out, _UNBALANCED)
+            line = buf[pos:end]
+            if _NEEDS_SDSSPLIT.search(line) is None:
+                argv = line.split()
+            elif 0 in line:
+                self._stick(out, n - pos, _BIG_INLINE)
                 break
+            else:
+                argv = _sdssplitargs(line)
+                if argv is None:
+                    self._fail(out, _UNBALANCED)
+                    break
             pos = newline + 1
             if argv:  # an empty line is no request
                 if len(argv) > self.max_args or (
-                    self.max_bulk_bytes < max_line and max(map(len, argv)) > self.max_bulk_bytes
+                    self.max_bulk_bytes < len(line) and max(map(len, argv)) > self.max_bulk_bytes
                 ):
                     # the limits of multibulk requests hold for this form too
                     self._fail(out, _BIG_INLINE)
@@ -464,26 +468,25 @@ class RequestParser:
 
     def only_gets(self, data: bytes) -> list[bytes] | None:
         """The keys, if ``data`` is exactly whole ``GET key`` requests in
-        canonical multibulk form (what clients send) and the parser is idle,
-        else None (then ``feed(data)``).
+        canonical multibulk form (what clients send), else None (then
+        ``feed(data)``).  Only while the parser is ``idle`` (the caller
+        checks: the RESP door's ``dataReceived``).
 
         The RESP door's fast path, and the only other reader of the grammar:
         each request must split into the five tokens ``*2 $3 GET $<n> key``
-        with ``len(key) == n`` and ``n`` within ``_known``, which proves its
-        framing and its limits exactly as ``_parse_split`` does, so it
-        returns exactly what ``feed`` would (tests/test_resp_paths.py checks
-        that on random input).  The checks are list operations in C, none per
+        with ``len(key) == n`` and ``n`` within ``_gets_known``, which proves
+        its framing and its limits as ``_parse_split`` does, so it returns
+        exactly what ``feed`` would (tests/test_resp_paths.py checks that on
+        random input).  The checks are list operations in C, none per
         request in Python (bench/NOTES-perf.md).
         """
-        if self._parts or self._remaining or self._failed or self._stuck or not self._gets:
-            return None
         tokens = data.split(b"\r\n")
         n = len(tokens) - 1
         if n == 5:  # one request (-P 1): fewer list operations
             star, dollar, name, header, key, rest = tokens
             if (
                 star == b"*2" and dollar == b"$3" and (name == b"GET" or name == b"get")
-                and not rest and len(key) < self._known and header == _HEADERS[len(key)]
+                and not rest and len(key) < self._gets_known and header == _HEADERS[len(key)]
             ):
                 return [key]
             return None
@@ -497,7 +500,7 @@ class RequestParser:
             return None
         keys = tokens[4:n:5]
         sizes = list(map(len, keys))
-        if max(sizes) >= self._known:
+        if max(sizes) >= self._gets_known:
             return None
         if list(map(_HEADERS.__getitem__, sizes)) != tokens[3:n:5]:
             return None

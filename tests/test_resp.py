@@ -550,12 +550,6 @@ def test_only_gets_refuses_what_the_limits_refuse(limits):
     assert isinstance(parser.feed(data)[-1], ProtocolError)
 
 
-def test_only_gets_needs_an_idle_parser():
-    parser = RequestParser(**LIMITS)
-    parser.feed(b"*1\r\n")
-    assert parser.only_gets(encode(b"GET", b"k")) is None
-
-
 def test_parser_is_not_idle_inside_a_request():
     parser = RequestParser(**LIMITS)
     parser.feed(b"*2\r\n$3\r\nGET\r\n")
