@@ -5,17 +5,26 @@ lists (or a ``ProtocolError``) come out, and replies are built as bytes.  That
 keeps the hot path of the RESP door in two small pieces that can be tested
 byte by byte and measured on their own.
 
-Parsing follows Redis's own ``processMultibulkBuffer``/``processInlineBuffer``
+Parsing follows Redis 7's ``processMultibulkBuffer``/``processInlineBuffer``
 (src/networking.c) and ``sdssplitargs`` (src/sds.c), with their error
-wording, and two deliberate differences:
+wording, down to what Redis does with bytes a client gets wrong: the byte
+after a header's ``\\r`` and the two bytes after a bulk string are skipped
+unseen, and a NUL byte before a line's end hides that end.  Where Redis's
+answer depends on how its reads happened to cut the stream, the parser
+instead follows one rule on the bytes themselves, so the same bytes always
+parse the same way:
 
 * the limits (``max_bulk_bytes``, ``max_args``, ``max_inline_bytes``) are the
-  proxy's own, and each is enforced on the header or the line *before* the
-  body is buffered, so no client can make us hold more than one limit's worth
-  of an unfinished element;
-* the two bytes after a bulk string must be ``\\r\\n``.  Redis skips them
-  unseen; a client whose lengths are off would then be answered for commands
-  it never sent, so we stop it with a protocol error instead.
+  proxy's own, each enforced on a header or a line *before* the body is
+  buffered, so no client can make us hold more than one limit's worth of an
+  unfinished element;
+* a header line (``*``/``$`` and the digits before its ``\\r``) or an inline
+  line (before its ``\\r\\n``) longer than ``max_inline_bytes`` is a "too big"
+  error however it arrives (Redis only checks lines it has not yet seen the
+  end of, so a long line read in one piece may pass there);
+* an inline request breaking ``max_args``, or with an argument longer than
+  ``max_bulk_bytes``, is refused as ``Protocol error: too big inline
+  request`` (Redis has no such limits for inline requests).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
-    "ProtocolError", "RequestParser", "parse_integer", "split_inline",
+    "ProtocolError", "RequestParser", "LogLimiter", "parse_integer", "split_inline",
     "Encoder", "RESP2", "RESP3", "encoder_for",
     "OK", "PONG", "CRLF", "EMPTY_ARRAY",
     "bulk", "bulks", "simple", "error", "integer", "array",
@@ -32,6 +41,12 @@ __all__ = [
 
 class ProtocolError(Exception):
     """Input that is not RESP; ``str()`` is the reply text after ``-ERR ``."""
+
+    @property
+    def reply(self) -> bytes:
+        """The error reply, byte for byte as Redis sends it: one message
+        quotes a raw byte of the input, which may not be UTF-8."""
+        return error(("ERR " + str(self)).encode("latin-1"))
 
 
 # -- numbers ------------------------------------------------------------------
@@ -159,9 +174,8 @@ _BIG_MULTIBULK = "Protocol error: too big mbulk count string"
 _BIG_BULK = "Protocol error: too big bulk count string"
 _BIG_INLINE = "Protocol error: too big inline request"
 _UNBALANCED = "Protocol error: unbalanced quotes in request"
-_NO_CRLF = "Protocol error: expected '\\r\\n' after a bulk string"
 
-#: "$<n>", the canonical bulk header of each small n, for the fast path
+#: "$<n>", the canonical bulk header of each small n, for the fast paths
 _HEADERS = [b"$%d" % i for i in range(1024)]
 
 #: what feed() returns: requests, possibly ending with the error that stopped it
@@ -171,27 +185,36 @@ Parsed = list[list[bytes] | ProtocolError]
 class RequestParser:
     """Turns a client's byte stream into requests, incrementally.
 
-    ``feed()`` may be given the stream cut anywhere.  It parses every request
-    of a chunk in one pass -- well-formed multibulk requests from one
-    ``split`` of the chunk, anything else by offsets -- and keeps only the
-    unconsumed tail.  While that tail is an unfinished element it is not
-    parsed again until it can have become complete: until the pending bulk
-    string has all its bytes (by count), or until a chunk brings the byte
-    that ends the pending line (each new chunk is searched once, the tail
-    never again).  A large value trickling in a byte at a time therefore
-    costs linear time.  ``feed()`` takes ``bytes``, as Twisted delivers them.
+    ``feed()`` may be given the stream cut anywhere, and the outcome never
+    depends on where: every limit is a rule on the bytes of one element, not
+    on what one read happened to hold.  It parses every request of a chunk in
+    one pass -- well-formed multibulk requests from one ``split`` of the
+    chunk (``_parse_split``), anything else by offsets (``_parse``, the
+    grammar itself) -- and keeps only the unconsumed tail.  While that tail
+    is an unfinished element it is not parsed again until it can have become
+    complete: until the pending bulk string has all its bytes (by count), or
+    until a chunk brings the byte that ends the pending line (each new chunk
+    is searched once, the tail never again).  A large value trickling in a
+    byte at a time therefore costs linear time.  ``feed()`` takes ``bytes``,
+    as Twisted delivers them.
+
+    A line (inline request, ``*`` or ``$`` header) holding a NUL byte before
+    its terminator never ends, as in Redis, whose ``strchr`` stops there: the
+    parser swallows what follows until the element passes
+    ``max_inline_bytes``, then fails with that element's "too big" error.
     """
 
     __slots__ = (
         "max_bulk_bytes", "max_args", "max_inline_bytes",
-        "_parts", "_size", "_need", "_until", "_limit", "_too_big", "_inline",
-        "_args", "_remaining", "_bulk", "_failed", "_known",
+        "_parts", "_size", "_need", "_until", "_too_big", "_inline", "_stuck",
+        "_args", "_remaining", "_bulk", "_failed",
+        "_max_count", "_max_size", "_known", "_gets_known",
     )
 
     def __init__(
         self,
-        max_bulk_bytes: int = 1024 * 1024,
-        max_args: int = 1024,
+        max_bulk_bytes: int = 512 * 1024 * 1024,
+        max_args: int = 1024 * 1024,
         max_inline_bytes: int = 64 * 1024,
     ) -> None:
         self.max_bulk_bytes = max_bulk_bytes
@@ -203,19 +226,30 @@ class RequestParser:
         self._size = 0
         # waiting by count: nothing to do until len(tail) >= _need ...
         self._need = 0
-        # ... or by terminator: nothing to do until a chunk holds _until,
-        # and the line (less a final \r when _inline) may not pass _limit
+        # ... or by terminator: nothing to do until a chunk holds _until; the
+        # line (less a final \r when _inline) may not pass max_inline_bytes
         self._until = b""
-        self._limit = 0
         self._too_big = ""
         self._inline = False
+        # a NUL byte was seen in a pending line: _size counts the bytes
+        # swallowed since its start, until they pass the limit
+        self._stuck = False
         # the multibulk request in progress
         self._args: list[bytes] = []
         self._remaining = 0  # arguments still to come
         self._bulk = -1  # length of the bulk string whose header was read
         self._failed = False
-        # sizes the fast path may check against _HEADERS (all within the limit)
-        self._known = min(len(_HEADERS), max_bulk_bytes + 1)
+        # What the fast paths may take from their tables without a check per
+        # header: counts and sizes whose header line ("*" or "$" then the
+        # digits) fits max_inline_bytes, within max_args / max_bulk_bytes.
+        digits = max(max_inline_bytes - 1, 0)
+        widest = 10**digits - 1 if digits < 19 else LLONG_MAX
+        self._max_count = min(max_args, widest)
+        self._max_size = min(max_bulk_bytes, widest)
+        self._known = min(len(_HEADERS), self._max_size + 1)
+        # only_gets also needs "*2", and "$3" for the name GET itself: else
+        # it takes no key at all
+        self._gets_known = self._known if self._max_count >= 2 and self._known > 3 else 0
 
     def feed(self, data: bytes) -> Parsed:
         """Every request completed by ``data``, in order.
@@ -225,16 +259,25 @@ class RequestParser:
         """
         if self._failed or not data:
             return []
+        if self._stuck:
+            self._size += len(data)
+            if self._size > self.max_inline_bytes:
+                return self._fail([], self._too_big)
+            return []
         parts = self._parts
         if parts:
             parts.append(data)
             self._size += len(data)
             if self._until:
                 if self._until not in data:
+                    if 0 in data:
+                        out: Parsed = []
+                        self._stick(out, self._size, self._too_big)
+                        return out
                     size = self._size
                     if self._inline and data[-1] == 0x0D:
                         size -= 1  # may yet be the \r of \r\n
-                    if size > self._limit:
+                    if size > self.max_inline_bytes:
                         return self._fail([], self._too_big)
                     return []
             elif self._size < self._need:
@@ -244,6 +287,8 @@ class RequestParser:
         return self._parse(data)
 
     def _parse(self, buf: bytes) -> Parsed:
+        """The grammar: Redis's processMultibulkBuffer / processInlineBuffer,
+        with the limits checked on each element as soon as it can be."""
         n = len(buf)
         if self._remaining or buf[0] != 0x2A:
             out: Parsed = []
@@ -262,34 +307,33 @@ class RequestParser:
                 if bulk < 0:
                     if pos >= n:
                         break
-                    if buf[pos] != 0x24:  # '$'
-                        return self._fail(out, _expected_dollar(buf[pos]))
                     cr = buf.find(b"\r", pos)
                     if cr < 0:
-                        if n - pos > max_line:
-                            return self._fail(out, _BIG_BULK)
-                        self._wait_line(buf, pos, b"\r", _BIG_BULK, inline=False)
+                        self._wait_line(out, buf, pos, b"\r", _BIG_BULK, inline=False)
                         break
                     if cr - pos > max_line:
-                        return self._fail(out, _BIG_BULK)
-                    if cr + 1 >= n:
-                        self._wait_count(buf, pos, cr - pos + 2)
+                        self._fail(out, _BIG_BULK)
+                        break
+                    if cr + 1 >= n:  # Redis wants a byte after the \r, whatever it is
+                        self._wait_header(out, buf, pos, cr, _BIG_BULK)
+                        break
+                    if buf[pos] != 0x24:  # '$'
+                        self._refuse(out, buf, pos, cr, _expected_dollar(buf[pos]), _BIG_BULK)
                         break
                     bulk = small.get(buf[pos + 1:cr])
                     if bulk is None:
                         bulk = parse_integer(buf[pos + 1:cr])
-                    if (
-                        bulk is None or bulk < 0 or bulk > self.max_bulk_bytes
-                        or buf[cr + 1] != 0x0A
-                    ):
-                        return self._fail(out, _INVALID_BULK)
+                        if bulk is None:
+                            bulk = -1
+                    if bulk < 0 or bulk > self.max_bulk_bytes:
+                        self._refuse(out, buf, pos, cr, _INVALID_BULK, _BIG_BULK)
+                        break
                     pos = cr + 2
                 end = pos + bulk
                 if end + 2 > n:
                     self._wait_count(buf, pos, bulk + 2)
                     break
-                if buf[end] != 0x0D or buf[end + 1] != 0x0A:
-                    return self._fail(out, _NO_CRLF)
+                # the two bytes after the value are skipped unseen, as Redis does
                 args.append(buf[pos:end])
                 pos = end + 2
                 bulk = -1
@@ -303,20 +347,20 @@ class RequestParser:
             if buf[pos] == 0x2A:  # '*'
                 cr = buf.find(b"\r", pos)
                 if cr < 0:
-                    if n - pos > max_line:
-                        return self._fail(out, _BIG_MULTIBULK)
-                    self._wait_line(buf, pos, b"\r", _BIG_MULTIBULK, inline=False)
+                    self._wait_line(out, buf, pos, b"\r", _BIG_MULTIBULK, inline=False)
                     break
                 if cr - pos > max_line:
-                    return self._fail(out, _BIG_MULTIBULK)
+                    self._fail(out, _BIG_MULTIBULK)
+                    break
                 if cr + 1 >= n:
-                    self._wait_count(buf, pos, cr - pos + 2)
+                    self._wait_header(out, buf, pos, cr, _BIG_MULTIBULK)
                     break
                 count = small.get(buf[pos + 1:cr])
                 if count is None:
                     count = parse_integer(buf[pos + 1:cr])
-                if count is None or count > self.max_args or buf[cr + 1] != 0x0A:
-                    return self._fail(out, _INVALID_MULTIBULK)
+                if count is None or count > self.max_args:
+                    self._refuse(out, buf, pos, cr, _INVALID_MULTIBULK, _BIG_MULTIBULK)
+                    break
                 pos = cr + 2
                 if count > 0:  # Redis skips *0 and *-1 (and any count <= 0)
                     args = []
@@ -325,26 +369,36 @@ class RequestParser:
 
             newline = buf.find(b"\n", pos)
             if newline < 0:
-                line = n - pos - (buf[n - 1] == 0x0D)
-                if line > max_line:
-                    return self._fail(out, _BIG_INLINE)
-                self._wait_line(buf, pos, b"\n", _BIG_INLINE, inline=True)
+                self._wait_line(out, buf, pos, b"\n", _BIG_INLINE, inline=True)
                 break
             end = newline - 1 if newline > pos and buf[newline - 1] == 0x0D else newline
-            if end - pos > max_line:
-                return self._fail(out, _BIG_INLINE)
-            argv = split_inline(buf[pos:end])
-            if argv is None:
-                return self._fail(out, _UNBALANCED)
+            if end - pos > max_line:  # NUL or not: too big either way
+                self._fail(out, _BIG_INLINE)
+                break
+            line = buf[pos:end]
+            if _NEEDS_SDSSPLIT.search(line) is None:
+                argv = line.split()
+            elif 0 in line:
+                self._stick(out, n - pos, _BIG_INLINE)
+                break
+            else:
+                argv = _sdssplitargs(line)
+                if argv is None:
+                    self._fail(out, _UNBALANCED)
+                    break
             pos = newline + 1
             if argv:  # an empty line is no request
+                if len(argv) > self.max_args or (
+                    self.max_bulk_bytes < len(line) and max(map(len, argv)) > self.max_bulk_bytes
+                ):
+                    # the limits of multibulk requests hold for this form too
+                    self._fail(out, _BIG_INLINE)
+                    break
                 out.append(argv)
 
         self._args = args
         self._remaining = remaining
         self._bulk = bulk
-        if pos >= n:
-            self._parts = []
         return out
 
     def _parse_split(self, buf: bytes) -> tuple[Parsed, int]:
@@ -353,17 +407,20 @@ class RequestParser:
         One ``bytes.split`` in C replaces a ``find`` and a slice per line.  A
         request is taken only if each of its bulk strings is a token exactly as
         long as its header says (``$<len>`` written canonically), which also
-        proves the CRLF after it.  Anything else -- a CRLF inside a value, an
-        unfinished request, a limit, an inline request, an error -- stops
-        here, and ``_parse`` goes on from the returned offset byte by byte.
+        proves the CRLF after it, and only with counts and sizes whose headers
+        ``_parse`` would take under the limits (``_max_count``, ``_max_size``,
+        ``_known``): so it takes exactly what ``_parse`` would.  Anything else
+        -- a CRLF inside a value, an unfinished request, a limit, an inline
+        request, an error -- stops here, and ``_parse`` goes on from the
+        returned offset byte by byte.
         """
         tokens = buf.split(b"\r\n")
         last = len(tokens) - 1  # the one token no CRLF ends
         small = _SMALL
         headers = _HEADERS
         known = self._known
-        max_args = self.max_args
-        max_bulk = self.max_bulk_bytes
+        max_count = self._max_count
+        max_size = self._max_size
         out: Parsed = []
         i = 0
         while i < last:
@@ -371,7 +428,7 @@ class RequestParser:
             if token[:1] != b"*":
                 break
             count = small.get(token[1:])
-            if count is None or count <= 0 or count > max_args:
+            if count is None or count <= 0 or count > max_count:
                 break
             end = i + 2 * count
             if end >= last:
@@ -392,7 +449,7 @@ class RequestParser:
                 if size < known:
                     if tokens[j] != headers[size]:
                         break
-                elif size > max_bulk or tokens[j] != b"$%d" % size:
+                elif size > max_size or tokens[j] != b"$%d" % size:
                     break
                 j += 2
             else:
@@ -407,32 +464,34 @@ class RequestParser:
     @property
     def idle(self) -> bool:
         """True between requests: nothing buffered, no request half read."""
-        return not (self._parts or self._remaining or self._failed)
+        return not (self._parts or self._remaining or self._failed or self._stuck)
 
     def only_gets(self, data: bytes) -> list[bytes] | None:
         """The keys, if ``data`` is exactly whole ``GET key`` requests in
-        canonical multibulk form (what clients send), else None.
+        canonical multibulk form (what clients send), else None (then
+        ``feed(data)``).  Only while the parser is ``idle`` (the caller
+        checks: the RESP door's ``dataReceived``).
 
-        For the RESP door's fast path while the parser is ``idle``; anything
-        else goes through ``feed``.  Each request must split into the five
-        tokens ``*2 $3 GET $<n> key`` with ``len(key) == n``, which proves its
-        framing exactly as ``_parse_split`` does, so nothing is accepted that
-        ``feed`` would read differently.  The checks are list operations in
-        C, none per request in Python (bench/profile, GET hot -P16: the
-        general parser was 15-19% of the time).
+        The RESP door's fast path, and the only other reader of the grammar:
+        each request must split into the five tokens ``*2 $3 GET $<n> key``
+        with ``len(key) == n`` and ``n`` within ``_gets_known``, which proves
+        its framing and its limits as ``_parse_split`` does, so it returns
+        exactly what ``feed`` would (tests/test_resp_paths.py checks that on
+        random input).  The checks are list operations in C, none per
+        request in Python (bench/NOTES-perf.md).
         """
         tokens = data.split(b"\r\n")
         n = len(tokens) - 1
-        if n == 5 and self.max_args >= 2:  # one request (-P 1): fewer list operations
+        if n == 5:  # one request (-P 1): fewer list operations
             star, dollar, name, header, key, rest = tokens
             if (
                 star == b"*2" and dollar == b"$3" and (name == b"GET" or name == b"get")
-                and not rest and len(key) < self._known and header == _HEADERS[len(key)]
+                and not rest and len(key) < self._gets_known and header == _HEADERS[len(key)]
             ):
                 return [key]
             return None
         count = n // 5
-        if n % 5 or not count or tokens[n] or self.max_args < 2:
+        if n % 5 or not count or tokens[n]:
             return None
         if tokens[0:n:5].count(b"*2") != count or tokens[1:n:5].count(b"$3") != count:
             return None
@@ -441,11 +500,13 @@ class RequestParser:
             return None
         keys = tokens[4:n:5]
         sizes = list(map(len, keys))
-        if max(sizes) >= self._known:
+        if max(sizes) >= self._gets_known:
             return None
         if list(map(_HEADERS.__getitem__, sizes)) != tokens[3:n:5]:
             return None
         return keys
+
+    # -- waiting and failing -------------------------------------------------------
 
     def _wait_count(self, buf: bytes, pos: int, need: int) -> None:
         tail = buf[pos:] if pos else buf
@@ -454,26 +515,90 @@ class RequestParser:
         self._need = need
         self._until = b""
 
-    def _wait_line(self, buf: bytes, pos: int, until: bytes, too_big: str, inline: bool) -> None:
+    def _wait_line(
+        self, out: Parsed, buf: bytes, pos: int, until: bytes, too_big: str, inline: bool
+    ) -> None:
+        """Keep the unterminated line at ``pos`` -- unless it already breaks a rule."""
         tail = buf[pos:] if pos else buf
+        if 0 in tail:
+            self._stick(out, len(tail), too_big)
+            return
+        size = len(tail)
+        if inline and tail[-1] == 0x0D:
+            size -= 1  # may yet be the \r of \r\n
+        if size > self.max_inline_bytes:
+            self._fail(out, too_big)
+            return
         self._parts = [tail]
         self._size = len(tail)
         self._until = until
-        self._limit = self.max_inline_bytes
         self._too_big = too_big
         self._inline = inline
 
+    def _wait_header(self, out: Parsed, buf: bytes, pos: int, cr: int, too_big: str) -> None:
+        """A header line ending in the last byte: wait for the byte after its \\r."""
+        if 0 in buf[pos:cr]:
+            self._stick(out, len(buf) - pos, too_big)
+        else:
+            self._wait_count(buf, pos, cr - pos + 2)
+
+    def _refuse(
+        self, out: Parsed, buf: bytes, pos: int, cr: int, message: str, too_big: str
+    ) -> None:
+        """A header line that is wrong: ``message``, unless a NUL hides its \\r."""
+        if 0 in buf[pos:cr]:
+            self._stick(out, len(buf) - pos, too_big)
+        else:
+            self._fail(out, message)
+
+    def _stick(self, out: Parsed, size: int, too_big: str) -> None:
+        """A line that never ends (a NUL before its terminator)."""
+        if size > self.max_inline_bytes:
+            self._fail(out, too_big)
+            return
+        self._stuck = True
+        self._size = size
+        self._too_big = too_big
+        self._parts = []
+
     def _fail(self, out: Parsed, message: str) -> Parsed:
         self._failed = True
+        self._stuck = False
         self._parts = []
         self._args = []
         out.append(ProtocolError(message))
         return out
 
 
+class LogLimiter:
+    """At most one log line per ``period`` about something clients cause at
+    will (malformed requests), each saying how many were left unlogged.
+
+    The caller passes the time, so this stays free of any clock; the count
+    left unlogged after the last line is reported with the next one.
+    """
+
+    __slots__ = ("period", "_next", "_unlogged")
+
+    def __init__(self, period: float = 1.0) -> None:
+        self.period = period
+        self._next = float("-inf")
+        self._unlogged = 0
+
+    def admit(self, now: float) -> int | None:
+        """None: do not log this one.  Otherwise log it, with the returned
+        number of events not logged since the previous line."""
+        if now < self._next:
+            self._unlogged += 1
+            return None
+        self._next = now + self.period
+        unlogged, self._unlogged = self._unlogged, 0
+        return unlogged
+
+
 def _expected_dollar(byte: int) -> str:
-    # Redis prints the byte with %c, then blanks \r and \n so the reply
-    # stays one line.
+    # Redis prints the byte with %c, raw (ProtocolError.reply keeps it one
+    # byte), then blanks \r and \n so the reply stays one line.
     shown = " " if byte in (0x0D, 0x0A) else chr(byte)
     return f"Protocol error: expected '$', got '{shown}'"
 

@@ -54,7 +54,7 @@ from redisp.config import Config
 from redisp.gate import Owner
 from redisp.metrics import Metrics
 from redisp.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
-from redisp.resp import Encoder, ProtocolError, RequestParser, bulk, error
+from redisp.resp import Encoder, LogLimiter, ProtocolError, RequestParser, bulk, error
 from redisp.sending import TLS_TRANSPORTS, buffered, can_send_now, send_now
 
 log = Logger()
@@ -453,11 +453,19 @@ class RespProtocol(Protocol):
             self._flush(self._send)
 
     def _protocol_error(self, problem: ProtocolError) -> None:
-        """Answer the error after every earlier reply, then hang up (as Redis)."""
+        """Answer the error after every earlier reply, then hang up (as Redis).
+
+        Logged at most once a second across the door (``LogLimiter``), with
+        the count of those not logged: any client can send garbage at will
+        (the metrics count every one)."""
         self._metrics.request(DOOR, PROTOCOL_ERROR)
-        log.debug("RESP protocol error from {peer}: {problem}",
-                  peer=self.transport.getPeer(), problem=str(problem))
-        reply = error("ERR " + str(problem))
+        factory = self.factory
+        unlogged = factory.protocol_error_log.admit(factory.clock.seconds())
+        if unlogged is not None:
+            log.debug("RESP protocol error from {peer}: {problem}"
+                      " ({unlogged} more since the last such line, not logged)",
+                      peer=self.transport.getPeer(), problem=str(problem), unlogged=unlogged)
+        reply = problem.reply
         if self._pending:
             self._queue(reply)
         else:
@@ -785,6 +793,7 @@ class RespFactory(Factory):
         self._late_call: IDelayedCall | None = None
         self._overflow_logged: float | None = None  # when the last such line was written
         self._overflows = 0  # clients disconnected since, not logged
+        self.protocol_error_log = LogLimiter()
 
     def overflowed(self, peer: Any, size: int) -> None:
         """A client passed ``max_client_buffer`` and is disconnected: one log

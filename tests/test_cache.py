@@ -132,9 +132,13 @@ def test_cache_agrees_with_a_reference_model(capacity, ops):
     when full, the entry that expired first goes, else the least recently used."""
     ttl = 4
     cache, clock, metrics = make(capacity=capacity, ttl=ttl)
-    model: list[tuple[bytes, bytes, float]] = []  # LRU first
+    model: list[tuple[bytes, bytes, float, int]] = []  # LRU first; (key, value, expiry, stored)
     expirations = evictions = 0
     for n, (op, key, amount) in enumerate(ops):
+        # every store at its own time: among entries that expired at the very
+        # same instant the cache may drop any one (all are expired), where the
+        # model would have to guess which
+        clock.advance(0.001)
         now = clock.seconds()
         if op == "tick":
             clock.advance(amount)
@@ -169,12 +173,13 @@ def test_cache_agrees_with_a_reference_model(capacity, ops):
             elif len(model) >= capacity:
                 expired = [e for e in model if e[2] <= now]
                 if expired:
-                    model.remove(min(expired, key=lambda e: e[2]))
+                    # the first stored among them: equal expiry times tie in store order
+                    model.remove(min(expired, key=lambda e: (e[2], e[3])))
                     expirations += 1
                 else:
                     model.pop(0)
                     evictions += 1
-            model.append((key, value, now + ttl))
+            model.append((key, value, now + ttl, n))
         assert len(cache) == len(model)
         assert (metrics.cache_expirations, metrics.cache_evictions) == (expirations, evictions)
     assert len(cache._stored) <= 4 * max(len(model), 1) + 2048  # stale records stay bounded

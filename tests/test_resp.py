@@ -29,7 +29,9 @@ from redisp.resp import (
     split_inline,
 )
 
-LIMITS = {"max_bulk_bytes": 1024 * 1024, "max_args": 1024, "max_inline_bytes": 64 * 1024}
+LIMITS = {
+    "max_bulk_bytes": 512 * 1024 * 1024, "max_args": 1024 * 1024, "max_inline_bytes": 64 * 1024,
+}
 
 
 def encode(*args: bytes) -> bytes:
@@ -137,9 +139,31 @@ def test_inline_quotes_inside_an_argument():
     assert parse(b'SET k"ey" v\r\n') == [[b"SET", b"key", b"v"]]
 
 
-def test_inline_nul_ends_the_line():
-    """sdssplitargs works on a C string: nothing after NUL counts."""
-    assert parse(b"PING\0junk\r\n") == [[b"PING"]]
+def test_inline_nul_hides_the_end_of_the_line():
+    """Redis looks for the newline with strchr, which stops at a NUL: the
+    line never ends, whatever follows, until it passes the inline limit."""
+    assert parse(b"PING\r\nPING\0junk\r\nPING\r\n") == [[b"PING"]]
+    assert parse(b"PING\0" + b"\r\n" * 5 + b"x", max_inline_bytes=16) == []  # 16 bytes
+    assert parse(b"PING\0" + b"\r\n" * 6, max_inline_bytes=16) == [
+        ("error", "Protocol error: too big inline request"),
+    ]
+
+
+def test_nul_in_a_header_hides_its_end():
+    """The same for ``*`` and ``$`` lines: Redis never finds their \\r."""
+    assert parse(b"*1\0\r\n$4\r\nPING\r\n", max_inline_bytes=16) == []
+    assert parse(b"*1\0\r\n$4\r\nPING\r\nxx", max_inline_bytes=16) == [
+        ("error", "Protocol error: too big mbulk count string"),
+    ]
+    assert parse(b"*1\r\n$4\0\r\nPING\r\n", max_inline_bytes=12) == []
+    assert parse(b"*1\r\n$4\0\r\nPING\r\n\r\n", max_inline_bytes=12) == [
+        ("error", "Protocol error: too big bulk count string"),
+    ]
+    assert parse(b"*1\r\nx\0\r\n") == []  # not "expected '$'": no line yet
+
+
+def test_nul_inside_values_is_just_a_byte():
+    assert parse(encode(b"ECHO", b"\0") + b"*1\r\n$1\r\n\0\r\n") == [[b"ECHO", b"\0"], [b"\0"]]
 
 
 def test_inline_vertical_tab_is_part_of_an_argument():
@@ -235,17 +259,35 @@ def test_expected_dollar_shows_line_breaks_as_blanks():
     assert parse(b"*1\r\n\r\n") == [("error", "Protocol error: expected '$', got ' '")]
 
 
-def test_missing_crlf_after_bulk():
-    """Stricter than Redis, which skips the two bytes unseen: a wrong length
-    would otherwise run commands the client never sent."""
-    assert parse(b"*1\r\n$4\r\nPINGxx*1\r\n$4\r\nPING\r\n") == [
-        ("error", "Protocol error: expected '\\r\\n' after a bulk string"),
+def test_two_bytes_after_a_bulk_are_skipped_unseen():
+    """As Redis: whatever follows a bulk string's bytes is skipped, two bytes
+    of it (the issue's example: Redis answers ``$1 a`` then ``+PONG``)."""
+    assert parse(b"*2\r\n$4\r\nECHO\r\n$1\r\nab\r\nPING\r\n") == [
+        [b"ECHO", b"a"], [b"PING"],
     ]
+    assert parse(b"*1\r\n$4\r\nPINGxx*1\r\n$4\r\nPING\r\n") == [[b"PING"], [b"PING"]]
 
 
-def test_header_line_needs_crlf():
-    assert parse(b"*1\rX") == [("error", "Protocol error: invalid multibulk length")]
-    assert parse(b"*1\r\n$4\rX") == [("error", "Protocol error: invalid bulk length")]
+def test_byte_after_a_header_cr_is_skipped_unseen():
+    """Redis ends a header at its \\r and skips the next byte, whatever it is."""
+    assert parse(b"*1\rX$4\r\nPING\r\n") == [[b"PING"]]
+    assert parse(b"*1\r\n$4\rXPING\r\n") == [[b"PING"]]
+    assert parse(b"*1\r") == []  # the byte after \r is still awaited
+
+
+def test_expected_dollar_waits_for_the_line():
+    """Redis checks the ``$`` once the header line is whole (and a byte after)."""
+    assert parse(b"*1\r\nx") == []
+    assert parse(b"*1\r\nx\r") == []
+    assert parse(b"*1\r\nx\rY") == [("error", "Protocol error: expected '$', got 'x'")]
+
+
+def test_expected_dollar_quotes_the_raw_byte():
+    """Redis's %c puts the byte itself in the reply, UTF-8 or not."""
+    [problem] = RequestParser().feed(b"*1\r\n\xffx\r\n")
+    assert problem.reply == b"-ERR Protocol error: expected '$', got '\xff'\r\n"
+    [problem] = RequestParser().feed(b"*1\r\n\n\r\n")
+    assert problem.reply == b"-ERR Protocol error: expected '$', got ' '\r\n"
 
 
 def test_multibulk_header_too_long_without_crlf():
@@ -273,6 +315,40 @@ def test_inline_too_long_without_newline():
 def test_inline_at_the_limit_waits_for_its_newline():
     """32 bytes and a \\r may still be a 32-byte line: no error yet."""
     assert parse(b"x" * 32 + b"\r", max_inline_bytes=32) == []
+
+
+def test_inline_request_over_max_args_is_refused():
+    """Item 15: the argument limit holds for inline requests too; refused
+    with the error Redis gives an oversized inline request."""
+    assert parse(b"MGET a b\r\n", max_args=3) == [[b"MGET", b"a", b"b"]]
+    assert parse(b"PING\r\nMGET a b c\r\nPING\r\n", max_args=3) == [
+        [b"PING"], ("error", "Protocol error: too big inline request"),
+    ]
+
+
+def test_inline_argument_over_max_bulk_bytes_is_refused():
+    assert parse(b"ECHO abc\r\n", max_bulk_bytes=4) == [[b"ECHO", b"abc"]]
+    assert parse(b'ECHO "a\\x41cde"\r\n', max_bulk_bytes=4) == [
+        ("error", "Protocol error: too big inline request"),
+    ]
+
+
+def test_header_over_max_inline_bytes_is_refused_however_it_arrives():
+    """A header line counts against the inline limit (``$12345``: 6 bytes),
+    whole or a byte at a time (issue 8, item 16: max_inline_bytes 4)."""
+    assert parse(encode(b"GET", b"k"), max_inline_bytes=2) == [[b"GET", b"k"]]
+    assert parse(encode(b"ECHO", b"x" * 10), max_inline_bytes=2) == [
+        ("error", "Protocol error: too big bulk count string"),
+    ]
+    assert parse(encode(*[b"a"] * 10), max_inline_bytes=2) == [
+        ("error", "Protocol error: too big mbulk count string"),
+    ]
+    assert parse(encode(b"GET", b"x" * 999), max_inline_bytes=4) == [
+        [b"GET", b"x" * 999],
+    ]
+    assert parse(encode(b"GET", b"x" * 10000), max_inline_bytes=4) == [
+        ("error", "Protocol error: too big bulk count string"),
+    ]
 
 
 def test_inline_too_long_with_newline():
@@ -460,6 +536,18 @@ def test_only_gets_returns_the_keys_of_whole_get_requests():
 ])
 def test_only_gets_refuses_anything_else(data):
     assert RequestParser(**LIMITS).only_gets(data) is None
+
+
+@pytest.mark.parametrize("limits", [
+    {"max_bulk_bytes": 2}, {"max_args": 1}, {"max_inline_bytes": 1},
+])
+def test_only_gets_refuses_what_the_limits_refuse(limits):
+    """With max_bulk_bytes below 3 even the name GET is too long (issue 8,
+    item 16): the fast path must not take it."""
+    data = encode(b"GET", b"k")
+    parser = RequestParser(**{**LIMITS, **limits})
+    assert parser.only_gets(data) is None
+    assert isinstance(parser.feed(data)[-1], ProtocolError)
 
 
 def test_parser_is_not_idle_inside_a_request():
