@@ -42,6 +42,11 @@ def scenarios(keys: int, small: int) -> list[tuple[str, str, str, list[Target]]]
             ("twemproxy", None, None, None),
             ("redisp c=64", "twemproxy", "min_ratio", 0.5),
         ]),
+        ("resp_set_P16", "RESP SET forwarded (redisp --capacity 0), -P 16, random keys",
+         "ops/s", [
+            ("twemproxy", None, None, None),
+            ("redisp c=64", "twemproxy", "min_ratio", 0.8),
+        ]),
         ("http_hit", "HTTP GET hit, wrk (webdis: GET /GET/key)", "req/s", [
             ("webdis", None, None, None),
             ("redisp c=1", "webdis", "min_ratio", 0.45),

@@ -385,6 +385,13 @@ class Backing:
 
     # -- a backing that stopped answering --------------------------------------------
 
+    def suspect(self) -> None:
+        """Another connection to the same Redis (a forwarded command's) timed
+        out: fail fast here too until the probe PING answers, so misses and
+        forwarded commands queued behind it do not each wait a timeout."""
+        if self._live is not None:
+            self._stall(self._live)
+
     def _stall(self, protocol: Any) -> None:
         """A call on the live connection timed out: fail fast until it answers a PING.
 

@@ -113,10 +113,11 @@ class KeySpec:
     limit: int = 0
     keynumidx: int = 0
     firstkey: int = 0
+    #: the command may modify these keys (derived once: read per forwarded write)
+    writes: bool = field(init=False, compare=False, repr=False)
 
-    @property
-    def writes(self) -> bool:
-        return not self.flags.isdisjoint(WRITE_FLAGS)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "writes", not self.flags.isdisjoint(WRITE_FLAGS))
 
     def positions(self, argv: Sequence[bytes]) -> list[int] | None:
         """The argv indexes this spec names; None when it cannot tell."""

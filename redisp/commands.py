@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,25 @@ class Session:
         self.closing = False
         #: the connection's requests at the gate, dropped if it goes away
         self.owner: Owner | None = None
+        #: forwarding (forwarding.py): None under ``forward: none``
+        self.forwarder: Any = None
+        self.pin: Any = None  # the client's own backing connection while it holds state
+        self.lane = 0  # its connection of the shared pool
+        self.forwarding = 0  # forwarded commands in flight: GETs follow them to Redis
+        self.gone = False  # the client left: its forwarded commands not yet sent are dropped
+        #: write a push frame (pub/sub message) to the client, in order with
+        #: replies: ``push(frame, owed)``, see RespProtocol.push
+        self.push: Callable[..., None] = lambda frame, owed=0: None
+        #: close the connection once every reply owed is written (the
+        #: client's pinned connection was lost with its state)
+        self.hang_up: Callable[[], None] = lambda: None
+
+    @property
+    def plain(self) -> bool:
+        """True when a GET may be served from the cache: no pinned connection,
+        and no forwarded command of this client still in flight (a GET
+        pipelined behind the client's own SET must see it)."""
+        return self.pin is None and not self.forwarding
 
 
 @dataclass(frozen=True)
@@ -111,15 +131,32 @@ class Command:
     acl: tuple[str, ...] = ()
     keys: tuple[int, int, int] = (0, 0, 0)  # first key, last key, step
     subcommands: dict[bytes, Command] = field(default_factory=dict)
+    #: where forwarding is on: ``local`` always answered here, even for a
+    #: pinned client; ``cached`` (GET, MGET) answered here only while the
+    #: session is plain; ``session`` answered here unless the client is
+    #: pinned (PING answers differently in pub/sub mode); ``forwarded``
+    #: never answered here (COMMAND: the backing's own table)
+    route: str = "local"
 
 
 def execute(session: Session, argv: list[bytes]) -> Reply:
-    """Run one request: look its command up, check its arity, call it."""
+    """Run one request: answered here, from the cache, or by the backing.
+
+    This is the one place where a request's route is chosen (SPEC §3, §7).
+    """
     command = COMMANDS.get(argv[0])
     if command is None:
         command = COMMANDS.get(argv[0].lower())
-        if command is None:
-            return error(unknown_command(argv)), BAD_REQUEST
+    forwarder = session.forwarder
+    if forwarder is not None and (
+        command is None
+        or command.route == "forwarded"
+        or (command.route == "cached" and not session.plain)
+        or (session.pin is not None and command.route != "local")
+    ):
+        return forwarder.forward(session, argv)
+    if command is None:
+        return error(unknown_command(argv)), BAD_REQUEST
     arity = command.arity
     if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
         return error(wrong_arity(command.name)), BAD_REQUEST
@@ -253,14 +290,28 @@ def _select(session: Session, argv: list[bytes]) -> Reply:
     index = parse_integer(argv[1])
     if index is None:
         return error("ERR value is not an integer or out of range"), BAD_REQUEST
-    if index != 0:
-        # the proxy fronts one database of the backing Redis, the one in
-        # --redis; to clients that database is db 0
-        return error(
-            "ERR DB index is out of range (redisp serves one database, "
-            "db 0, which is the one chosen by --redis)"
-        ), BAD_REQUEST
-    return OK, OTHER
+    if index == session.config.redis.db:
+        return OK, OTHER  # the database the cache holds: nothing to change
+    if session.forwarder is not None:
+        return session.forwarder.forward(session, argv)  # pins the client to that db
+    # forward: none: the proxy serves the one database of --redis
+    return error(
+        f"ERR DB index is out of range (redisp serves one database, "
+        f"db {session.config.redis.db}, the one chosen by --redis)"
+    ), BAD_REQUEST
+
+
+def _reset(session: Session, argv: list[bytes]) -> Reply:
+    """As Redis: the connection back to its first state.  A pinned client's
+    RESET goes to its pinned connection, after what the client sent before
+    it (a BLPOP still blocked, an open MULTI): Redis drops the state and
+    answers, and the pin is let go (forwarding.py)."""
+    reply: Reply = (simple("RESET"), OTHER)
+    if session.pin is not None:
+        reply = session.forwarder.forward(session, argv)
+    session.encoder = RESP2
+    session.name = None
+    return reply
 
 
 def _hello(session: Session, argv: list[bytes]) -> Reply:
@@ -313,7 +364,14 @@ def _valid_attribute(value: bytes) -> bool:
 
 
 def _client(session: Session, argv: list[bytes]) -> Reply:
+    """CLIENT SETNAME/GETNAME/ID/SETINFO are about the client's connection to
+    redisp; every other subcommand (LIST, KILL, TRACKING …) is the backing's."""
+    if session.forwarder is not None and argv[1].lower() not in _OWN_CLIENT_SUBCOMMANDS:
+        return session.forwarder.forward(session, argv)
     return _subcommand(session, argv, "CLIENT", CLIENT_SUBCOMMANDS)
+
+
+_OWN_CLIENT_SUBCOMMANDS = frozenset((b"setname", b"getname", b"id", b"setinfo"))
 
 
 def _subcommand(
@@ -454,17 +512,56 @@ def _key_spec(encoder: Encoder, first: int, last: int) -> bytes:
 
 # -- INFO --------------------------------------------------------------------------------
 
-#: section names in the order INFO prints them
-INFO_SECTIONS = ("server", "clients", "stats", "proxy")
+#: section names in the order INFO prints them when redisp answers alone
+INFO_SECTIONS = ("server", "clients", "memory", "stats", "keyspace", "proxy")
+_ALL_SECTIONS = frozenset((b"all", b"default", b"everything"))
 
 
 def _info(session: Session, argv: list[bytes]) -> Reply:
-    # always a bulk string, in RESP3 too (Redis sends a verbatim string
-    # there; redis-cli asserts on anything but a bulk string)
-    wanted = {arg.lower().decode("latin-1") for arg in argv[1:]}
+    """The backing's own INFO (its version, memory, keyspace: what clients
+    and tools read), with redisp's ``# Proxy`` section after it.
+
+    Without forwarding, or when the backing cannot answer, redisp's own
+    figures in the same format.  Always a bulk string, in RESP3 too (Redis
+    sends a verbatim string there; redis-cli asserts on anything but a bulk
+    string).
+    """
+    asked = [arg.lower() for arg in argv[1:]]
+    with_proxy = not asked or any(a in _ALL_SECTIONS or a == b"proxy" for a in asked)
+    for_backing = [a for a in argv[1:] if a.lower() != b"proxy"]
+    forwarder = session.forwarder
+    if forwarder is None or (asked and not for_backing):
+        return bulk(_own_info(session, asked).encode()), OTHER
+    answer: Deferred = Deferred()
+
+    def got(frame: Any) -> None:
+        text = _bulk_text(frame)
+        if text is None:  # down, timed out, or an error reply: our own figures
+            text = _own_info(session, asked)
+        elif with_proxy:
+            text = text + "\r\n" + render_info(session, {"proxy"})
+        answer.callback((bulk(text.encode()), OTHER))
+
+    forwarder.pool.call(session.lane, _encode_argv([b"INFO", *for_backing]), got)
+    return answer
+
+
+def _encode_argv(argv: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(argv) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in argv)
+
+
+def _bulk_text(frame: Any) -> str | None:
+    """The text of a bulk string reply, or None for anything else."""
+    if not isinstance(frame, bytes) or frame[:1] != b"$" or frame == b"$-1\r\n":
+        return None
+    return frame[frame.index(b"\r\n") + 2:-2].decode("utf-8", "replace")
+
+
+def _own_info(session: Session, asked: list[bytes]) -> str:
+    wanted = {a.decode("latin-1") for a in asked}
     if not wanted or wanted & {"all", "default", "everything"}:
         wanted = set(INFO_SECTIONS)
-    return bulk(render_info(session, wanted).encode()), OTHER
+    return render_info(session, wanted)
 
 
 def render_info(session: Session, sections: set[str]) -> str:
@@ -472,39 +569,56 @@ def render_info(session: Session, sections: set[str]) -> str:
     separated by a blank line, every line ending in CRLF, as Redis writes it."""
     metrics, config, clock = session.metrics, session.config, session.clock
     uptime = max(0, int(clock.seconds() - metrics.started))
+    requests = sum(metrics.requests.values())
     fields: dict[str, list[tuple[str, object]]] = {
         "server": [
             ("redis_version", REDIS_VERSION),
             ("redis_mode", "standalone"),
+            ("os", f"{os.uname().sysname} {os.uname().release} {os.uname().machine}"),
+            ("arch_bits", 64 if sys.maxsize > 2**32 else 32),
             ("process_id", os.getpid()),
+            ("tcp_port", 0),
             ("uptime_in_seconds", uptime),
             ("uptime_in_days", uptime // 86400),
         ],
         "clients": [
             ("connected_clients", metrics.connected_clients),
             ("maxclients", config.max_clients),
+            ("blocked_clients", 0),
+        ],
+        "memory": [
+            ("used_memory", _resident_bytes()),
         ],
         "stats": [
+            ("total_connections_received", metrics.connections_received),
+            ("total_commands_processed", requests),
             ("keyspace_hits", metrics.cache_hits),
             ("keyspace_misses", metrics.cache_misses),
             ("evicted_keys", metrics.cache_evictions),
             ("expired_keys", metrics.cache_expirations),
         ],
+        "keyspace": [],  # redisp alone cannot say what the backing holds
         "proxy": [
             ("redisp_version", redisp.__version__),
             ("uptime_in_seconds", uptime),
             ("connected_clients", metrics.connected_clients),
+            ("pinned_clients", metrics.pinned_clients),
             ("cache_size", metrics.cache_size()),
             ("cache_hits", metrics.cache_hits),
             ("cache_misses", metrics.cache_misses),
             ("cache_evictions", metrics.cache_evictions),
             ("cache_expirations", metrics.cache_expirations),
             ("cache_invalidations", metrics.cache_invalidations),
+            ("write_invalidations", metrics.write_invalidations),
+            ("write_flushes", metrics.write_flushes),
+            ("forwarded_commands", sum(metrics.forwarded.values())),
             ("backing_redis", config.redis.redacted()),
             ("backing_status", "up" if metrics.backing_up() else "down"),
+            ("topology", f"single {config.redis.host}:{config.redis.port}"),
             ("ttl", f"{config.ttl:g}"),
             ("capacity", config.capacity),
             ("concurrency", config.concurrency),
+            ("forward", config.forward),
             ("invalidation", config.invalidation),
             ("invalidation_state", metrics.invalidation_state()),
             ("invalidation_messages", metrics.invalidation_messages),
@@ -518,6 +632,15 @@ def render_info(session: Session, sections: set[str]) -> str:
             lines += [f"{key}:{value}" for key, value in fields[name]]
             blocks.append("".join(line + "\r\n" for line in lines))
     return "\r\n".join(blocks)
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory, what Redis's used_memory stands for here."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # -- the table ---------------------------------------------------------------------------
@@ -582,18 +705,23 @@ COMMAND_SUBCOMMANDS: dict[bytes, Command] = {
 TABLE: dict[str, Command] = {
     command.name: command
     for command in [
-        Command("get", 2, _get, ("readonly", "fast"), ("read", "string", "fast"), (1, 1, 1)),
-        Command("mget", -2, _mget, ("readonly", "fast"), ("read", "string", "fast"), (1, -1, 1)),
-        Command("ping", -1, _ping, ("fast",), _CONNECTION),
-        Command("echo", 2, _echo, ("loading", "stale", "fast"), _CONNECTION),
+        Command("get", 2, _get, ("readonly", "fast"), ("read", "string", "fast"), (1, 1, 1),
+                route="cached"),
+        Command("mget", -2, _mget, ("readonly", "fast"), ("read", "string", "fast"), (1, -1, 1),
+                route="cached"),
+        Command("ping", -1, _ping, ("fast",), _CONNECTION, route="session"),
+        Command("echo", 2, _echo, ("loading", "stale", "fast"), _CONNECTION, route="session"),
         Command("quit", -1, _quit,
+                ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
+        Command("reset", 1, _reset,
                 ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
         Command("hello", -1, _hello,
                 ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
-        Command("select", 2, _select, ("loading", "stale", "fast"), _CONNECTION),
+        Command("select", 2, _select, ("loading", "stale", "fast"), _CONNECTION,
+                route="session"),
         Command("client", -2, _client, (), ("slow",), subcommands=CLIENT_SUBCOMMANDS),
         Command("command", -1, _command, ("loading", "stale"), ("slow", "connection"),
-                subcommands=COMMAND_SUBCOMMANDS),
+                subcommands=COMMAND_SUBCOMMANDS, route="forwarded"),
         Command("info", -1, _info, ("loading", "stale"), ("slow", "dangerous")),
     ]
 }

@@ -69,6 +69,10 @@ def parse_redis_url(text: str) -> RedisURL:
     )
 
 
+#: commands never forwarded unless deny_commands says otherwise (SPEC §1)
+DEFAULT_DENY = ("SHUTDOWN", "DEBUG", "FAILOVER", "REPLICAOF", "SLAVEOF", "SYNC", "PSYNC")
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of one proxy. Frozen: it is read everywhere, changed nowhere."""
@@ -89,6 +93,8 @@ class Config:
     max_args: int = 1024 * 1024
     max_inline_bytes: int = 64 * 1024
     max_client_buffer: int = 1024 * 1024 * 1024
+    forward: str = "all"
+    deny_commands: tuple[str, ...] = DEFAULT_DENY
     access_log: bool = False
 
 
@@ -138,6 +144,29 @@ def _invalidation(value: Any) -> str:
     return value
 
 
+def _forward(value: Any) -> str:
+    if value not in ("all", "read", "none"):
+        raise ConfigError(f"must be 'all', 'read' or 'none', got {value!r}")
+    return value
+
+
+def _command_list(value: Any) -> tuple[str, ...]:
+    """A comma-separated string (command line, environment) or a YAML list."""
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = [item.strip() for item in value]
+    elif value is None:
+        items = []
+    else:
+        raise ConfigError(f"must be a list of command names, got {value!r}")
+    names = tuple(item.upper() for item in items if item)
+    for name in names:
+        if not name.replace("-", "").replace("_", "").replace("|", "").isalnum():
+            raise ConfigError(f"not a command name: {name!r}")
+    return names
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -166,6 +195,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_args": _number(int, 1, strict=False),
     "max_inline_bytes": _number(int, 1, strict=False),
     "max_client_buffer": _number(int, 1, strict=False),
+    "forward": _forward,
+    "deny_commands": _command_list,
     "access_log": _boolean,
 }
 assert set(PARSERS) == {f.name for f in fields(Config)}

@@ -25,6 +25,8 @@ COUNTERS: dict[str, str] = {
     "cache_invalidations": "entries dropped because the key changed in Redis",
     "invalidation_messages": "invalidation messages received from Redis (tracking)",
     "invalidation_flushes": "whole-cache flushes: FLUSHDB/FLUSHALL, or tracking lost",
+    "write_invalidations": "keys dropped because a write passed through redisp",
+    "write_flushes": "whole-cache flushes by a command passing through redisp (FLUSHDB …)",
 }
 
 #: outcomes a request can have, used as the ``outcome`` label:
@@ -48,7 +50,11 @@ class Metrics:
             setattr(self, name, 0)
         self.requests: Counter[tuple[str, str]] = Counter()
         self.backing_errors: Counter[str] = Counter()
+        #: forwarded commands by (command name, outcome: ok, error, backing_error, refused)
+        self.forwarded: Counter[tuple[str, str]] = Counter()
         self.connected_clients = 0
+        self.connections_received = 0  # every connection accepted, since start
+        self.pinned_clients = 0
         # set by whoever owns the live values (build_proxy wires them)
         self.cache_size: Callable[[], int] = lambda: 0
         self.backing_up: Callable[[], bool] = lambda: False
@@ -100,6 +106,27 @@ class _AttributeCollector:
         for kind, count in sorted(m.backing_errors.items()):
             errors.add_metric([kind], count)
         yield errors
+        forwarded = CounterMetricFamily(
+            "redisp_forwarded_commands", "commands forwarded to the backing Redis, "
+            "by command and outcome (ok, error, backing_error, refused)",
+            labels=["command", "outcome"],
+        )
+        for (command, outcome), count in sorted(m.forwarded.items()):
+            forwarded.add_metric([command, outcome], count)
+        yield forwarded
+        causes = CounterMetricFamily(
+            "redisp_invalidations", "cache invalidations by cause: write (a key written "
+            "through redisp), tracking (an invalidation message), flush (whole cache)",
+            labels=["cause"],
+        )
+        causes.add_metric(["write"], m.write_invalidations)
+        causes.add_metric(["tracking"], m.invalidation_messages)
+        causes.add_metric(["flush"], m.invalidation_flushes + m.write_flushes)
+        yield causes
+        yield GaugeMetricFamily(
+            "redisp_pinned_clients", "clients holding a backing connection of their own "
+            "(MULTI, blocking commands, pub/sub …)", value=m.pinned_clients,
+        )
         yield GaugeMetricFamily("redisp_cache_size", "keys in the cache now", value=m.cache_size())
         yield GaugeMetricFamily(
             "redisp_connected_clients", "open client connections over both doors",

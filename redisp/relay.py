@@ -39,10 +39,14 @@ Push frames are not replies.  They go to ``on_push``, in stream order:
   reply to LRANGE may look the same;
 * after MONITOR, the status lines that start with a timestamp.
 
-A (P|S)(UN)SUBSCRIBE is called with ``confirms=<its lowercase name>``: its
-first confirmation settles it (``done`` gets that frame, so the client
-sees it in order), further ones (one per channel) go to ``on_push``; an
-error or ``+QUEUED`` settles it as any reply.  The connection tracks how
+A (P|S)(UN)SUBSCRIBE is called with ``confirms=<its lowercase name>`` and
+``expect``, the number of confirmations Redis sends for it (one per channel
+named; None for an UNSUBSCRIBE of everything: one per subscription of that
+kind held when Redis runs it, or one when there is none).  Its first
+``expect`` confirmations settle it together (``done`` gets them as one
+piece of bytes, so a command the client pipelined behind it is answered
+after all of them, as Redis does), further ones go to ``on_push``; an error
+or ``+QUEUED`` settles it as any reply.  The connection tracks how
 many subscriptions it holds from the counts in confirmations
 (``subscribed``), so the caller knows when the client has left pub/sub.
 A ``confirms=b"monitor"`` call turns on monitor mode once answered.
@@ -71,9 +75,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -101,6 +105,10 @@ Done = Callable[[bytes | BackingError], None]
 CONFIRMED = frozenset((b"subscribe", b"psubscribe", b"ssubscribe",
                        b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
 _SHARD = frozenset((b"ssubscribe", b"sunsubscribe"))
+_SUBSCRIBING = frozenset((b"subscribe", b"psubscribe", b"ssubscribe"))
+#: which of RelayProtocol._names a confirmation is about
+_NAME_KIND = {b"subscribe": 0, b"unsubscribe": 0, b"psubscribe": 1, b"punsubscribe": 1,
+              b"ssubscribe": 2, b"sunsubscribe": 2}
 _PUBSUB_KINDS = CONFIRMED | {b"message", b"pmessage", b"smessage"}
 _DIGITS = frozenset(b"0123456789")
 
@@ -135,12 +143,15 @@ def _first_word(frame: bytes) -> bytes | None:
 class _Call:
     """One request awaiting its reply; ``done`` is None once settled or timed out."""
 
-    __slots__ = ("done", "deadline", "confirms")
+    __slots__ = ("done", "deadline", "confirms", "expect", "frames")
 
-    def __init__(self, done: Done | None, deadline: float, confirms: bytes | None) -> None:
+    def __init__(self, done: Done | None, deadline: float, confirms: bytes | None,
+                 expect: int | None = 1) -> None:
         self.done = done
         self.deadline = deadline
         self.confirms = confirms
+        self.expect = expect  # confirmations still owed (None: not known yet)
+        self.frames: list[bytes] | None = None  # confirmations received so far
 
 
 class RelayProtocol(Protocol):
@@ -176,6 +187,9 @@ class RelayProtocol(Protocol):
         self.hello: Any = None  # the decoded HELLO 3 reply, for a RESP3 connection
         self.channels = 0  # channels and patterns subscribed, from confirmations
         self.shard_channels = 0
+        # names subscribed, by kind (channel, pattern, shard channel): how
+        # many confirmations an UNSUBSCRIBE of everything will bring
+        self._names: tuple[set, set, set] = (set(), set(), set())
         self.monitoring = False
         self._pending: deque[_Call] = deque()
         self._unsent: list[bytes] | None = []  # None once the set-up has been written
@@ -187,6 +201,9 @@ class RelayProtocol(Protocol):
         self._why_lost = "connection lost"
         self._watching = False  # pub/sub or monitor mode: look at every frame
         self._lost_waiters: list[Deferred] = []
+        self._closing = False  # close() was called: no new calls
+        self._blind = False  # send() before the connection was up
+        self._close_on_connect = False  # closed before connecting, with send()s to deliver
         self.ever_ready = False
 
     # -- calls ---------------------------------------------------------------------
@@ -202,18 +219,19 @@ class RelayProtocol(Protocol):
         return len(self._pending)
 
     def call(self, request: bytes, done: Done, timeout: float | None = None,
-             confirms: bytes | None = None) -> None:
+             confirms: bytes | None = None, expect: int | None = 1) -> None:
         """Send ``request`` (one encoded command, as the client sent it or from
         ``encode_command``); ``done`` gets its reply frame or a BackingError, once.
 
         ``timeout`` overrides ``redis_timeout`` (a blocking command adds its
-        own; ``math.inf`` for none); ``confirms``: see the module docstring.
+        own; ``math.inf`` for none); ``confirms``, ``expect``: see the module
+        docstring.
         """
-        if self.lost:
+        if self.lost or self._closing:
             done(BackingUnavailable(f"backing redis unavailable ({self._why_lost})"))
             return
         deadline = self.clock.seconds() + (self.timeout if timeout is None else timeout)
-        self._pending.append(_Call(done, deadline, confirms))
+        self._pending.append(_Call(done, deadline, confirms, expect))
         unsent = self._unsent
         if unsent is None:
             self.transport.write(request)
@@ -224,19 +242,32 @@ class RelayProtocol(Protocol):
 
     def send(self, request: bytes) -> None:
         """Send a command Redis will not answer (under CLIENT REPLY OFF/SKIP)."""
-        if self.lost:
+        if self.lost or self._closing:
             return
         if self._unsent is None:
             self.transport.write(request)
         else:
             self._unsent.append(request)
+            self._blind = True
 
     def close(self) -> None:
         """Close the connection; calls still waiting fail as unavailable.
-        For a pinned connection, this is what makes Redis drop its state."""
+        For a pinned connection, this is what makes Redis drop its state.
+        Calls made from now on fail at once."""
         self._why_lost = "connection closed"
-        if self.transport is not None and not self.lost:
+        self._closing = True
+        if self.lost:
+            return
+        if self.transport is not None:
             self.transport.loseConnection()
+        elif self._blind:
+            # not connected yet, and commands Redis will not answer wait to
+            # go out (CLIENT REPLY OFF): they still go, then it closes
+            self._close_on_connect = True
+            for call in self._pending:
+                done, call.done = call.done, None
+                if done is not None:
+                    done(BackingUnavailable("backing redis unavailable (connection closed)"))
         else:
             self._lose("connection closed")
 
@@ -266,7 +297,9 @@ class RelayProtocol(Protocol):
         self.transport.write(b"".join([encode_command(c) for c in setup] + unsent))
         if deadline < self._timer_at:
             self._arm(deadline)
-        if not setup:
+        if self._close_on_connect:
+            self.transport.loseConnection()
+        elif not setup:
             self._became_ready()
 
     def connect_failed(self, failure: Failure) -> None:
@@ -398,10 +431,19 @@ class RelayProtocol(Protocol):
             elif frame == b"+RESET\r\n":
                 self.channels = self.shard_channels = 0
                 self.monitoring = False
+                for names in self._names:
+                    names.clear()
             self._watching = bool(self.channels or self.shard_channels or self.monitoring)
             return False
         if word in CONFIRMED:
             value = decode(frame)
+            names = self._names[_NAME_KIND[word]]
+            call = pending[0] if pending and pending[0].confirms == word else None
+            if call is not None and call.expect is None:
+                call.expect = max(1, len(names))  # before this one is counted off
+            name = value[1] if len(value) == 3 else None
+            if name is not None:
+                (names.add if word in _SUBSCRIBING else names.discard)(name)
             count = value[2] if len(value) == 3 else None
             if isinstance(count, int):
                 if word in _SHARD:
@@ -409,10 +451,15 @@ class RelayProtocol(Protocol):
                 else:
                     self.channels = count
                 self._watching = bool(self.channels or self.shard_channels or self.monitoring)
-            if pending and pending[0].confirms == word:
-                done = pending.popleft().done
-                if done is not None:
-                    done(frame)
+            if call is not None:
+                if call.frames is None:
+                    call.frames = []
+                call.frames.append(frame)
+                call.expect -= 1
+                if call.expect <= 0:
+                    pending.popleft()
+                    if call.done is not None:
+                        call.done(b"".join(call.frames))
                 return True
         self._push(frame)
         return True
@@ -599,4 +646,17 @@ class RelayPool:
     def _connect_tcp(self, protocol: RelayProtocol) -> Deferred:
         endpoint = HostnameEndpoint(self._reactor, self.url.host, self.url.port,
                                     timeout=self.timeout)
-        return connectProtocol(endpoint, protocol)
+        return endpoint.connect(_OneProtocol(protocol))
+
+
+class _OneProtocol(Factory):
+    """``connectProtocol``'s factory, without its "Starting factory" log
+    line: a pinned connection per client would log two lines each."""
+
+    noisy = False
+
+    def __init__(self, protocol: RelayProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> RelayProtocol:
+        return self._protocol

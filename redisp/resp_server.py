@@ -99,6 +99,12 @@ class RespProtocol(Protocol):
         self._owner = Owner()  # this client's requests waiting at the gate
         self._session = Session(client_id, factory.reader, factory.metrics, config, factory.clock)
         self._session.owner = self._owner
+        forwarder = factory.forwarder
+        if forwarder is not None:
+            self._session.forwarder = forwarder
+            self._session.lane = forwarder.pool.lane()
+            self._session.push = self.push
+            self._session.hang_up = self.hang_up
         self._concurrency = config.concurrency  # packets of GETs up to this size: one gate entry
         self._parser = RequestParser(
             config.max_bulk_bytes, config.max_args, config.max_inline_bytes
@@ -167,6 +173,8 @@ class RespProtocol(Protocol):
         self._pending.clear()
         self._out.clear()
         self._held.clear()
+        if self._session.forwarder is not None:
+            self._session.forwarder.release(self._session)
         if self._w.timer is not None:
             self._w.timer.cancel()
             self._w.timer = None
@@ -185,7 +193,7 @@ class RespProtocol(Protocol):
         if self._detour and self._detoured(data):
             return
         parser = self._parser
-        keys = parser.only_gets(data) if parser.idle else None
+        keys = parser.only_gets(data) if parser.idle and self._session.plain else None
         self._dispatching = True
         try:
             if keys is not None:
@@ -404,6 +412,45 @@ class RespProtocol(Protocol):
                 self._closing = self._detour = True
                 break
         return ran
+
+    def push(self, frame: bytes, owed: int = 0) -> None:
+        """A frame Redis sent unasked (pub/sub message, MONITOR line,
+        invalidation) on the client's pinned connection, ``owed`` of whose
+        commands are still unanswered: it goes before their replies, which
+        Redis sends after it (they are the last ``owed`` replies still
+        owed), and after everything else."""
+        if self._lost:
+            return
+        pending = self._pending
+        if not pending:
+            self._out.append(frame)
+        else:
+            if not owed:
+                pending.append([frame])
+            else:
+                i = len(pending)
+                while owed and i:
+                    i -= 1
+                    if pending[i][0] is None:
+                        owed -= 1
+                pending.insert(i, [frame])
+            # a subscriber that does not read is bounded like any client
+            self._queued += len(frame)
+            if self._queued > self._high:
+                self._detour = True
+                if self._over_limit():
+                    return
+        if not (self._dispatching or self._flush_due):
+            self._flush_due = True
+            self.factory.flush_later(self)
+
+    def hang_up(self) -> None:
+        """Read no more requests; close once the replies owed are written.
+        As if Redis had closed the client's connection: its pinned
+        connection was lost, and the state with it (SUBSCRIBE, MULTI)."""
+        if not (self._lost or self._closing):
+            self._closing = True
+            self._flush(self._send)
 
     def _protocol_error(self, problem: ProtocolError) -> None:
         """Answer the error after every earlier reply, then hang up (as Redis).
@@ -733,7 +780,9 @@ class RespFactory(Factory):
         slots: ClientSlots,
         config: Config,
         clock: IReactorTime,
+        forwarder: Any = None,
     ) -> None:
+        self.forwarder = forwarder
         self.reader = reader
         self.metrics = metrics
         self.slots = slots

@@ -23,6 +23,7 @@ from redisp.backing import Backing
 from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config
+from redisp.forwarding import Forwarder
 from redisp.gate import Gate
 from redisp.invalidation import Invalidator
 from redisp.metrics import Metrics
@@ -176,6 +177,8 @@ class ProxyService(MultiService):
         if self.fd_warning is not None:
             log.warn("{warning}", warning=self.fd_warning)
         p.backing.start()
+        if p.forwarder is not None:
+            p.forwarder.start()
         if p.invalidator is not None:
             p.invalidator.start()
         self._sweeper.start(SWEEP_INTERVAL, now=False)
@@ -183,10 +186,10 @@ class ProxyService(MultiService):
         c = p.config
         log.info(
             "redisp {version}: {doors}; backing {redis}; ttl {ttl:g}s, capacity {capacity}, "
-            "concurrency {concurrency}, invalidation {invalidation}",
+            "concurrency {concurrency}, invalidation {invalidation}, forward {forward}",
             version=redisp.__version__, doors=doors or "no listeners",
             redis=c.redis.redacted(), ttl=c.ttl, capacity=c.capacity,
-            concurrency=c.concurrency, invalidation=c.invalidation,
+            concurrency=c.concurrency, invalidation=c.invalidation, forward=c.forward,
         )
 
     def stopService(self) -> Deferred:
@@ -198,6 +201,8 @@ class ProxyService(MultiService):
         d.addCallback(lambda _: p.gate.drained(p.config.redis_timeout + 1.0))
         if p.invalidator is not None:
             d.addBoth(lambda _: p.invalidator.stop())
+        if p.forwarder is not None:
+            d.addBoth(lambda _: p.forwarder.stop())
         d.addBoth(lambda _: p.backing.stop())
         return d
 
@@ -215,6 +220,7 @@ class Proxy:
     reader: CachedReader
     slots: ClientSlots
     invalidator: Invalidator | None = None
+    forwarder: Forwarder | None = None
     service: ProxyService = None  # type: ignore[assignment]
 
 
@@ -242,13 +248,17 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
     if config.invalidation == "tracking":
         invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader, metrics)
         metrics.invalidation_state = lambda: invalidator.state
-    proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator)
+    forwarder = None
+    if config.forward != "none":
+        forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing)
+    proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
+                  forwarder)
 
     service = ProxyService(proxy)
     service.fd_warning = fd_warning
     factories = {
         "http": lambda: build_site(reader, backing, metrics, slots, config, reactor),
-        "resp": lambda: RespFactory(reader, metrics, slots, config, reactor),
+        "resp": lambda: RespFactory(reader, metrics, slots, config, reactor, forwarder),
     }
     for name, description in doors:
         if description is None:

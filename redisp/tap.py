@@ -41,6 +41,10 @@ OPTIONS = [
     ("max-inline-bytes", "longest inline (telnet) RESP request line [default: 65536]"),
     ("max-client-buffer", "bytes one client may have buffered, requests and replies together; "
                           "past it the client is disconnected [default: 1073741824]"),
+    ("forward", "which other commands go to the backing Redis: all, read (read-only "
+                "commands only) or none [default: all]"),
+    ("deny-commands", "commands never forwarded, comma-separated "
+                      "[default: SHUTDOWN,DEBUG,FAILOVER,REPLICAOF,SLAVEOF,SYNC,PSYNC]"),
     ("access-log", "log every HTTP request: true or false [default: false]"),
 ]
 

@@ -196,6 +196,15 @@ class RunningProxy:
 
         return redis.Redis(host="127.0.0.1", port=self.resp_port, **kw)
 
+    def connected_redis_py(self, **kw):
+        """A redis-py client whose connection is made (blocking: call it in a
+        thread).  Connecting forwards what redis-py sends at connect (CLIENT
+        MAINT_NOTIFICATIONS …) to the backing, so tests that hold the
+        backing connect first."""
+        client = self.redis_py(**kw)
+        client.ping()
+        return client
+
     def http_get(self, key: str, method: str = "GET"):
         """(status, headers, body) of /get?key=… through the HTTP door (blocking)."""
         import http.client

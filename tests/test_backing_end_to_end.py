@@ -220,3 +220,34 @@ def test_a_clean_shutdown_warns_of_no_lost_connection(redis_server, redis_db):
     warnings = [ev for ev in events if ev.get("log_level") in (LogLevel.warn, LogLevel.error)
                 and ev.get("log_namespace", "").startswith("redisp")]
     assert warnings == []
+
+
+@inline
+def test_forwarded_commands_behind_a_stalled_backing_fail_fast(server, start_proxy):
+    """concurrency 1, backing stopped: the first forwarded command waits out
+    redis_timeout, and stalls the backing for everyone: the commands queued
+    behind it get the timeout error at once, not one timeout each."""
+    p = start_proxy(redis_url=server.url, concurrency=1, redis_timeout=1.0)
+    yield until(lambda: p.proxy.backing.up)
+    clients = []
+    for _ in range(8):
+        clients.append((yield in_thread(p.connected_redis_py)))
+    assert (yield in_thread(clients[0].incr, "n")) == 1  # the pool connection is up
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        def incr(client):
+            try:
+                return client.incr("n")
+            except redis.ResponseError as e:
+                return str(e)
+
+        pending = [in_thread(incr, c) for c in clients]
+        # eight commands waiting in turn would take eight timeouts
+        yield until(lambda: all(d.called for d in pending), limit=4.0)
+        answers = yield defer.gatherResults(pending)
+        assert all("timed out" in a for a in answers), answers
+        assert p.proxy.backing.state == "stalled"
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    yield until(lambda: p.proxy.backing.up)
+    assert (yield in_thread(clients[1].incr, "n")) >= 2

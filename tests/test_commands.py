@@ -550,7 +550,7 @@ def fields(text: str) -> dict[str, str]:
 def test_info_is_a_bulk_string_with_every_section(session):
     text = info_text(session)
     assert text.startswith("# Server\r\nredis_version:7.0.0\r\n")
-    for section in ("# Clients", "# Stats", "# Proxy"):
+    for section in ("# Clients", "# Memory", "# Stats", "# Keyspace", "# Proxy"):
         assert f"\r\n\r\n{section}\r\n" in text
     assert text.endswith("\r\n") and not text.endswith("\r\n\r\n")
 
@@ -583,11 +583,23 @@ def test_info_proxy_section():
         "backing_redis": "redis://127.0.0.1:6379/0", "backing_status": "up",
         "ttl": "2.5", "capacity": "7", "concurrency": "3", "invalidation": "tracking",
         "invalidation_state": "active", "invalidation_messages": "6", "invalidation_flushes": "1",
+        "pinned_clients": "0", "write_invalidations": "0", "write_flushes": "0",
+        "forwarded_commands": "0", "topology": "single 127.0.0.1:6379", "forward": "all",
     }
     server = fields(info_text(session, b"server"))
     assert (server["uptime_in_seconds"], server["uptime_in_days"]) == ("90061", "1")
     stats = fields(info_text(session, b"stats"))
     assert (stats["keyspace_hits"], stats["keyspace_misses"]) == ("10", "11")
+
+
+def test_info_has_the_fields_clients_and_tools_read(session):
+    """redis-py's test suite reads arch_bits; redis-cli --stat reads these."""
+    text = fields(info_text(session))
+    for name in ("redis_version", "arch_bits", "uptime_in_seconds", "connected_clients",
+                 "blocked_clients", "used_memory", "total_commands_processed",
+                 "total_connections_received", "keyspace_hits", "keyspace_misses"):
+        assert name in text, name
+    assert int(text["used_memory"]) > 0
 
 
 def test_info_backing_down(session):

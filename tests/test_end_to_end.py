@@ -16,6 +16,7 @@ import redis
 from twisted.internet import threads
 from twisted.internet.task import Clock
 
+import redisp
 from tests.support import HoldingForwarder, RedisServer, free_port, until
 
 inline = pytest_twisted.inlineCallbacks
@@ -135,8 +136,9 @@ def test_single_client_rule_queues_a_hit_behind_a_slow_miss(redis_server, redis_
         yield until(lambda: p.proxy.backing.up)
         yield in_thread(p.http_get, "cached")  # now cached
         yield until(p.proxy.gate.idle)  # its gate token back (released on the next turn)
+        client = yield in_thread(p.connected_redis_py)
         forwarder.hold()
-        slow = in_thread(p.redis_py().get, "slow")
+        slow = in_thread(client.get, "slow")
         # the miss holds the gate (not idle() alone: the first request's token
         # comes back a reactor turn after its reply)
         yield until(lambda: p.proxy.metrics.cache_misses == 2 and not p.proxy.gate.idle())
@@ -159,8 +161,11 @@ def test_concurrent_misses_of_one_key_share_one_backing_get(redis_server, redis_
         p = start_proxy(redis_url=forwarder.url, concurrency=8, redis_timeout=30.0)
         yield until(lambda: p.proxy.backing.up)
         redis_db.config_resetstat()
+        connected = []
+        for _ in range(5):
+            connected.append((yield in_thread(p.connected_redis_py)))
         forwarder.hold()
-        clients = [in_thread(p.redis_py().get, "k") for _ in range(5)]
+        clients = [in_thread(c.get, "k") for c in connected]
         yield until(lambda: p.proxy.metrics.cache_misses == 5)
         forwarder.release()
         for d in clients:
@@ -182,9 +187,10 @@ def test_slow_backing_times_out_with_504_and_err(redis_server, redis_db, start_p
         assert status == 504 and b"timed out" in body
         forwarder.release()
         yield until(lambda: p.proxy.backing.up)
+        client = yield in_thread(p.connected_redis_py)
         with pytest.raises(redis.ResponseError, match="timed out|unavailable") as e:
             forwarder.hold()
-            yield in_thread(p.redis_py().get, "k2")
+            yield in_thread(client.get, "k2")
         forwarder.release()
         assert "backing redis" in str(e.value)
         yield until(lambda: p.proxy.backing.up)
@@ -268,8 +274,10 @@ def test_a_batched_mget_that_times_out_fails_each_get_and_recovers(redis_server,
         p = start_proxy(redis_url=forwarder.url, capacity=0, concurrency=64, redis_timeout=0.3)
         yield until(lambda: p.proxy.backing.up)
 
+        client = yield in_thread(p.connected_redis_py)
+
         def pipelined():
-            pipe = p.redis_py().pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             pipe.get("a")
             pipe.get("b")
             return pipe.execute(raise_on_error=False)
@@ -452,3 +460,21 @@ def test_the_backing_connection_does_not_wait_for_nagle(redis_db, start_proxy):
     yield until(lambda: p.proxy.backing.up)
     handle = p.proxy.backing._protocol.transport.getHandle()
     assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@inline
+def test_info_is_the_backings_own_with_the_proxy_section(redis_db, start_proxy):
+    """Clients read the backing's version, memory and keyspace; redisp adds # Proxy."""
+    redis_db.set("info-key", "v")
+    p = start_proxy()
+    yield until(lambda: p.proxy.backing.up)
+    info = yield in_thread(p.redis_py().info)
+    direct = redis_db.info()
+    assert info["redis_version"] == direct["redis_version"]
+    assert info["arch_bits"] == direct["arch_bits"]
+    assert info["db0"]["keys"] >= 1
+    assert info["redisp_version"] == redisp.__version__ and info["forward"] == "all"
+    server = yield in_thread(p.redis_py().info, "server")
+    assert "redisp_version" not in server and server["redis_version"] == direct["redis_version"]
+    proxy = yield in_thread(p.redis_py().info, "proxy")
+    assert set(proxy) >= {"redisp_version", "cache_size", "pinned_clients", "backing_status"}

@@ -68,8 +68,9 @@ def test_a_write_during_a_fetch_never_leaves_the_old_value_cached(
     try:
         p = tracking_proxy(start_proxy, redis_url=forwarder.url, redis_timeout=30.0)
         yield ready(p)
+        client = yield in_thread(p.connected_redis_py)
         forwarder.hold()  # the data connection's replies wait; invalidations flow
-        fetch = in_thread(p.redis_py().get, "k")
+        fetch = in_thread(client.get, "k")
         # Redis has answered the GET (the reply is held): the write comes after it
         yield until(lambda: bool(forwarder.held))
         seen = p.proxy.metrics.invalidation_messages
