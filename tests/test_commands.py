@@ -585,6 +585,7 @@ def test_info_proxy_section():
         "invalidation_state": "active", "invalidation_messages": "6", "invalidation_flushes": "1",
         "pinned_clients": "0", "write_invalidations": "0", "write_flushes": "0",
         "forwarded_commands": "0", "topology": "single 127.0.0.1:6379", "forward": "all",
+        "auth_failures": "0",
     }
     server = fields(info_text(session, b"server"))
     assert (server["uptime_in_seconds"], server["uptime_in_days"]) == ("90061", "1")
