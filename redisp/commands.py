@@ -198,7 +198,7 @@ def _refusal(session: Session, argv: list[bytes], command: Command | None) -> Re
     info = table.lookup(argv) if table is not None else None
     problem = _existence(argv, command, table, info, forwarder is None)
     if problem is not None:
-        return _rejected(argv, problem), BAD_REQUEST
+        return _rejected(argv, error(problem)), BAD_REQUEST
     if session.user is None:
         if command is not None and "no_auth" in command.flags:
             return None  # AUTH, HELLO, QUIT, RESET
@@ -238,12 +238,11 @@ def _existence(
     return None
 
 
-def _rejected(argv: list[bytes], reply: bytes | str) -> bytes:
-    """The error reply; EXEC's as Redis words it (``execCommandAbort``)."""
-    text = reply if isinstance(reply, bytes) else error(reply)
+def _rejected(argv: list[bytes], reply: bytes) -> bytes:
+    """The error ``reply``; EXEC's as Redis words it (``execCommandAbort``)."""
     if argv[0].lower() != b"exec":
-        return text
-    reason = text[1:]
+        return reply
+    reason = reply[1:]
     if reason.startswith(b"ERR "):
         reason = reason[4:]
     return b"-EXECABORT Transaction discarded because of: " + reason

@@ -327,8 +327,9 @@ def test_hello_version_not_a_number(session):
     )
 
 
-def test_hello_auth_is_accepted_and_ignored(session):
-    """The proxy has no credentials of its own: any AUTH is fine."""
+def test_hello_auth_default_is_accepted_without_passwords(session):
+    """No password and no users: the default user takes any password, as on
+    a Redis without requirepass (tests/test_auth.py has the rest)."""
     assert decode(reply(session, b"HELLO", b"3", b"AUTH", b"default", b"secret"))[b"proto"] == 3
 
 
