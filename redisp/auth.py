@@ -163,20 +163,22 @@ class Authenticator:
         session.restricted = user.read_only
         return True
 
-    def check(self, name: bytes, password: bytes) -> User | None:
-        """The user if ``password`` is ``name``'s, else None (counted)."""
+    def check(self, name: bytes, password: bytes, count: bool = True) -> User | None:
+        """The user if ``password`` is ``name``'s, else None (counted as a
+        failure unless ``count`` is False)."""
         if not self.required:
             # Redis's default user without a password takes any password
             if name == DEFAULT_USER:
                 return EVERYONE
+            user = None
+        else:
+            entry = self._users.get(name)
+            expected = entry[0] if entry is not None else _NOBODY
+            ok = hmac.compare_digest(_digest(password), expected)
+            user = entry[1] if ok and entry is not None else None
+        if user is None and count:
             self._metrics.auth_failures += 1
-            return None
-        entry = self._users.get(name)
-        expected = entry[0] if entry is not None else _NOBODY
-        if hmac.compare_digest(_digest(password), expected) and entry is not None:
-            return entry[1]
-        self._metrics.auth_failures += 1
-        return None
+        return user
 
     # -- both doors -------------------------------------------------------------
 
@@ -188,30 +190,37 @@ class Authenticator:
 
     # -- HTTP -------------------------------------------------------------------
 
-    def http_allows(self, authorization: bytes | None) -> bool:
+    def http_allows(self, authorization: bytes | None, count: bool = True) -> bool:
         """An ``Authorization`` header value: ``Bearer <password>`` (the
         ``default`` user's) or ``Basic`` credentials of any user.  A header
-        that does not carry valid credentials is a counted failure; no
-        header at all is not (the client has not tried yet)."""
+        that does not carry valid credentials is a failure, counted unless
+        ``count`` is False; no header at all is not (the client has not
+        tried yet)."""
         if not self.required:
             return True
         if authorization is None:
             return False
-        scheme, _, credentials = authorization.strip().partition(b" ")
-        scheme = scheme.lower()
-        credentials = credentials.strip()
-        if scheme == b"bearer":
-            name, password = DEFAULT_USER, credentials
-        elif scheme == b"basic":
-            try:
-                decoded = binascii.a2b_base64(credentials, strict_mode=True)
-            except (binascii.Error, ValueError):
-                decoded = b""
-            name, colon, password = decoded.partition(b":")
-            if not colon:
+        credentials = http_credentials(authorization)
+        if credentials is None:
+            if count:
                 self._metrics.auth_failures += 1
-                return False
-        else:
-            self._metrics.auth_failures += 1
             return False
-        return self.check(name, password) is not None
+        return self.check(*credentials, count=count) is not None
+
+
+def http_credentials(authorization: bytes) -> tuple[bytes, bytes] | None:
+    """(user, password) from an ``Authorization`` value, or None when it
+    carries none that redisp takes."""
+    scheme, _, credentials = authorization.strip().partition(b" ")
+    scheme = scheme.lower()
+    credentials = credentials.strip()
+    if scheme == b"bearer":
+        return DEFAULT_USER, credentials
+    if scheme != b"basic":
+        return None
+    try:
+        decoded = binascii.a2b_base64(credentials, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+    name, colon, password = decoded.partition(b":")
+    return (name, password) if colon else None
