@@ -436,3 +436,34 @@ def test_secrets_stay_out_of_reprs():
     for secret in ("topsecret", "alsosecret", "urlpw"):
         assert secret not in text
     assert Secret("x") == "x" and f"{Secret('x')}" == "x"
+
+
+# -- passwords on the command line (SPEC §1) -----------------------------------------
+
+
+def test_passwords_on_the_command_line_are_found_where_typed():
+    from redisp.tap import Options, command_line_secrets
+
+    options = Options()
+    options.parseOptions(["--password", "p w", "--redis", "redis://u:b%40pw@h:1/0"])
+    assert command_line_secrets(options) == {"--password": "p w", "--redis": "b%40pw"}
+    options = Options()
+    options.parseOptions(["--redis", "redis://h:1/0"])
+    assert command_line_secrets(options) == {}
+
+
+def test_the_process_title_hides_them(monkeypatch):
+    import sys
+
+    from redisp.tap import hide_from_process_title
+
+    titles: list[str] = []
+    fake = type(sys)("setproctitle")
+    fake.setproctitle = titles.append
+    monkeypatch.setitem(sys.modules, "setproctitle", fake)
+    argv = ["twistd", "redisp", "--password=s3", "--redis", "redis://:b%40pw@h/0"]
+    assert hide_from_process_title(["s3", "b%40pw"], argv) == (
+        "twistd redisp --password=*** --redis redis://:***@h/0")
+    assert titles == ["twistd redisp --password=*** --redis redis://:***@h/0"]
+    monkeypatch.setitem(sys.modules, "setproctitle", None)  # not installed
+    assert hide_from_process_title(["s3"], argv) is None
