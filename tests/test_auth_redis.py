@@ -69,18 +69,19 @@ def talk(port: int, steps: list, bind: str | None = None) -> list:
                 data, wanted = step
             else:
                 data, wanted = encode(*step), 1
+            frames: list = []
             try:
                 sock.sendall(data)
-            except OSError:
-                out.append("closed")
+                while len(frames) < wanted:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    frames += scanner.feed(chunk)
+            except OSError:  # reset: the server had closed (which one wins is a race)
+                pass
+            if len(frames) < wanted:
+                out.append([*frames, "closed"])
                 break
-            frames: list[bytes] = []
-            while len(frames) < wanted:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    frames.append("closed")
-                    break
-                frames += scanner.feed(chunk)
             out.append(frames)
     return out
 
