@@ -201,12 +201,15 @@ def _boolean(value: Any) -> bool:
 
 
 def _password(value: Any) -> Secret | None:
-    """Never echoes the value: an error message is logged and shown."""
-    if value is None:
+    """A password, or None for none: empty means none, as Redis's
+    ``requirepass ""`` (so ``REDISP_PASSWORD=`` can stand for "unset" where
+    a variable cannot be left out, as in docker-compose.yml).  Errors never
+    echo the value: they are logged and shown."""
+    if value is None or value == "":
         return None
-    if not isinstance(value, str) or not value:
-        raise ConfigError("must be a non-empty string (quote it in YAML: a number or yes/no "
-                          "would be read as something else)")
+    if not isinstance(value, str):
+        raise ConfigError("must be a string (quote it in YAML: a number or yes/no would be "
+                          "read as something else)")
     return Secret(value)
 
 
@@ -234,15 +237,15 @@ def _users(value: Any) -> tuple[UserConfig, ...]:
             raise ConfigError(f"user {name!r}: unknown key {sorted(map(str, unknown))[0]!r}")
         if "password" not in spec:
             raise ConfigError(f"user {name!r} has no password")
-        try:
-            password = _password(spec["password"])
-        except ConfigError as e:
-            raise ConfigError(f"user {name!r}: password {e}") from None
+        password = spec["password"]
+        if not isinstance(password, str) or not password:
+            raise ConfigError(f"user {name!r}: password must be a non-empty string (quote it "
+                              "in YAML)")
         commands = spec.get("commands", "all")
         if commands not in ("all", "read"):
             raise ConfigError(f"user {name!r}: commands must be 'all' or 'read', "
                               f"got {commands!r}")
-        users.append(UserConfig(name, password, commands))  # type: ignore[arg-type]
+        users.append(UserConfig(name, Secret(password), commands))
     return tuple(users)
 
 

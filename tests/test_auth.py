@@ -401,14 +401,21 @@ def test_password_users_and_protected_mode_from_every_source(tmp_path):
     assert load_config({}, {"REDISP_PASSWORD": "env"}, None, cwd=str(tmp_path)).password == "env"
 
 
+def test_an_empty_password_is_none_as_redis_requirepass(tmp_path):
+    assert load_config({}, {"REDISP_PASSWORD": ""}, None, cwd=str(tmp_path)).password is None
+    (tmp_path / "conf.yaml").write_text("password: ''\n")
+    assert load_config({}, {}, None, cwd=str(tmp_path)).password is None
+
+
 def test_users_come_from_conf_yaml_only(tmp_path):
     config = load_config({}, {"REDISP_USERS": "alice"}, None, cwd=str(tmp_path))
     assert config.users == ()
 
 
 @pytest.mark.parametrize("yaml_text, words", [
-    ("password: 1234\n", "password: must be a non-empty string"),
-    ("password: ''\n", "password: must be a non-empty string"),
+    ("password: 1234\n", "password: must be a string"),
+    ("users: {alice: {password: ''}}\n", "user 'alice': password must be a non-empty"),
+    ("users: {alice: {password: 1234}}\n", "user 'alice': password must be a non-empty"),
     ("users: [alice]\n", "users: must be a mapping"),
     ("users: {alice: pw}\n", "user 'alice' must be a mapping"),
     ("users: {alice: {commands: read}}\n", "user 'alice' has no password"),
@@ -467,3 +474,26 @@ def test_the_process_title_hides_them(monkeypatch):
     assert titles == ["twistd redisp --password=*** --redis redis://:***@h/0"]
     monkeypatch.setitem(sys.modules, "setproctitle", None)  # not installed
     assert hide_from_process_title(["s3"], argv) is None
+
+
+# -- the container (SPEC §8: the image chooses explicitly) -------------------------------
+
+
+def test_the_image_and_compose_choose_protected_mode_or_a_password_explicitly():
+    """Clients reach a container through its network, never its loopback: the
+    image turns protected mode off in so many words, and compose passes a
+    password through (empty: none) and publishes on 127.0.0.1 only."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parent.parent
+    dockerfile = (root / "Dockerfile").read_text()
+    assert "REDISP_PROTECTED_MODE=no" in dockerfile
+    service = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["redisp"]
+    assert service["environment"]["REDISP_PASSWORD"] == "${REDISP_PASSWORD:-}"
+    assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+    config = load_config({}, {"REDISP_PASSWORD": "", "REDISP_PROTECTED_MODE": "no"}, None,
+                         cwd="/nonexistent")
+    auth = Authenticator.from_config(config, Metrics(0))
+    assert not auth.required and not auth.refuses(IPv4Address("TCP", "172.17.0.1", 1))
