@@ -134,3 +134,28 @@ def test_passwords_never_reach_the_log_info_metrics_or_the_process_title(tmp_pat
     pytest.importorskip("setproctitle")  # without it the warning is all there is
     assert client_pw.encode() not in title and backing_pw.encode() not in title
     assert b"--password ***" in title and b"redis://:***@" in title
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli not installed")
+@inline
+def test_redis_cli_with_a_password_or_a_user(redis_db, start_proxy):
+    import os
+
+    redis_db.set("k", "value")
+    p = start_proxy(password=Secret("pw"), users=(UserConfig("ro", Secret("ro-pw"), "read"),))
+    yield until(lambda: p.proxy.backing.up)
+    yield until(lambda: p.proxy.forwarder.table is not None)
+
+    def cli(*args: str, env: dict | None = None) -> str:
+        out = subprocess.run(["redis-cli", "-p", str(p.resp_port), *args], capture_output=True,
+                             timeout=LIMIT, env={**os.environ, **(env or {})})
+        return (out.stdout + out.stderr).decode().strip()
+
+    assert (yield threads.deferToThread(cli, "GET", "k")) == (
+        "NOAUTH Authentication required.")
+    assert (yield threads.deferToThread(cli, "GET", "k", env={"REDISCLI_AUTH": "pw"})) == "value"
+    assert (yield threads.deferToThread(cli, "--user", "ro", "--pass", "ro-pw",
+                                        "--no-auth-warning", "GET", "k")) == "value"
+    refused = yield threads.deferToThread(cli, "--user", "ro", "--pass", "ro-pw",
+                                          "--no-auth-warning", "SET", "k", "v")
+    assert refused == "NOPERM this user has no permissions to run the 'set' command"
