@@ -136,8 +136,11 @@ class Authenticator:
     def describe(self) -> str:
         """For the start-up line; never a password."""
         if self.required:
-            names = b", ".join(sorted(self._users)).decode("utf-8", "replace")
-            return f"clients must authenticate (users: {names})"
+            how = ["password"] if self._default is not None else []
+            users = sorted(name for name in self._users if name != DEFAULT_USER)
+            if users:
+                how.append("users " + b", ".join(users).decode("utf-8", "replace"))
+            return f"clients must authenticate ({'; '.join(how)})"
         if self.protected:
             return "no authentication, protected mode (loopback clients only)"
         return "no authentication, protected mode off"
