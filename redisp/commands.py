@@ -221,21 +221,33 @@ def _refusal(session: Session, argv: list[bytes], command: Command | None) -> Re
 def _existence(
     argv: list[bytes], command: Command | None, table: Any, info: Any, alone: bool
 ) -> bytes | str | None:
-    """Redis's error for an unknown command or subcommand or a wrong arity,
-    from the backing's table when known, else from redisp's own (``alone``:
-    nothing is forwarded, so redisp's table is all there is)."""
+    """Redis's error for an unknown command or subcommand or a wrong arity:
+    from redisp's own table for what redisp answers itself (CLIENT SETINFO
+    exists here whatever the backing's version), else from the backing's
+    table when known (``alone``: nothing is forwarded, so redisp's table is
+    all there is)."""
+    if command is not None and command.name == "client" and len(argv) > 1:
+        sub = argv[1].lower()
+        if sub in _OWN_CLIENT_SUBCOMMANDS or alone:
+            command = CLIENT_SUBCOMMANDS.get(sub)
+            if command is None:
+                return unknown_subcommand("CLIENT", argv)
+        else:
+            command = None  # the backing's
+    elif command is not None and command.route == "forwarded":
+        command = None if info is not None else command
+    if command is not None:
+        arity = command.arity
+        if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
+            return wrong_arity(command.name)
+        return None
     if info is not None:
         if info.subcommands and len(argv) > 1 and argv[1].lower() not in info.subcommands:
             return unknown_subcommand(info.name.decode("latin-1").upper(), argv)
         if not info.arity_ok(argv):
             return wrong_arity(info.name.decode("latin-1"))
         return None
-    if command is None:
-        return unknown_command(argv) if table is not None or alone else None
-    arity = command.arity
-    if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
-        return wrong_arity(command.name)
-    return None
+    return unknown_command(argv) if table is not None or alone else None
 
 
 def _rejected(argv: list[bytes], reply: bytes) -> bytes:

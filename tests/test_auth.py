@@ -105,6 +105,20 @@ def test_noauth_comes_after_redis_unknown_command_and_arity_errors(session):
     assert reply(session, b"CONFIG") == b"-ERR wrong number of arguments for 'config' command\r\n"
 
 
+def test_redisp_own_client_subcommands_are_judged_by_redisp_table(session):
+    """CLIENT SETINFO is Redis 7.2's: a 7.0 backing does not know it, redisp does."""
+    assert reply(session, b"CLIENT", b"SETINFO", b"lib-name", b"x") == NOAUTH
+    assert reply(session, b"CLIENT", b"SETNAME") == (
+        b"-ERR wrong number of arguments for 'client|setname' command\r\n")
+    reply(session, b"AUTH", b"reader", b"rpw")
+    assert reply(session, b"CLIENT", b"SETINFO", b"lib-name", b"x") == b"+OK\r\n"
+    alone = make(forwarder=None)
+    assert reply(alone, b"CLIENT", b"FOO") == b"-ERR unknown subcommand 'FOO'. Try CLIENT HELP.\r\n"
+    assert reply(alone, b"CLIENT", b"HELP") == NOAUTH
+    reply(alone, b"AUTH", b"reader", b"rpw")
+    assert reply(alone, b"CLIENT", b"HELP").startswith(b"*")
+
+
 def test_without_the_backing_table_redisp_own_errors_come_first():
     session = make(forwarder=FakeForwarder(table=None))
     assert reply(session, b"GET") == b"-ERR wrong number of arguments for 'get' command\r\n"
