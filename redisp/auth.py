@@ -119,7 +119,7 @@ class Authenticator:
         self.required = bool(passwords)
         #: refuse clients not on the loopback address
         self.protected = protected_mode and not self.required
-        #: the Bearer token's user: the ``default`` one, if it has a password
+        #: the ``default`` user's entry, when it has a password (``password``)
         self._default = passwords.get(DEFAULT_USER)
 
     @classmethod
