@@ -10,10 +10,16 @@ USER redisp
 # Inside the container the doors listen on every interface; publish the ports you need.
 # MALLOC_MMAP_THRESHOLD_: glibc hands large freed tables back to the system (the cache's
 # dict grows by doubling); 202 -> 185 bytes per cached entry at 1M keys (bench/run memory).
+# REDISP_PROTECTED_MODE=no: clients reach redisp through the container's network,
+# never from its loopback, so protected mode would refuse them all (the official
+# Redis image does the same). Publish the ports on 127.0.0.1 only, or set
+# REDISP_PASSWORD (docker run -e REDISP_PASSWORD, or an env file): then every
+# client must authenticate (README "Security").
 ENV MALLOC_MMAP_THRESHOLD_=131072 \
     REDISP_HTTP=tcp:9997:interface=0.0.0.0 \
     REDISP_RESP=tcp:6380:interface=0.0.0.0 \
-    REDISP_REDIS=redis://redis:6379/0
+    REDISP_REDIS=redis://redis:6379/0 \
+    REDISP_PROTECTED_MODE=no
 EXPOSE 9997 6380
 # --pidfile= : twistd writes twistd.pid even with -n, and a restarted container would refuse to start
 CMD ["twistd", "-n", "--pidfile=", "redisp"]

@@ -12,6 +12,7 @@ Run: .venv/bin/python bench/miss_micro.py
 
 import time
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -24,6 +25,8 @@ from redisp.gate import Gate
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
 from redisp.resp_server import RespFactory
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)  # loopback: let in by protected mode
 
 CLIENTS, PIPELINE, ROUNDS = 50, 16, 40
 VALUE = b"v" * 100
@@ -48,7 +51,7 @@ def main() -> None:
     factory = RespFactory(reader, metrics, ClientSlots(1000, metrics), config, clock)
     clients = []
     for _ in range(CLIENTS):
-        protocol, transport = factory.buildProtocol(None), StringTransport()
+        protocol, transport = factory.buildProtocol(PEER), StringTransport(peerAddress=PEER)
         protocol.makeConnection(transport)
         clients.append((protocol, transport))
     packets = [

@@ -57,6 +57,7 @@ from twisted.internet.interfaces import IReactorTime
 from redisp.metrics import Metrics
 
 _stamp = Struct(">d").pack
+_unstamp = Struct(">d").unpack_from
 
 #: bytes of the expiry stamp before the value in an entry
 STAMP = 8
@@ -112,6 +113,19 @@ class Cache:
             return None
         self._entries.move_to_end(key)
         return entry[STAMP:]
+
+    def lifetime(self, key: bytes) -> tuple[float, float] | None:
+        """(seconds since ``key`` was stored, seconds it has left) while its
+        entry is alive, else None.  Not a use: the LRU order is untouched.
+        For the HTTP door's Age and Cache-Control headers."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        left = _unstamp(entry)[0] - self._clock.seconds()
+        if left <= 0:
+            return None
+        age = self.ttl - left
+        return (age if age > 0 else 0.0), left
 
     def get_all(self, keys: list[bytes]) -> list[bytes] | None:
         """The entries (stamp + value) of ``keys`` if every one is cached and

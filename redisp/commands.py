@@ -32,6 +32,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 import redisp
+from redisp.auth import (
+    DEFAULT_USER,
+    EVERYONE,
+    HELLO_NOAUTH,
+    NO_PASSWORD_CONFIGURED,
+    NOAUTH,
+    WRONGPASS,
+    no_permission,
+)
 from redisp.backing import BackingError, BackingReplyError
 from redisp.config import Config
 from redisp.gate import Owner
@@ -111,13 +120,20 @@ class Session:
         #: close the connection once every reply owed is written (the
         #: client's pinned connection was lost with its state)
         self.hang_up: Callable[[], None] = lambda: None
+        #: who the client is (auth.py): None until it has authenticated
+        self.user: Any = EVERYONE
+        #: True while a command may be refused (not authenticated, or a
+        #: ``read`` user): the one flag the request path reads
+        self.restricted = False
+        self.auth: Any = None  # the proxy's Authenticator; None: no authentication
 
     @property
     def plain(self) -> bool:
-        """True when a GET may be served from the cache: no pinned connection,
-        and no forwarded command of this client still in flight (a GET
-        pipelined behind the client's own SET must see it)."""
-        return self.pin is None and not self.forwarding
+        """True when a GET may be served from the cache: an authenticated
+        client, with no pinned connection and no forwarded command of its own
+        still in flight (a GET pipelined behind the client's own SET must see
+        it).  The RESP door's GET fast paths run only while this holds."""
+        return self.pin is None and not self.forwarding and self.user is not None
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,10 @@ def execute(session: Session, argv: list[bytes]) -> Reply:
     command = COMMANDS.get(argv[0])
     if command is None:
         command = COMMANDS.get(argv[0].lower())
+    if session.restricted:
+        refused = _refusal(session, argv, command)
+        if refused is not None:
+            return refused
     forwarder = session.forwarder
     if forwarder is not None and (
         command is None
@@ -161,6 +181,125 @@ def execute(session: Session, argv: list[bytes]) -> Reply:
     if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
         return error(wrong_arity(command.name)), BAD_REQUEST
     return command.handler(session, argv)
+
+
+# -- authentication and permissions (SPEC §8, auth.py) ---------------------------------
+
+
+def _refusal(session: Session, argv: list[bytes], command: Command | None) -> Reply | None:
+    """What Redis answers a restricted connection for ``argv``, or None when
+    it may run it.
+
+    Redis's order (src/server.c ``processCommand``): an unknown command or a
+    wrong number of arguments first, then authentication, then the user's
+    permissions.  Which commands exist, their arity and which only read come
+    from the backing's own table (``Forwarder.table``) once it is known, so
+    the errors are the backing's.  A ``read`` user may run what redisp
+    answers itself (GET, MGET, PING, HELLO, INFO, COMMAND, its own CLIENT
+    subcommands …) and what the backing flags ``readonly``.
+    """
+    forwarder = session.forwarder
+    table = forwarder.table if forwarder is not None else None
+    info = table.lookup(argv) if table is not None else None
+    problem = _existence(argv, command, table, info, forwarder is None)
+    if problem is not None:
+        return _rejected(argv, error(problem)), BAD_REQUEST
+    if session.user is None:
+        if command is not None and "no_auth" in command.flags:
+            return None  # AUTH, HELLO, QUIT, RESET
+        return _rejected(argv, NOAUTH), BAD_REQUEST
+    # a ``read`` user
+    if command is not None and (
+        command.name != "client" or argv[1].lower() in _OWN_CLIENT_SUBCOMMANDS
+    ):
+        return None  # answered here (COMMAND: the backing's table, read only)
+    if forwarder is None:
+        return None  # nothing is forwarded: CLIENT KILL … is an unknown subcommand here
+    if table is None:
+        return _after_table(session, argv)
+    if info is not None and info.readonly:
+        return None
+    name = info.name if info is not None else argv[0].lower()
+    return _rejected(argv, no_permission(name)), BAD_REQUEST
+
+
+def _existence(
+    argv: list[bytes], command: Command | None, table: Any, info: Any, alone: bool
+) -> bytes | str | None:
+    """Redis's error for an unknown command or subcommand or a wrong arity:
+    from redisp's own table for what redisp answers itself (CLIENT SETINFO
+    exists here whatever the backing's version), else from the backing's
+    table when known (``alone``: nothing is forwarded, so redisp's table is
+    all there is)."""
+    if command is not None and command.name == "client" and len(argv) > 1:
+        sub = argv[1].lower()
+        if sub in _OWN_CLIENT_SUBCOMMANDS or alone:
+            command = CLIENT_SUBCOMMANDS.get(sub)
+            if command is None:
+                return unknown_subcommand("CLIENT", argv)
+        else:
+            command = None  # the backing's
+    elif command is not None and command.route == "forwarded":
+        command = None if info is not None else command
+    if command is not None:
+        arity = command.arity
+        if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
+            return wrong_arity(command.name)
+        return None
+    if info is not None:
+        if info.subcommands and len(argv) > 1 and argv[1].lower() not in info.subcommands:
+            return unknown_subcommand(info.name.decode("latin-1").upper(), argv)
+        if not info.arity_ok(argv):
+            return wrong_arity(info.name.decode("latin-1"))
+        return None
+    return unknown_command(argv) if table is not None or alone else None
+
+
+def _rejected(argv: list[bytes], reply: bytes) -> bytes:
+    """The error ``reply``; EXEC's as Redis words it (``execCommandAbort``)."""
+    if argv[0].lower() != b"exec":
+        return reply
+    reason = reply[1:]
+    if reason.startswith(b"ERR "):
+        reason = reason[4:]
+    return b"-EXECABORT Transaction discarded because of: " + reason
+
+
+def _after_table(session: Session, argv: list[bytes]) -> Deferred:
+    """A ``read`` user's command that only the backing's table can judge,
+    run once the table is known (it is read when the backing first answers)."""
+    known: Deferred = Deferred()
+    session.forwarder._with_table(known.callback)
+
+    def judge(table: Any) -> Reply:
+        if isinstance(table, BackingError):
+            return backing_error_reply(table), BACKING_ERROR
+        return execute(session, argv)
+
+    return known.addCallback(judge)
+
+
+def _auth(session: Session, argv: list[bytes]) -> Reply:
+    """AUTH [user] password, as Redis 7 (src/acl.c ``authCommand``)."""
+    if len(argv) > 3:
+        return error("ERR syntax error"), BAD_REQUEST
+    if len(argv) == 2:
+        if session.auth is None or not session.auth.required:
+            return NO_PASSWORD_CONFIGURED, BAD_REQUEST
+        name, password = DEFAULT_USER, argv[1]
+    else:
+        name, password = argv[1], argv[2]
+    if _login(session, name, password):
+        return OK, OTHER
+    return WRONGPASS, BAD_REQUEST
+
+
+def _login(session: Session, name: bytes, password: bytes) -> bool:
+    """The connection becomes ``name`` if ``password`` is its; else it stays
+    whoever it was (without an Authenticator: a Redis without passwords)."""
+    if session.auth is None:
+        return name == DEFAULT_USER
+    return session.auth.login(session, name, password)
 
 
 # -- Redis's error wording ----------------------------------------------------------
@@ -311,6 +450,8 @@ def _reset(session: Session, argv: list[bytes]) -> Reply:
         reply = session.forwarder.forward(session, argv)
     session.encoder = RESP2
     session.name = None
+    if session.auth is not None:
+        session.auth.admit(session)  # as Redis: back to the default user, unauthenticated
     return reply
 
 
@@ -327,10 +468,10 @@ def _hello(session: Session, argv: list[bytes]) -> Reply:
         option = argv[j].lower()
         more = len(argv) - 1 - j
         if option == b"auth" and more >= 2:
-            # The proxy has no users or passwords of its own (whoever reaches
-            # its port may read), so credentials are accepted and ignored,
-            # which lets clients configured for a password-protected Redis
-            # connect unchanged.  The backing Redis's password is in --redis.
+            # checked as AUTH is, at its place among the options: a SETNAME
+            # before it has taken effect already, as in Redis 7.0
+            if not _login(session, argv[j + 1], argv[j + 2]):
+                return WRONGPASS, BAD_REQUEST
             j += 3
         elif option == b"setname" and more >= 1:
             if not _valid_attribute(argv[j + 1]):
@@ -340,6 +481,8 @@ def _hello(session: Session, argv: list[bytes]) -> Reply:
         else:
             return error(b"ERR Syntax error in HELLO option '" + _c_string(argv[j]) + b"'"), \
                 BAD_REQUEST
+    if session.user is None:
+        return HELLO_NOAUTH, BAD_REQUEST
     if version:
         session.encoder = encoder_for(version)
     encoder = session.encoder  # the reply already speaks the new protocol, as in Redis
@@ -623,6 +766,7 @@ def render_info(session: Session, sections: set[str]) -> str:
             ("invalidation_state", metrics.invalidation_state()),
             ("invalidation_messages", metrics.invalidation_messages),
             ("invalidation_flushes", metrics.invalidation_flushes),
+            ("auth_failures", metrics.auth_failures),
         ],
     }
     blocks = []
@@ -716,6 +860,8 @@ TABLE: dict[str, Command] = {
         Command("reset", 1, _reset,
                 ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
         Command("hello", -1, _hello,
+                ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
+        Command("auth", -2, _auth,
                 ("noscript", "loading", "stale", "fast", "no_auth", "allow_busy"), _CONNECTION),
         Command("select", 2, _select, ("loading", "stale", "fast"), _CONNECTION,
                 route="session"),

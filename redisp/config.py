@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -29,7 +29,7 @@ class RedisURL:
     port: int = 6379
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr or traceback
 
     def auth_command(self) -> tuple[bytes, ...] | None:
         """The AUTH command every connection to this Redis starts with, if any."""
@@ -69,6 +69,26 @@ def parse_redis_url(text: str) -> RedisURL:
     )
 
 
+class Secret(str):
+    """A password: its own value wherever it is used, ``'***'`` wherever it
+    is shown (a Config's repr, an assertion message, a traceback's locals)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """One entry of ``users`` (SPEC §8)."""
+
+    name: str
+    password: Secret = field(repr=False)
+    #: ``all``, or ``read``: only the commands the backing flags readonly
+    commands: str = "all"
+
+
 #: commands never forwarded unless deny_commands says otherwise (SPEC §1)
 DEFAULT_DENY = ("SHUTDOWN", "DEBUG", "FAILOVER", "REPLICAOF", "SLAVEOF", "SYNC", "PSYNC")
 
@@ -96,6 +116,9 @@ class Config:
     forward: str = "all"
     deny_commands: tuple[str, ...] = DEFAULT_DENY
     access_log: bool = False
+    password: Secret | None = field(default=None, repr=False)
+    users: tuple[UserConfig, ...] = ()
+    protected_mode: bool = True
 
 
 def _endpoint(value: Any) -> str | None:
@@ -177,6 +200,55 @@ def _boolean(value: Any) -> bool:
     raise ConfigError(f"must be true or false, got {value!r}")
 
 
+def _password(value: Any) -> Secret | None:
+    """A password, or None for none: empty means none, as Redis's
+    ``requirepass ""`` (so ``REDISP_PASSWORD=`` can stand for "unset" where
+    a variable cannot be left out, as in docker-compose.yml).  Errors never
+    echo the value: they are logged and shown."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError("must be a string (quote it in YAML: a number or yes/no would be "
+                          "read as something else)")
+    return Secret(value)
+
+
+#: what a user name may not hold: AUTH splits on blanks, HTTP Basic on ':'
+_BAD_NAME_CHARS = frozenset(" :\t\r\n\0")
+
+
+def _users(value: Any) -> tuple[UserConfig, ...]:
+    """``{name: {password: PW, commands: all|read}}``, from conf.yaml only."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConfigError("must be a mapping of user name to {password: ..., commands: "
+                          "all|read}, in conf.yaml")
+    users = []
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name or not _BAD_NAME_CHARS.isdisjoint(name) \
+                or not name.isprintable():
+            raise ConfigError(f"user name {name!r} must be a non-empty string without blanks, "
+                              "':' or control characters")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"user {name!r} must be a mapping with password and commands")
+        unknown = set(spec) - {"password", "commands"}
+        if unknown:
+            raise ConfigError(f"user {name!r}: unknown key {sorted(map(str, unknown))[0]!r}")
+        if "password" not in spec:
+            raise ConfigError(f"user {name!r} has no password")
+        password = spec["password"]
+        if not isinstance(password, str) or not password:
+            raise ConfigError(f"user {name!r}: password must be a non-empty string (quote it "
+                              "in YAML)")
+        commands = spec.get("commands", "all")
+        if commands not in ("all", "read"):
+            raise ConfigError(f"user {name!r}: commands must be 'all' or 'read', "
+                              f"got {commands!r}")
+        users.append(UserConfig(name, Secret(password), commands))
+    return tuple(users)
+
+
 #: key -> parser; the keys are exactly the conf.yaml keys and Config fields.
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "http": _endpoint,
@@ -198,8 +270,14 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "forward": _forward,
     "deny_commands": _command_list,
     "access_log": _boolean,
+    "password": _password,
+    "users": _users,
+    "protected_mode": _boolean,
 }
 assert set(PARSERS) == {f.name for f in fields(Config)}
+
+#: keys set in conf.yaml only: no command-line option, no environment variable
+FILE_ONLY = frozenset({"users"})
 
 ENV_PREFIX = "REDISP_"
 DEFAULT_CONFIG_PATH = "conf.yaml"
@@ -254,7 +332,7 @@ def load_config(
     for key, parse in PARSERS.items():
         if cli.get(key) is not None:
             source, raw = f"--{key.replace('_', '-')}", cli[key]
-        elif env_name(key) in environ:
+        elif env_name(key) in environ and key not in FILE_ONLY:
             source, raw = env_name(key), environ[env_name(key)]
         elif key in from_file:
             source, raw = f"{path}: {key}", from_file[key]
@@ -264,4 +342,8 @@ def load_config(
             values[key] = parse(raw)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+    if values.get("password") is not None and any(
+            user.name == "default" for user in values.get("users", ())):
+        raise ConfigError("users: 'default' is the user whose password is `password`: "
+                          "set one or the other")
     return Config(**values)

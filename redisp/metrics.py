@@ -27,6 +27,7 @@ COUNTERS: dict[str, str] = {
     "invalidation_flushes": "whole-cache flushes: FLUSHDB/FLUSHALL, or tracking lost",
     "write_invalidations": "keys dropped because a write passed through redisp",
     "write_flushes": "whole-cache flushes by a command passing through redisp (FLUSHDB …)",
+    "auth_failures": "failed authentications: wrong credentials in AUTH, HELLO or HTTP",
 }
 
 #: outcomes a request can have, used as the ``outcome`` label:

@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from redisp.auth import DENIED, Authenticator
 from redisp.clients import ClientSlots
 from redisp.commands import HIT, MISS, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
 from redisp.config import Config
@@ -99,6 +100,8 @@ class RespProtocol(Protocol):
         self._owner = Owner()  # this client's requests waiting at the gate
         self._session = Session(client_id, factory.reader, factory.metrics, config, factory.clock)
         self._session.owner = self._owner
+        self._session.auth = factory.auth
+        factory.auth.admit(self._session)  # unauthenticated while a password is set
         forwarder = factory.forwarder
         if forwarder is not None:
             self._session.forwarder = forwarder
@@ -136,6 +139,12 @@ class RespProtocol(Protocol):
             self.transport.loseConnection()
             return
         self._w.admitted = True
+        if self.factory.auth.refuses(self.transport.getPeer()):
+            # protected mode (SPEC §8), as Redis: say why, then hang up
+            self._closing = self._w.closed = self._detour = True
+            self.transport.write(DENIED)
+            self.transport.loseConnection()
+            return
         if ITCPTransport.providedBy(self.transport):
             # replies are written whole; never hold one back for Nagle
             self.transport.setTcpNoDelay(True)
@@ -781,8 +790,10 @@ class RespFactory(Factory):
         config: Config,
         clock: IReactorTime,
         forwarder: Any = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.forwarder = forwarder
+        self.auth = auth if auth is not None else Authenticator.from_config(config, metrics)
         self.reader = reader
         self.metrics = metrics
         self.slots = slots

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import redisp
+from redisp.auth import Authenticator
 from redisp.backing import Backing
 from redisp.cache import Cache
 from redisp.clients import ClientSlots
@@ -186,10 +187,11 @@ class ProxyService(MultiService):
         c = p.config
         log.info(
             "redisp {version}: {doors}; backing {redis}; ttl {ttl:g}s, capacity {capacity}, "
-            "concurrency {concurrency}, invalidation {invalidation}, forward {forward}",
+            "concurrency {concurrency}, invalidation {invalidation}, forward {forward}; {auth}",
             version=redisp.__version__, doors=doors or "no listeners",
             redis=c.redis.redacted(), ttl=c.ttl, capacity=c.capacity,
             concurrency=c.concurrency, invalidation=c.invalidation, forward=c.forward,
+            auth=p.auth.describe(),
         )
 
     def stopService(self) -> Deferred:
@@ -222,6 +224,7 @@ class Proxy:
     invalidator: Invalidator | None = None
     forwarder: Forwarder | None = None
     service: ProxyService = None  # type: ignore[assignment]
+    auth: Authenticator = None  # type: ignore[assignment]
 
 
 def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
@@ -253,12 +256,13 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
         forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing)
     proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
                   forwarder)
+    auth = proxy.auth = Authenticator.from_config(config, metrics)  # both doors (§8)
 
     service = ProxyService(proxy)
     service.fd_warning = fd_warning
     factories = {
-        "http": lambda: build_site(reader, backing, metrics, slots, config, reactor),
-        "resp": lambda: RespFactory(reader, metrics, slots, config, reactor, forwarder),
+        "http": lambda: build_site(reader, backing, metrics, slots, config, reactor, auth, cache),
+        "resp": lambda: RespFactory(reader, metrics, slots, config, reactor, forwarder, auth),
     }
     for name, description in doors:
         if description is None:

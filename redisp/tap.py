@@ -11,9 +11,18 @@ import os
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from redisp.config import ConfigError, load_config
+
+log = Logger()
+
+#: said once when a password is on the command line (as redis-cli says of -a)
+COMMAND_LINE_SECRET_WARNING = (
+    "a password given on the command line ({where}) can be read by every local user "
+    "(ps, /proc); set REDISP_PASSWORD, or password in conf.yaml, instead "
+    "(the backing's in REDISP_REDIS or conf.yaml's redis)")
 
 #: (option, conf.yaml key, help); every key is also REDISP_<KEY> in the environment
 OPTIONS = [
@@ -46,6 +55,11 @@ OPTIONS = [
     ("deny-commands", "commands never forwarded, comma-separated "
                       "[default: SHUTDOWN,DEBUG,FAILOVER,REPLICAOF,SLAVEOF,SYNC,PSYNC]"),
     ("access-log", "log every HTTP request: true or false [default: false]"),
+    ("password", "clients must authenticate with this password (AUTH, or HTTP "
+                 "Authorization: Bearer); on the command line every local user can read it "
+                 "in ps: prefer REDISP_PASSWORD or conf.yaml [default: none]"),
+    ("protected-mode", "yes or no: with no password and no users, refuse clients that are "
+                       "not on the loopback address [default: yes]"),
 ]
 
 
@@ -81,6 +95,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         config = load_config(cli_values(options), os.environ, options["config"])
     except ConfigError as e:
         raise SystemExit(f"redisp: configuration error: {e}") from None
+    secrets = command_line_secrets(options)
+    if secrets:
+        log.warn(COMMAND_LINE_SECRET_WARNING, where=", ".join(secrets))
+        hide_from_process_title(list(secrets.values()))
     if config.invalidation == "tracking":
         from redisp.invalidation import tracking_support_problem
 
@@ -93,6 +111,43 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     service = build_proxy(config, reactor).service
     tune_garbage_collector()
     return service
+
+
+def command_line_secrets(options: usage.Options) -> dict[str, str]:
+    """The passwords on the command line, by where they are, as typed."""
+    from urllib.parse import urlsplit
+
+    found = {}
+    if options["password"]:
+        found["--password"] = options["password"]
+    if options["redis"]:
+        try:
+            typed = urlsplit(options["redis"].strip()).password
+        except ValueError:
+            typed = None
+        if typed:
+            found["--redis"] = typed
+    return found
+
+
+def hide_from_process_title(secrets: list[str], argv: list[str] | None = None) -> str | None:
+    """Rewrite the process title (what ps shows) with ``secrets`` as ``***``;
+    returns the new title, or None when setproctitle is not installed (the
+    warning is then all redisp can do)."""
+    import sys
+
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return None
+    words = []
+    for word in sys.argv if argv is None else argv:
+        for secret in secrets:
+            word = word.replace(secret, "***")
+        words.append(word)
+    title = " ".join(words)
+    setproctitle(title)
+    return title
 
 
 def tune_garbage_collector() -> None:

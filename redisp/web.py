@@ -55,7 +55,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ISSLTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -69,15 +69,19 @@ from twisted.web.http import (
     INTERNAL_SERVER_ERROR,
     NOT_ALLOWED,
     NOT_FOUND,
+    NOT_MODIFIED,
     OK,
     SERVICE_UNAVAILABLE,
+    UNAUTHORIZED,
     HTTPChannel,
     datetimeToString,
 )
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import Resource
+from xxhash import xxh3_128_intdigest
 from zope.interface import implementer
 
+from redisp.auth import Authenticator
 from redisp.backing import (
     Backing,
     BackingError,
@@ -85,6 +89,7 @@ from redisp.backing import (
     BackingTimeout,
     BackingUnavailable,
 )
+from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config
 from redisp.metrics import Metrics
@@ -98,6 +103,9 @@ OCTETS = b"application/octet-stream"
 ALLOWED = b"GET, HEAD"
 _READS = (b"GET", b"HEAD")
 _OK_1_1 = b"HTTP/1.1 200 OK"
+_NOT_MODIFIED_1_1 = b"HTTP/1.1 304 Not Modified"
+#: the 401's challenge (SPEC §2)
+CHALLENGE = b'WWW-Authenticate: Bearer realm="redisp"'
 
 
 def _closing_response(status: bytes, body: bytes) -> bytes:
@@ -115,6 +123,12 @@ def _closing_response(status: bytes, body: bytes) -> bytes:
 #: what a client past ``max_clients`` reads before the connection closes
 REFUSAL_BODY = b"max number of clients reached\n"
 REFUSAL = _closing_response(b"503 Service Unavailable", REFUSAL_BODY)
+#: what a client not on the loopback address gets in protected mode (SPEC §8)
+FORBIDDEN = _closing_response(
+    b"403 Forbidden",
+    b"redisp is running in protected mode: no password and no users are set, so only "
+    b"clients on the loopback address are served; set a password (REDISP_PASSWORD) or "
+    b"protected_mode: no\n")
 #: what a request line over ``HTTPChannel.MAX_LENGTH`` gets (SPEC §2)
 URI_TOO_LONG = _closing_response(b"414 URI Too Long", b"request line too long\n")
 #: what headers over ``maxHeaders`` or ``totalHeadersSize`` get
@@ -169,50 +183,112 @@ def respond(
     request: server.Request,
     code: int,
     body: bytes,
-    content_type: bytes = TEXT,
+    content_type: bytes | None = TEXT,
     x_cache: bytes | None = None,
+    extra: list[bytes] | None = None,
 ) -> None:
     """Send a whole response with an exact Content-Length, then finish.
 
-    For HEAD the body is left out and Content-Length stays that of the GET
-    answer.  redisp's own requests send it in one piece (``_Request.send``);
-    any other IRequest (FrontDoor under a stock Site) the generic way.
+    ``extra``: more header lines (``Name: value``, or several joined by
+    CRLF), after those twisted.web has set.  ``content_type`` None: a 304, which has neither content
+    headers nor a body.  For HEAD the body is left out and Content-Length
+    stays that of the GET answer.  redisp's own requests send it in one
+    piece (``_Request.send``); any other IRequest (FrontDoor under a stock
+    Site) the generic way.
     """
     if request.__class__ is _Request:
-        request.send(code, body, content_type, x_cache)
+        request.send(code, body, content_type, x_cache, extra)
         return
     request.setResponseCode(code)
     headers = request.responseHeaders
-    headers.setRawHeaders(b"Content-Type", [content_type])
-    headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    for block in extra or ():
+        for line in block.split(b"\r\n"):
+            name, _, value = line.partition(b": ")
+            headers.addRawHeader(name, value)
+    if content_type is not None:
+        headers.setRawHeaders(b"Content-Type", [content_type])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
     if x_cache is not None:
         headers.setRawHeaders(b"X-Cache", [x_cache])
-    request.write(body)
+    if content_type is not None:
+        request.write(body)
     request.finish()
 
 
 def compose(
     status: bytes,
     headers: list[bytes],
-    content_type: bytes,
+    content_type: bytes | None,
     body: bytes,
     x_cache: bytes | None,
     head: bool,
 ) -> bytes:
     """A whole HTTP/1.x response: ``status`` line, ``headers`` (``Name: value``
     each), then Content-Type, Content-Length, X-Cache and the body (left out
-    for HEAD).  One function for both ways a response is sent, so they
-    cannot differ by a byte."""
+    for HEAD; ``content_type`` None, a 304: no content headers, no body).
+    One function for both ways a response is sent, so they cannot differ by
+    a byte."""
     parts = [status, b"\r\n"]
     for header in headers:
         parts += (header, b"\r\n")
-    parts += (b"Content-Type: ", content_type, b"\r\nContent-Length: %d\r\n" % len(body))
+    if content_type is not None:
+        parts += (b"Content-Type: ", content_type, b"\r\nContent-Length: %d\r\n" % len(body))
     if x_cache is not None:
         parts += (b"X-Cache: ", x_cache, b"\r\n")
     parts.append(b"\r\n")
-    if not head:
+    if not head and content_type is not None:
         parts.append(body)
     return b"".join(parts)
+
+
+# -- HTTP caching (SPEC §2): what a cache or CDN in front of redisp may keep --------
+
+#: for responses that must not be kept downstream: values redisp did not
+#: cache, absent keys (a 404 may otherwise be cached heuristically), errors
+NO_STORE = b"Cache-Control: no-store"
+
+
+def etag(digest: int) -> bytes:
+    """The ETag of a value whose ``xxh3_128_intdigest`` is ``digest``: a
+    strong validator, the 128-bit XXH3 hash of the value's bytes (fast
+    enough to hash every value served, large ones included:
+    bench/NOTES-perf.md)."""
+    return b'"%032x"' % digest
+
+
+_CACHED = b'ETag: "%032x"\r\nCache-Control: max-age=%d\r\nAge: %d'
+_NOT_CACHED = b'ETag: "%032x"\r\n' + NO_STORE
+
+
+def validators(digest: int, lifetime: tuple[float, float] | None) -> bytes:
+    """ETag, Cache-Control and Age of a 200 (or 304) for the value whose
+    ``xxh3_128_intdigest`` is ``digest``, as one block of header lines (one
+    formatting, for the hit path's sake).
+
+    ``lifetime``: (seconds since the entry was stored, seconds it has left),
+    from ``Cache.lifetime``; None when the value is not in the cache
+    (``capacity: 0``, over ``max_item_bytes``, tracking down, or dropped by
+    an invalidation while it was fetched): then ``no-store``, so nothing
+    downstream keeps what redisp itself would not.  Both are whole seconds,
+    rounded down: a downstream cache never keeps a value longer than redisp.
+    """
+    if lifetime is None:
+        return _NOT_CACHED % digest
+    return _CACHED % (digest, lifetime[1], lifetime[0])
+
+
+def _never_cached(key: bytes) -> None:
+    return None
+
+
+def none_match(header: bytes, tag: bytes) -> bool:
+    """True when an ``If-None-Match`` value matches ``tag``: ``*``, or any
+    listed tag, weak (``W/``) or not (RFC 9110 13.1.2: weak comparison)."""
+    for candidate in header.split(b","):
+        candidate = candidate.strip()
+        if candidate == b"*" or candidate.removeprefix(b"W/") == tag:
+            return True
+    return False
 
 
 #: one whole ``GET /get?... HTTP/1.1`` request, headers and all, nothing after
@@ -222,7 +298,8 @@ _PLAIN_GET = re.compile(
     rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*\r\n)*)\r\n"
 )
 #: headers that change nothing about a GET's answer (lower case); anything
-#: else (a body, Expect, Connection: close, Upgrade ...) goes to twisted.web
+#: else (a body, Expect, Connection: close, Upgrade ...) goes to twisted.web,
+#: but for the two a plain GET may carry, Authorization and If-None-Match
 _PLAIN_HEADERS = frozenset(
     [b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language"]
 )
@@ -233,10 +310,11 @@ _PLAIN_HEADERS = frozenset(
 _PLAIN_MAX = min(HTTPChannel.MAX_LENGTH, HTTPChannel.totalHeadersSize)
 
 
-def plain_get_target(data: bytes) -> bytes | None:
-    """The target of ``data`` if it is exactly one HTTP/1.1 GET of ``/get``
-    whose headers change nothing about the answer, and within every limit
-    on the head, else None."""
+def plain_get(data: bytes) -> tuple[bytes, bytes | None, bytes | None] | None:
+    """``(target, authorization, if_none_match)`` if ``data`` is exactly one
+    HTTP/1.1 GET of ``/get`` whose headers change nothing about the answer
+    but for those two (each given once at most), and within every limit on
+    the head, else None."""
     if len(data) > _PLAIN_MAX:
         return None
     match = _PLAIN_GET.fullmatch(data)
@@ -245,14 +323,19 @@ def plain_get_target(data: bytes) -> bytes | None:
     lines = match[2].split(b"\r\n")[:-1]
     if len(lines) > HTTPChannel.maxHeaders:
         return None
+    authorization = if_none_match = None
     for line in lines:
         name, _, value = line.partition(b":")
         name = name.lower()
-        if name not in _PLAIN_HEADERS and (
-            name != b"connection" or value.strip().lower() != b"keep-alive"
-        ):
+        if name in _PLAIN_HEADERS:
+            continue
+        if name == b"authorization" and authorization is None:
+            authorization = value.strip()
+        elif name == b"if-none-match" and if_none_match is None:
+            if_none_match = value.strip()
+        elif name != b"connection" or value.strip().lower() != b"keep-alive":
             return None
-    return match[1]
+    return match[1], authorization, if_none_match
 
 
 def _line(text: str, fallback: str) -> bytes:
@@ -289,11 +372,24 @@ class FrontDoor(Resource):
 
     isLeaf = True
 
-    def __init__(self, reader: CachedReader, backing: Backing, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        reader: CachedReader,
+        backing: Backing,
+        metrics: Metrics,
+        auth: Authenticator | None = None,
+        cache: Cache | None = None,
+    ) -> None:
         super().__init__()
         self._reader = reader
         self._backing = backing
         self._metrics = metrics
+        #: who may ask (SPEC §8); by default anyone, from anywhere
+        self.auth = auth or Authenticator.from_config(Config(protected_mode=False), metrics)
+        #: (age, seconds left) of a cached key, for ``validators``; without a
+        #: cache, every value is sent ``no-store``
+        self._lifetime: Callable[[bytes], tuple[float, float] | None] = (
+            cache.lifetime if cache is not None else _never_cached)
         self._routes: dict[bytes, Callable[[server.Request], None]] = {
             b"/get": self._get,
             b"/healthz": self._healthz,
@@ -310,10 +406,22 @@ class FrontDoor(Resource):
         return server.NOT_DONE_YET
 
     def route(self, request: server.Request) -> None:
-        """Answer ``request``; anything unexpected becomes a logged 500, never a crash."""
+        """Answer ``request``; anything unexpected becomes a logged 500, never a crash.
+
+        With a password or users, every path but ``/healthz`` needs
+        credentials (SPEC §8), whatever the path or method: a 401 says
+        nothing about what exists.
+        """
         handler = self._routes.get(request.path)
         try:
-            if handler is None:
+            if (
+                self.auth.required
+                and request.path != b"/healthz"
+                and not self.auth.http_allows(request.getHeader(b"authorization"))
+            ):
+                self._metrics.request("http", "bad_request")
+                respond(request, UNAUTHORIZED, b"authentication required\n", extra=[CHALLENGE])
+            elif handler is None:
                 respond(request, NOT_FOUND, b"not found\n")
             else:
                 handler(request)
@@ -340,15 +448,30 @@ class FrontDoor(Resource):
             raise
         if isinstance(lookup, Deferred):
             pending = _Pending(request)
-            lookup.addCallbacks(self._got, self._get_failed, (pending,), None, (pending,))
+            lookup.addCallbacks(self._got, self._get_failed, (pending, key), None, (pending,))
             lookup.addErrback(self._late_error, pending)
         else:
-            self._answer(lookup, request)
+            self._answer(lookup, request, key)
 
-    def answer_plain(self, target: bytes, date: bytes) -> bytes | None:
+    def answer_plain(
+        self,
+        target: bytes,
+        date: bytes,
+        authorization: bytes | None = None,
+        if_none_match: bytes | None = None,
+        verified: bool = False,
+    ) -> bytes | None:
         """The whole response to a plain GET of ``target`` if it is a cache
-        hit answered at once (idle gate), else None and nothing counted: the
-        request then goes through twisted.web as usual (see _Channel)."""
+        hit answered at once (idle gate) with valid credentials (when any
+        are needed), else None and nothing counted: the request then goes
+        through twisted.web as usual (see _Channel), which answers and
+        counts a 401.  ``verified``: ``authorization`` is the value this
+        connection was last let in with (``_Channel``), checked already.  The
+        same ``compose`` and ``validators`` as ``_answer``: the two paths
+        send the same bytes."""
+        auth = self.auth
+        if auth.required and not verified and not auth.http_allows(authorization, count=False):
+            return None
         try:
             key = key_from_query(target)
         except BadKey:
@@ -356,28 +479,38 @@ class FrontDoor(Resource):
         lookup = self._reader.read(key)
         if lookup is None:
             return None
-        response = compose(_OK_1_1, [b"Date: " + date], OCTETS, lookup[0], b"HIT", False)
+        value = lookup[0]
+        digest = xxh3_128_intdigest(value)
+        headers = [b"Date: " + date, validators(digest, self._lifetime(key))]
+        if if_none_match is not None and none_match(if_none_match, etag(digest)):
+            response = compose(_NOT_MODIFIED_1_1, headers, None, b"", b"HIT", False)
+        else:
+            response = compose(_OK_1_1, headers, OCTETS, value, b"HIT", False)
         self._metrics.request("http", "hit")
         return response
 
-    def _answer(self, lookup: Lookup, request: server.Request | None) -> None:
+    def _answer(self, lookup: Lookup, request: server.Request | None, key: bytes) -> None:
         """Count the outcome, and send it unless the client has gone."""
         value, hit = lookup
         if value is None:
             self._metrics.request("http", "absent")
             if request is not None:
-                respond(request, NOT_FOUND, b"not found\n")
-        elif hit:
-            self._metrics.request("http", "hit")
-            if request is not None:
-                respond(request, OK, value, OCTETS, b"HIT")
+                respond(request, NOT_FOUND, b"not found\n", extra=[NO_STORE])
+            return
+        self._metrics.request("http", "hit" if hit else "miss")
+        if request is None:
+            return
+        x_cache = b"HIT" if hit else b"MISS"
+        digest = xxh3_128_intdigest(value)
+        headers = [validators(digest, self._lifetime(key))]
+        if_none_match = request.requestHeaders.getRawHeaders(b"if-none-match")
+        if if_none_match and none_match(b",".join(if_none_match), etag(digest)):
+            respond(request, NOT_MODIFIED, b"", None, x_cache, headers)
         else:
-            self._metrics.request("http", "miss")
-            if request is not None:
-                respond(request, OK, value, OCTETS, b"MISS")
+            respond(request, OK, value, OCTETS, x_cache, headers)
 
-    def _got(self, lookup: Lookup, pending: _Pending) -> None:
-        self._answer(lookup, pending.request)
+    def _got(self, lookup: Lookup, pending: _Pending, key: bytes) -> None:
+        self._answer(lookup, pending.request, key)
 
     def _get_failed(self, failure: Failure, pending: _Pending) -> None:
         error = failure.value
@@ -422,20 +555,22 @@ class FrontDoor(Resource):
                 body = b"ok\ninvalidation: tracking active\n"
             else:  # correct answers still, straight from Redis: healthy, but say so
                 body = b"ok\ninvalidation: tracking down, caching off until it is back\n"
-            respond(pending.request, OK, body)
+            respond(pending.request, OK, body, extra=[NO_STORE])
 
     def _unhealthy(self, failure: Failure, pending: _Pending) -> None:
         if not failure.check(BackingError):
             log.failure("health check failed unexpectedly", failure)
         if pending.request is not None:
             reason = failure.getErrorMessage()
-            respond(pending.request, SERVICE_UNAVAILABLE, _line(reason, "unhealthy"))
+            respond(pending.request, SERVICE_UNAVAILABLE, _line(reason, "unhealthy"),
+                    extra=[NO_STORE])
 
     def _metrics_page(self, request: server.Request) -> None:
         if request.method not in _READS:
             self._not_allowed(request)
             return
-        respond(request, OK, self._metrics.exposition(), CONTENT_TYPE_LATEST.encode())
+        respond(request, OK, self._metrics.exposition(), CONTENT_TYPE_LATEST.encode(),
+                extra=[NO_STORE])
 
     # shared answers
 
@@ -487,7 +622,14 @@ class _Request(server.Request):
     # support, none of which is used here: respond() sets every header itself.
     write = HTTPRequest.write
 
-    def send(self, code: int, body: bytes, content_type: bytes, x_cache: bytes | None) -> None:
+    def send(
+        self,
+        code: int,
+        body: bytes,
+        content_type: bytes | None,
+        x_cache: bytes | None,
+        extra: list[bytes] | None = None,
+    ) -> None:
         """The whole response in one ``write``, then finish (see ``respond``).
 
         Status line, headers and body are composed here: ``http.Request.write``
@@ -507,6 +649,8 @@ class _Request(server.Request):
             for name, values in self.responseHeaders.getAllRawHeaders()
             for value in values
         ]
+        if extra:
+            headers += extra
         head = self.method == b"HEAD"
         response = compose(status, headers, content_type, body, x_cache, head)
         self.startedWriting = 1  # finish() must not write headers again
@@ -570,6 +714,10 @@ class _Channel(HTTPChannel):
     #: response, not only once the transport has asked us to pause
     _eager = False
     _closed = False  # by _close: nothing more is parsed, answered or checked
+    #: the Authorization value this connection's last plain GET was let in
+    #: with: the same value again needs no second check (an equality with
+    #: what this client itself sent, so its timing tells it nothing new)
+    _authorized: bytes | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -602,7 +750,7 @@ class _Channel(HTTPChannel):
         That machinery (a Request with two Headers objects, line-by-line
         parsing, the query split into ``args``, producer pause and resume) is
         most of the cost of a hit, about 35 us of Python
-        (bench/http_micro.py).  Only a request that ``plain_get_target``
+        (bench/http_micro.py).  Only a request that ``plain_get``
         accepts in full, on a connection with nothing buffered or in
         progress and not held back by backpressure, while the access log is
         off, and that the cache answers at once, takes this path; anything
@@ -619,14 +767,18 @@ class _Channel(HTTPChannel):
             and not self.paused
             and not site.access_log
         ):
-            target = plain_get_target(data)
-            if target is not None:
+            plain = plain_get(data)
+            if plain is not None:
+                authorization = plain[1]
                 try:
-                    response = site.resource.answer_plain(target, site.http_date())
+                    response = site.resource.answer_plain(
+                        plain[0], site.http_date(), authorization, plain[2],
+                        authorization is not None and authorization == self._authorized)
                 except Exception:
                     # a bug: twisted.web's path answers it again, logs it, sends a 500
                     response = None
                 if response is not None:
+                    self._authorized = authorization
                     self._active = site.now
                     self.send(response)
                     return
@@ -817,6 +969,36 @@ class _Refusal(Protocol):
         pass
 
 
+class _Denied(Protocol):
+    """Protected mode's answer to a client not on the loopback address: a
+    403 once its request has come in, then the close (Redis's ``-DENIED``,
+    in HTTP).  Answering the request, not the connect, lets the client read
+    the 403 instead of a reset.  It holds no client slot; one that sends
+    nothing is dropped after ``request_timeout`` (10 s when that is 0)."""
+
+    def __init__(self, site: RedispSite) -> None:
+        self._site = site
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._site.reactor.callLater(
+            self._site.request_timeout or 10.0, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is None:
+            return
+        self._timer.cancel()
+        self._timer = None
+        self._site.resource.count("bad_request")
+        self.transport.write(FORBIDDEN)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class RedispSite(server.Site):
     """A Site with slot-capped connections, an optional access log and a cached Date."""
 
@@ -849,9 +1031,13 @@ class RedispSite(server.Site):
         self._buffer_cut = 0
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
-        """Admit the connection into a client slot, or refuse it with a 503."""
+        """Admit the connection into a client slot, or refuse it with a 503,
+        or (protected mode) a 403."""
         if not self.slots.acquire():
             return _Refusal()
+        if self.resource.auth.refuses(addr):
+            self.slots.release()
+            return _Denied(self)
         try:
             channel = super().buildProtocol(addr)
         except BaseException:
@@ -908,15 +1094,22 @@ def build_site(
     slots: ClientSlots,
     config: Config,
     reactor: IReactorTime | None = None,
+    auth: Authenticator | None = None,
+    cache: Cache | None = None,
 ) -> RedispSite:
     """The HTTP front door of one proxy, ready to be listened on.
 
     ``backing`` needs only ``ping()``.  ``reactor`` drives idle timeouts and
     the Date header; when None, twisted.web falls back to the global reactor
-    (this module never imports it).
+    (this module never imports it).  ``auth``: by default, from ``config``.
+    ``cache``: what the entries' ages are read from (without it every value
+    is sent ``no-store``).
     """
+    if auth is None:
+        auth = Authenticator.from_config(config, metrics)
     return RedispSite(
-        FrontDoor(reader, backing, metrics), slots, access_log=config.access_log, reactor=reactor,
+        FrontDoor(reader, backing, metrics, auth, cache), slots, access_log=config.access_log,
+        reactor=reactor,
         request_timeout=config.request_timeout, client_timeout=config.client_timeout,
         max_client_buffer=config.max_client_buffer,
     )

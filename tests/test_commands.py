@@ -327,8 +327,9 @@ def test_hello_version_not_a_number(session):
     )
 
 
-def test_hello_auth_is_accepted_and_ignored(session):
-    """The proxy has no credentials of its own: any AUTH is fine."""
+def test_hello_auth_default_is_accepted_without_passwords(session):
+    """No password and no users: the default user takes any password, as on
+    a Redis without requirepass (tests/test_auth.py has the rest)."""
     assert decode(reply(session, b"HELLO", b"3", b"AUTH", b"default", b"secret"))[b"proto"] == 3
 
 
@@ -585,6 +586,7 @@ def test_info_proxy_section():
         "invalidation_state": "active", "invalidation_messages": "6", "invalidation_flushes": "1",
         "pinned_clients": "0", "write_invalidations": "0", "write_flushes": "0",
         "forwarded_commands": "0", "topology": "single 127.0.0.1:6379", "forward": "all",
+        "auth_failures": "0",
     }
     server = fields(info_text(session, b"server"))
     assert (server["uptime_in_seconds"], server["uptime_in_days"]) == ("90061", "1")

@@ -36,7 +36,8 @@ def connect(**limits: int):
     clock = task.Clock()
     metrics = Metrics(started=clock.seconds())
     reader = CountingReader({b"k": b"v"})
-    factory = RespFactory(reader, metrics, ClientSlots(10, metrics), Config(**limits), clock)
+    config = Config(protected_mode=False, **limits)  # StringTransport's peer is not loopback
+    factory = RespFactory(reader, metrics, ClientSlots(10, metrics), config, clock)
     proto = factory.buildProtocol(PEER)
     transport = StringTransport()
     proto.makeConnection(transport)

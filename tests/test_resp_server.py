@@ -85,6 +85,9 @@ class Door:
         self.reader = reader or TurnEndingReader(
             values if values is not None else {b"k": b"v"}, self.clock
         )
+        # StringTransport's peer is 10.0.0.1: not refused in protected mode
+        # unless a test asks for it (tests/test_auth_resp.py)
+        config.setdefault("protected_mode", False)
         self.config = Config(concurrency=concurrency, **config)
         self.factory = RespFactory(self.reader, self.metrics, self.slots, self.config, self.clock)
 

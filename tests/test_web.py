@@ -1085,3 +1085,139 @@ def test_clients_cut_off_for_max_client_buffer_are_logged_once_a_minute(logged):
     slow_reader(proxy)[0].dataReceived(PLAIN)
     lines = [e for e in logged if "max_client_buffer" in e.get("log_format", "")]
     assert len(lines) == 2 and lines[1]["count"] == 3
+
+
+# authentication (SPEC §8): Bearer or Basic, 401 with the challenge, /healthz open
+
+SECRET = "door-pw"
+BEARER = b"Authorization: Bearer door-pw"
+CHALLENGE = b'Bearer realm="redisp"'
+
+
+def secured_proxy() -> Proxy:
+    from redisp.config import Secret, UserConfig
+
+    return make_proxy(password=Secret(SECRET),
+                      users=(UserConfig("ro", Secret("ro-pw"), "read"),))
+
+
+def with_header(raw: bytes, header: bytes) -> bytes:
+    return raw[:-2] + header + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("raw", [
+    request(b"/get?key=k"),
+    with_header(request(b"/get?key=k"), b"Authorization: Bearer wrong"),
+    with_header(request(b"/get?key=k"), b"Authorization: Basic " + __import__(
+        "base64").b64encode(b"ro:wrong")),
+    with_header(request(b"/get?key=k"), b"Authorization: Token door-pw"),
+    request(b"/metrics"),
+    request(b"/nowhere"),
+    request(b"/get?key=k", b"POST"),
+    PLAIN,
+    with_header(PLAIN, b"Authorization: Bearer wrong"),
+], ids=["none", "wrong-bearer", "wrong-basic", "other-scheme", "metrics", "unknown-path",
+        "post", "plain", "plain-wrong"])
+def test_without_valid_credentials_every_path_but_healthz_is_401(raw):
+    proxy = secured_proxy()
+    proxy.reader.answers[b"k"] = (b"secret value", True)
+    (r,) = proxy.send(raw)
+    assert r.status == 401
+    assert r.header(b"WWW-Authenticate") == CHALLENGE
+    assert b"secret value" not in r.body
+    assert proxy.reader.calls == []
+    assert proxy.counted("bad_request") == 1
+    tried = b"Authorization" in raw
+    assert proxy.metrics.auth_failures == (1 if tried else 0)
+
+
+@pytest.mark.parametrize("header", [
+    BEARER,
+    b"Authorization: Basic " + __import__("base64").b64encode(b"ro:ro-pw"),
+    b"Authorization: Basic " + __import__("base64").b64encode(b"default:door-pw"),
+    b"authorization:   bearer door-pw",
+])
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-path", "twisted-web"])
+def test_a_password_or_a_users_credentials_let_the_request_in(header, plain):
+    proxy = secured_proxy()
+    proxy.reader.answers[b"k"] = (b"v", True)
+    seen = routed(proxy)
+    raw = with_header(PLAIN if plain else request(b"/get?key=k", b"HEAD"), header)
+    (r,) = proxy.send(raw, head=not plain)
+    assert r.status == 200 and r.body == (b"v" if plain else b"")
+    assert seen == ([] if plain else [b"/get?key=k"])
+    assert proxy.metrics.auth_failures == 0
+
+
+def test_healthz_needs_no_credentials():
+    proxy = secured_proxy()
+    protocol, transport = proxy.connect()
+    protocol.dataReceived(request(b"/healthz"))
+    proxy.backing.pings[0].callback(b"PONG")
+    (r,) = parse(transport.value())
+    assert (r.status, r.body) == (200, b"ok\n")
+
+
+def test_a_connection_let_in_once_is_checked_again_for_other_credentials():
+    """The plain path remembers the Authorization value it last let in on
+    this connection; anything else is checked anew."""
+    proxy = secured_proxy()
+    proxy.reader.answers[b"k"] = (b"v", True)
+    seen = routed(proxy)
+    protocol, transport = proxy.connect()
+    good = with_header(PLAIN, BEARER)
+    for raw in (good, good, with_header(PLAIN, b"Authorization: Bearer wrong"), good, PLAIN):
+        protocol.dataReceived(raw)
+    statuses = [r.status for r in parse(transport.value())]
+    assert statuses == [200, 200, 401, 200, 401]
+    assert len(seen) == 2 and proxy.metrics.auth_failures == 1
+
+
+# protected mode (SPEC §8): no password, no users: 403 for clients not on loopback
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "10.1.2.3"])
+def test_protected_mode_answers_a_remote_client_403_and_closes(host):
+    proxy = make_proxy()
+    proxy.reader.answers[b"k"] = (b"v", True)
+    addr = IPv4Address("TCP", host, 5555)
+    protocol = proxy.site.buildProtocol(addr)
+    transport = StringTransport(peerAddress=addr)
+    protocol.makeConnection(transport)
+    assert transport.value() == b""  # answered once the request is in
+    assert proxy.metrics.connected_clients == 0  # it holds no client slot
+    protocol.dataReceived(PLAIN)
+    (r,) = parse(transport.value())
+    assert r.status == 403 and b"protected mode" in r.body
+    assert r.header(b"Connection") == b"close" and transport.disconnecting
+    assert proxy.reader.calls == []
+    protocol.dataReceived(PLAIN)
+    assert len(parse(transport.value())) == 1
+
+
+def test_protected_mode_drops_a_remote_client_that_sends_nothing():
+    proxy = make_proxy(request_timeout=5.0)
+    addr = IPv4Address("TCP", "10.1.2.3", 5555)
+    protocol = proxy.site.buildProtocol(addr)
+    transport = StringTransport(peerAddress=addr)
+    protocol.makeConnection(transport)
+    proxy.clock.advance(4.9)
+    assert not transport.disconnecting
+    proxy.clock.advance(0.1)
+    assert transport.disconnecting
+    other = proxy.site.buildProtocol(addr)
+    other.makeConnection(StringTransport(peerAddress=addr))
+    other.connectionLost(Failure(ConnectionDone()))
+    assert proxy.clock.getDelayedCalls() == [], "a client gone leaves no timer"
+
+
+@pytest.mark.parametrize("settings", [{"protected_mode": False}, "secured"])
+def test_protected_mode_off_or_a_password_serves_remote_clients(settings):
+    proxy = secured_proxy() if settings == "secured" else make_proxy(**settings)
+    proxy.reader.answers[b"k"] = (b"v", True)
+    addr = IPv4Address("TCP", "10.1.2.3", 5555)
+    protocol = proxy.site.buildProtocol(addr)
+    transport = StringTransport(peerAddress=addr)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(with_header(PLAIN, BEARER))
+    assert parse(transport.value())[0].status == 200

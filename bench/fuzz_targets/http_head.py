@@ -10,7 +10,7 @@ into a logged 500), or a broken invariant:
 * the response bytes do not depend on how the request was cut (the plain-GET
   fast path answers only a request that arrives whole, so cut and whole go
   different ways and must meet);
-* ``plain_get_target`` and ``key_from_query`` raise nothing but ``BadKey``.
+* ``plain_get`` and ``key_from_query`` raise nothing but ``BadKey``.
 
 twisted.web is instrumented too: most of the head parsing is there.
 Run by bench/fuzz; by hand: ``python bench/fuzz_targets/http_head.py
@@ -50,7 +50,7 @@ _instrumented = (
     if atheris else contextlib.nullcontext()
 )
 with _instrumented:
-    from redisp.web import BadKey, build_site, key_from_query, plain_get_target
+    from redisp.web import BadKey, build_site, key_from_query, plain_get
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -111,7 +111,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris's name)
     stream = data[1:]
     size = data[0] % 17 or len(stream) // 2 or 1
     for text in (stream, stream.partition(b" ")[2].partition(b" ")[0]):
-        plain_get_target(text)
+        plain_get(text)
         try:
             key_from_query(text)
         except BadKey:
