@@ -71,7 +71,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -89,6 +89,7 @@ from redisp.frames import (
     decode,
     frame_kind,
 )
+from redisp.tls import client_endpoint, describe, tcp_transport
 
 __all__ = ["Done", "RelayProtocol", "RelayPool", "encode_command", "CONFIRMED"]
 
@@ -274,7 +275,7 @@ class RelayProtocol(Protocol):
         self._lose(first_line(failure.getErrorMessage()) or "connection failed")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lose(self._why_lost)
+        self._lose(describe(reason) or self._why_lost)  # TLS says why it closed
 
     def _setup_commands(self) -> list[tuple[bytes, ...]]:
         commands: list[tuple[bytes, ...]] = []
@@ -597,6 +598,17 @@ class RelayPool:
         self._retry_at = self._clock.seconds() + self._backoff
 
     def _connect_tcp(self, protocol: RelayProtocol) -> Deferred:
-        endpoint = HostnameEndpoint(self._reactor, self.url.host, self.url.port,
-                                    timeout=self.timeout)
-        return connectProtocol(endpoint, protocol)
+        # TCP, or TLS for rediss:// (up once the handshake is: a refused
+        # certificate is a failed attempt, with its reason)
+        endpoint = client_endpoint(self._reactor, self.url, self.timeout)
+        d = connectProtocol(endpoint, protocol)
+        if self.url.tls:  # connectionMade saw the TLS layer: Nagle goes off underneath
+            d.addCallback(_no_delay)
+        return d
+
+
+def _no_delay(protocol: RelayProtocol) -> RelayProtocol:
+    transport = tcp_transport(protocol.transport)
+    if ITCPTransport.providedBy(transport):
+        transport.setTcpNoDelay(True)
+    return protocol

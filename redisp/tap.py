@@ -21,8 +21,8 @@ OPTIONS = [
              "[default: tcp:9997:interface=127.0.0.1]"),
     ("resp", "RESP listener, a Twisted server endpoint string, or none "
              "[default: tcp:6380:interface=127.0.0.1]"),
-    ("redis", "backing Redis URL redis://[[user]:password@]host:port/db "
-              "[default: redis://127.0.0.1:6379/0]"),
+    ("redis", "backing Redis URL redis://[[user]:password@]host:port/db, or rediss://... "
+              "for TLS [default: redis://127.0.0.1:6379/0]"),
     ("redis-timeout", "seconds before a call to the backing Redis is given up [default: 2.0]"),
     ("ttl", "seconds an entry may live in the cache, from when it was stored [default: 60]"),
     ("capacity", "cache capacity in keys; 0 = no caching, pure pass-through [default: 10000]"),
@@ -46,6 +46,15 @@ OPTIONS = [
     ("deny-commands", "commands never forwarded, comma-separated "
                       "[default: SHUTDOWN,DEBUG,FAILOVER,REPLICAOF,SLAVEOF,SYNC,PSYNC]"),
     ("access-log", "log every HTTP request: true or false [default: false]"),
+    ("redis-tls-ca", "rediss://: PEM file of the CA(s) the backing's certificate must chain "
+                     "to [default: the system's CAs]"),
+    ("redis-tls-cert", "rediss://: PEM file of redisp's client certificate, if the backing "
+                       "wants one (with --redis-tls-key)"),
+    ("redis-tls-key", "rediss://: PEM file of that certificate's private key (unencrypted)"),
+    ("redis-tls-verify", "rediss://: verify the backing's certificate and host name: true or "
+                         "false [default: true]"),
+    ("tls-client-ca", "PEM file of the CA that must have signed the certificate of every "
+                      "client of the ssl: listeners (mutual TLS)"),
 ]
 
 
@@ -81,6 +90,15 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         config = load_config(cli_values(options), os.environ, options["config"])
     except ConfigError as e:
         raise SystemExit(f"redisp: configuration error: {e}") from None
+    if config.redis.tls:  # read the TLS files once, before anything connects
+        from dataclasses import replace
+
+        from redisp.tls import backing_url
+
+        try:
+            config = replace(config, redis=backing_url(config))
+        except ConfigError as e:
+            raise SystemExit(f"redisp: configuration error: {e}") from None
     if config.invalidation == "tracking":
         from redisp.invalidation import tracking_support_problem
 
