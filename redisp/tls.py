@@ -30,13 +30,15 @@ from dataclasses import replace
 from typing import Any
 
 from OpenSSL import SSL
+from OpenSSL.crypto import FILETYPE_PEM
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, VerifyError
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
+    KeyPair,
     PrivateCertificate,
     optionsForClientTLS,
     platformTrust,
@@ -109,33 +111,28 @@ def read_certificates(path: str, key: str) -> list[Certificate]:
 
 
 def read_key_pair(cert_path: str, key_path: str, cert_key: str, key_key: str
-                  ) -> PrivateCertificate:
-    """A certificate and its private key, checked to belong together."""
-    cert = _read(cert_path, cert_key)
+                  ) -> dict[str, Any]:
+    """A certificate and its private key, checked to belong together, as
+    ``CertificateOptions`` arguments (``cryptography`` objects: pyOpenSSL's
+    own are deprecated there)."""
     key = _read(key_path, key_key)
     if b"ENCRYPTED" in key:
         # OpenSSL would ask for the passphrase on the terminal, or fail obscurely
         raise ConfigError(f"{key_key}: {key_path} is encrypted; give redisp an unencrypted "
                           "key file readable only by its user")
-    blocks = _PEM_CERTIFICATE.findall(cert)
-    if not blocks:
-        raise ConfigError(f"{cert_key}: {cert_path} holds no PEM certificate")
+    certificate = read_certificates(cert_path, cert_key)[0]
     try:
-        pair = PrivateCertificate.loadPEM(blocks[0] + b"\n" + key)
+        key_pair = KeyPair.load(key, FILETYPE_PEM)
     except Exception:  # never echo what was in the file
         raise ConfigError(f"{key_key}: {key_path} holds no private key that can be read") \
             from None
-    options = {"certificate": pair.original.to_cryptography(),
-               "privateKey": pair.privateKey.original.to_cryptography_key()}
     try:
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.use_certificate(options["certificate"])
-        context.use_privatekey(options["privateKey"])
-        context.check_privatekey()
-    except SSL.Error:
+        pair = PrivateCertificate.fromCertificateAndKeyPair(certificate, key_pair)
+    except VerifyError:
         raise ConfigError(f"{key_key}: {key_path} is not the key of the certificate in "
                           f"{cert_path}") from None
-    return options
+    return {"certificate": pair.original.to_cryptography(),
+            "privateKey": pair.privateKey.original.to_cryptography_key()}
 
 
 # -- the backing side -------------------------------------------------------------------------
