@@ -22,6 +22,7 @@ from redisp.tls import (
     read_certificates,
     tcp_transport,
 )
+from tests.support import free_port
 from tests.tls_support import make_tls_files
 
 
@@ -154,3 +155,14 @@ def test_a_tcp_failure_passes_through_unchanged(files):
 def test_tcp_transport_of_a_plain_transport_is_itself():
     marker = object()
     assert tcp_transport(marker) is marker
+
+
+def test_scripts_run_never_starts_a_plain_redis_for_a_rediss_backing(monkeypatch, tmp_path):
+    """scripts/run starts a local redis-server where none answers: of no use
+    behind rediss://, so the probe says there is one."""
+    from redisp.probe import main
+
+    monkeypatch.chdir(tmp_path)
+    port = str(free_port())
+    assert main(["--ping", "--redis", f"redis://127.0.0.1:{port}/0"]) == 1
+    assert main(["--ping", "--redis", f"rediss://127.0.0.1:{port}/0"]) == 0
