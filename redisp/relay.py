@@ -89,7 +89,7 @@ from redisp.frames import (
     decode,
     frame_kind,
 )
-from redisp.tls import client_endpoint, describe, tcp_transport
+from redisp.tls import client_endpoint, describe
 
 __all__ = ["Done", "RelayProtocol", "RelayPool", "encode_command", "CONFIRMED"]
 
@@ -601,14 +601,4 @@ class RelayPool:
         # TCP, or TLS for rediss:// (up once the handshake is: a refused
         # certificate is a failed attempt, with its reason)
         endpoint = client_endpoint(self._reactor, self.url, self.timeout)
-        d = connectProtocol(endpoint, protocol)
-        if self.url.tls:  # connectionMade saw the TLS layer: Nagle goes off underneath
-            d.addCallback(_no_delay)
-        return d
-
-
-def _no_delay(protocol: RelayProtocol) -> RelayProtocol:
-    transport = tcp_transport(protocol.transport)
-    if ITCPTransport.providedBy(transport):
-        transport.setTcpNoDelay(True)
-    return protocol
+        return connectProtocol(endpoint, protocol)

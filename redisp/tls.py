@@ -31,6 +31,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from OpenSSL.crypto import FILETYPE_PEM
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, VerifyError
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
@@ -79,10 +80,6 @@ def describe(reason: Failure | BaseException, host: str | None = None) -> str | 
         entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
         texts = [str(e[-1]) for e in entries if isinstance(e, tuple) and e and e[-1]]
         return "TLS handshake failed: " + ("; ".join(dict.fromkeys(texts)) or "unknown error")
-    try:
-        from service_identity import VerificationError
-    except ImportError:  # pragma: no cover - part of twisted[tls]
-        return None
     if isinstance(error, VerificationError):
         name = f" {host!r}" if host else ""
         return f"TLS handshake failed: certificate verify failed (not valid for host{name})"

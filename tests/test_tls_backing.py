@@ -99,6 +99,13 @@ def test_backing_sockets_are_tuned_under_tls(tls_files, tls_db, tls_redis, start
     sock = tcp_transport(p.proxy.backing._protocol.transport).getHandle()
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    client = p.redis_py(protocol=2)
+    assert (yield in_thread(client.set, "k", "v")) is True  # through the forwarding pool
+    pool = p.proxy.forwarder.pool
+    (relay,) = [c for c in (pool.connection(lane) for lane in range(pool.size)) if c is not None]
+    sock = tcp_transport(relay.transport).getHandle()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    client.close()
 
 
 @inline
@@ -206,7 +213,8 @@ def test_without_the_client_certificate_the_backing_is_unavailable_with_the_reas
     the handshake is done; the reason still reaches the reply and the log."""
     server = TLSRedisServer(tls_files, auth_clients="yes").start()
     try:
-        p = start_proxy(redis_url=server.url, redis_tls_ca=tls_files.ca)
+        p = start_proxy(redis_url=server.url, redis_tls_ca=tls_files.ca,
+                        invalidation="tracking")
         client = p.redis_py(protocol=2)
         with pytest.raises(redis.ResponseError, match="certificate required") as e:
             yield in_thread(client.get, "k")
@@ -219,6 +227,7 @@ def test_without_the_client_certificate_the_backing_is_unavailable_with_the_reas
         server.stop()
     lines = warnings(logged, "certificate required")
     assert lines and len(lines) == len(set(lines)), lines
+    assert warnings(logged, "Lost connection") == [], "each connection says why"
     assert_no_traceback(logged)
 
 
