@@ -15,8 +15,9 @@ bare "Lost connection" in the middle of AUTH, PING or a forwarded command,
 after the connection was already reported up.  Here a connection is made
 once the handshake is over, so a TLS failure is a failed attempt to
 connect, with its reason, and the code that reports refused connections
-(once, as "unavailable", with a backoff) reports it.  The cost is one round
-trip at connect before the first command is written.
+(once, as "unavailable", with a backoff) reports it.  Waiting costs no
+time: the TLS layer holds a command written earlier until the handshake is
+over anyway.
 
 What is never said: key material, or the contents of any file; errors name
 the key and the path.
