@@ -22,6 +22,9 @@ txredisapi leaves open:
 * binary-safe replies: ``charset=None, convertNumbers=False`` (the defaults
   turn ``b"007"`` into ``7``), in ``BinaryRedisProtocol``;
 * TCP_NODELAY and TCP keepalive on every backing connection;
+* TLS for ``rediss://`` (tls.py): a connection is up once its handshake is,
+  and a TLS failure is reported like any other failed connection, with its
+  reason;
 * GETs batched per reactor turn into MGETs (``fetch``, batching.py).
 """
 
@@ -37,7 +40,6 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -46,6 +48,7 @@ from twisted.python.failure import Failure
 from redisp.batching import Done, GetBatcher
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
+from redisp.tls import client_endpoint, describe, tcp_transport
 
 log = Logger()
 
@@ -133,6 +136,10 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
         )
 
+    def connectionLost(self, why: Any) -> None:
+        fail_with_tls_reason(self, why)
+        super().connectionLost(why)
+
     def execute_command(self, *args: Any, **kwargs: Any) -> Deferred:
         """Send one command; the Deferred is its own slot in the reply queue.
 
@@ -161,16 +168,33 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         return reply.addCallback(self.handle_reply)
 
 
+class TLSConnectionError(txredisapi.ConnectionError):
+    """The connection was closed by TLS (a certificate refused after the
+    handshake, as a TLS 1.3 server does when it wants one from us); the text
+    says why."""
+
+
+def fail_with_tls_reason(protocol: txredisapi.BaseRedisProtocol, why: Any) -> None:
+    """When TLS closed the connection, fail the calls waiting on it with the
+    reason, before txredisapi fails them with a bare "Lost connection"."""
+    problem = describe(why) if isinstance(why, Failure) else None
+    if problem is not None:
+        error = TLSConnectionError(problem)
+        while protocol.replyQueue.waiting:
+            protocol.replyReceived(error)
+
+
 def _new_protocol() -> txredisapi.BaseRedisProtocol:
     return BinaryRedisProtocol()
 
 
 def tune_socket(transport: Any) -> None:
-    """TCP_NODELAY and keepalive on a backing connection (plain TCP only).
+    """TCP_NODELAY and keepalive on a backing connection (TCP, under TLS too).
 
     Pipelined GETs must not wait for Nagle's algorithm, as with every Redis
     client; keepalive: see ``KEEPALIVE``.
     """
+    transport = tcp_transport(transport)
     if not ITCPTransport.providedBy(transport):
         return
     transport.setTcpNoDelay(True)
@@ -194,7 +218,7 @@ def reconnecting(
     preparation fails is closed (``_drop``).  ``clock`` (default: the
     reactor) times the retries."""
     if endpoint is None:
-        endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+        endpoint = client_endpoint(reactor, url, timeout)
     if failed is not None:
         endpoint = _RecordingEndpoint(endpoint, failed)
 
@@ -348,6 +372,8 @@ class Backing:
     def _no_connection(self, failure: Failure) -> Failure:
         if failure.check(DeferredTimeout):  # the new connection did not answer PING
             return Failure(BackingTimeout(self._timed_out()))
+        if failure.check(CancelledError):  # our own timeout (addTimeout says so) or stopping
+            return failure
         reason = self._down_reason or first_line(failure.getErrorMessage() or "not connected")
         return Failure(BackingUnavailable(f"backing redis unavailable ({reason})"))
 
@@ -508,6 +534,9 @@ class Backing:
                 log.warn("backing redis {url} accepted a connection but did not answer PING "
                          "within {timeout}s; retrying", url=self.url.redacted(),
                          timeout=f"{self.timeout:g}")
+            elif failure.check(TLSConnectionError):  # the handshake passed, then TLS refused us
+                log.warn("backing redis {url} unavailable: {reason}; retrying",
+                         url=self.url.redacted(), reason=reason)
             else:
                 log.warn("backing redis {url} refused the connection setup: {reason}",
                          url=self.url.redacted(), reason=reason)

@@ -30,6 +30,13 @@ class RedisURL:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never in a repr or traceback
+    #: ``rediss://``: every connection to this Redis speaks TLS (tls.py)
+    tls: bool = False
+    #: the files of the ``redis_tls_*`` keys, read once (``redisp.tls.ClientTLS``),
+    #: attached by ``build_proxy`` so that every connection made from this
+    #: URL, or from a copy of it for another host, gets them; None: the
+    #: system's CAs, verified
+    tls_client: Any = field(default=None, compare=False, repr=False)
 
     def auth_command(self) -> tuple[bytes, ...] | None:
         """The AUTH command every connection to this Redis starts with, if any."""
@@ -43,20 +50,20 @@ class RedisURL:
         auth = ""
         if self.password is not None:
             auth = f"{self.username or ''}:***@"
-        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}"
 
 
 def parse_redis_url(text: str) -> RedisURL:
-    """Parse ``redis://[[user]:password@]host[:port][/db]``."""
+    """Parse ``redis[s]://[[user]:password@]host[:port][/db]`` (rediss: TLS)."""
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as e:
         raise ConfigError(f"not a redis:// URL ({e})") from None
-    if parts.scheme == "rediss":
-        raise ConfigError("rediss:// (TLS to the backing Redis) is not supported yet")
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ConfigError("must look like redis://[:password@]host:port/db")
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError("must look like redis://[:password@]host:port/db "
+                          "(rediss:// for TLS)")
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ConfigError(f"database must be a number, got {path!r}")
@@ -66,6 +73,7 @@ def parse_redis_url(text: str) -> RedisURL:
         db=int(path) if path else 0,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
     )
 
 
@@ -119,6 +127,12 @@ class Config:
     password: Secret | None = field(default=None, repr=False)
     users: tuple[UserConfig, ...] = ()
     protected_mode: bool = True
+    # TLS (SPEC §8): files are read, and checked, when the proxy is built (tls.py)
+    redis_tls_ca: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
+    redis_tls_verify: bool = True
+    tls_client_ca: str | None = None
 
 
 def _endpoint(value: Any) -> str | None:
@@ -188,6 +202,15 @@ def _command_list(value: Any) -> tuple[str, ...]:
         if not name.replace("-", "").replace("_", "").replace("|", "").isalnum():
             raise ConfigError(f"not a command name: {name!r}")
     return names
+
+
+def _path(value: Any) -> str | None:
+    """A file name; empty means not set (an environment variable set to "")."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"must be a file name, got {value!r}")
+    return value.strip() or None
 
 
 def _boolean(value: Any) -> bool:
@@ -273,6 +296,11 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "password": _password,
     "users": _users,
     "protected_mode": _boolean,
+    "redis_tls_ca": _path,
+    "redis_tls_cert": _path,
+    "redis_tls_key": _path,
+    "redis_tls_verify": _boolean,
+    "tls_client_ca": _path,
 }
 assert set(PARSERS) == {f.name for f in fields(Config)}
 
@@ -346,4 +374,24 @@ def load_config(
             user.name == "default" for user in values.get("users", ())):
         raise ConfigError("users: 'default' is the user whose password is `password`: "
                           "set one or the other")
-    return Config(**values)
+    config = Config(**values)
+    check_tls_keys(config)
+    return config
+
+
+def check_tls_keys(config: Config) -> None:
+    """The ``redis_tls_*`` keys only mean something with a ``rediss://``
+    backing, and a client certificate needs its key: anything else is a
+    mistake that would otherwise pass silently (no TLS where the operator
+    thinks there is)."""
+    keys = ("redis_tls_ca", "redis_tls_cert", "redis_tls_key")
+    if not config.redis.tls:
+        given = [key for key in keys if getattr(config, key) is not None]
+        if given or not config.redis_tls_verify:
+            name = given[0] if given else "redis_tls_verify"
+            raise ConfigError(f"{name} is set but the backing URL is redis://, not rediss://")
+    if (config.redis_tls_cert is None) != (config.redis_tls_key is None):
+        given, missing = ("redis_tls_cert", "redis_tls_key") \
+            if config.redis_tls_key is None else ("redis_tls_key", "redis_tls_cert")
+        raise ConfigError(f"{given} is set but {missing} is not: a client certificate "
+                          "needs both")

@@ -36,6 +36,9 @@ the invalidation may be handled first.  So before the first cache lookup of
 each reactor turn, the reader has the tracking socket read at once,
 non-blocking, and what is there is handed to the protocol
 (``_InvalidationProtocol.drain``, ``CachedReader.drain_before_hits``).
+Over TLS (``rediss://``) the socket holds TLS records, not RESP: what is
+read is handed to the TLS layer instead, which deciphers it and hands the
+messages on, in the order the reactor would have.
 """
 
 
@@ -48,14 +51,15 @@ from typing import Any
 import txredisapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import first_line, reconnecting
+from redisp.backing import fail_with_tls_reason, first_line, reconnecting
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
+from redisp.tls import tcp_transport
 
 log = Logger()
 
@@ -75,6 +79,7 @@ class _InvalidationProtocol(txredisapi.SubscriberProtocol):
     on_message: Any = None
     _socket: socket.socket | None = None
     _poll: Any = None  # select.poll of _socket: cheaper to ask than a recv that fails
+    _feed: Any = None  # where drained bytes go: this protocol, or the TLS layer under it
 
     def deliver_to(self, on_message: Any) -> None:
         # a method, not an attribute set from outside: ClientService hands out
@@ -85,15 +90,22 @@ class _InvalidationProtocol(txredisapi.SubscriberProtocol):
         if self.on_message is not None and channel == CHANNEL:
             self.on_message(message)
 
+    def connectionLost(self, why: Any) -> None:
+        fail_with_tls_reason(self, why)
+        super().connectionLost(why)
+
     def can_drain(self) -> bool:
-        """True when ``drain`` can read this connection's socket itself (plain
-        TCP or unix socket; not TLS, whose bytes only the TLS layer may read)."""
-        transport = self.transport
-        if ISSLTransport.providedBy(transport) or not hasattr(transport, "getHandle"):
+        """True when ``drain`` can read this connection's socket itself (TCP,
+        with or without TLS, or a unix socket)."""
+        tcp = tcp_transport(self.transport)
+        if not hasattr(tcp, "getHandle"):
             return False
-        handle = transport.getHandle()
+        handle = tcp.getHandle()
         if not isinstance(handle, socket.socket):
             return False
+        # TLS records go through the TLS layer, which hands us the cleartext
+        self._feed = self.transport.dataReceived if tcp is not self.transport \
+            else self.dataReceived
         self._socket = handle
         self._poll = select.poll()
         self._poll.register(handle, select.POLLIN)
@@ -115,7 +127,7 @@ class _InvalidationProtocol(txredisapi.SubscriberProtocol):
                 return False
             if not data:
                 return False
-            self.dataReceived(data)
+            self._feed(data)
             if len(data) < DRAIN_BYTES:
                 return True
 
@@ -322,7 +334,7 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
     """
     where = url.redacted()
     try:
-        with socket.create_connection((url.host, url.port), timeout=timeout) as s:
+        with _connect(url, timeout) as s:
             s.settimeout(timeout)
             reader = s.makefile("rb")
 
@@ -343,7 +355,7 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
             if problem is None:
                 ask(b"CLIENT", b"TRACKING", b"off")
                 return None
-    except OSError:
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
         return None
     code = problem.split(" ", 1)[0]
     if code in ("NOAUTH", "WRONGPASS"):
@@ -358,3 +370,18 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
         return (f"invalidation: tracking needs Redis >= 6 with CLIENT TRACKING; "
                 f"{where} answered: {problem}")
     return None
+
+
+def _connect(url: RedisURL, timeout: float) -> socket.socket:
+    """A blocking connection to ``url``, through TLS for ``rediss://``."""
+    sock = socket.create_connection((url.host, url.port), timeout=timeout)
+    if not url.tls:
+        return sock
+    from redisp.tls import ClientTLS
+
+    client = url.tls_client if url.tls_client is not None else ClientTLS()
+    try:
+        return client.stdlib_context().wrap_socket(sock, server_hostname=url.host)
+    except BaseException:
+        sock.close()
+        raise

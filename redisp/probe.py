@@ -3,7 +3,9 @@
 scripts/run asks this before starting redisp, so it can start a local
 redis-server when none answers, at the very address redisp will use (the
 same options, environment and conf.yaml, through the same ``load_config``).
-Prints ``host port``; with ``--ping``, exits 0 only if a Redis answers PING.
+Prints ``host port``; with ``--ping``, exits 0 only if a Redis answers PING
+(or the backing is ``rediss://``: a TLS Redis is the operator's own, and a
+plain one started here would be of no use to redisp).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def main(argv: list[str]) -> int:
         return 2
     host, port = config.redis.host, config.redis.port
     if ping:
-        return 0 if answers_ping(host, port) else 1
+        return 0 if config.redis.tls or answers_ping(host, port) else 1
     print(host, port)
     return 0
 

@@ -75,7 +75,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -93,6 +92,7 @@ from redisp.frames import (
     decode,
     frame_kind,
 )
+from redisp.tls import client_endpoint, describe
 
 __all__ = ["Done", "RelayProtocol", "RelayPool", "encode_command", "CONFIRMED"]
 
@@ -307,7 +307,7 @@ class RelayProtocol(Protocol):
         self._lose(first_line(failure.getErrorMessage()) or "connection failed")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lose(self._why_lost)
+        self._lose(describe(reason) or self._why_lost)  # TLS says why it closed
 
     def _setup_commands(self) -> list[tuple[bytes, ...]]:
         commands: list[tuple[bytes, ...]] = []
@@ -644,8 +644,9 @@ class RelayPool:
         self._retry_at = self._clock.seconds() + self._backoff
 
     def _connect_tcp(self, protocol: RelayProtocol) -> Deferred:
-        endpoint = HostnameEndpoint(self._reactor, self.url.host, self.url.port,
-                                    timeout=self.timeout)
+        # TCP, or TLS for rediss:// (up once the handshake is: a refused
+        # certificate is a failed attempt, with its reason)
+        endpoint = client_endpoint(self._reactor, self.url, self.timeout)
         return endpoint.connect(_OneProtocol(protocol))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -23,13 +23,14 @@ from redisp.auth import Authenticator
 from redisp.backing import Backing
 from redisp.cache import Cache
 from redisp.clients import ClientSlots
-from redisp.config import Config
+from redisp.config import Config, ConfigError
 from redisp.forwarding import Forwarder
 from redisp.gate import Gate
 from redisp.invalidation import Invalidator
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
 from redisp.resp_server import RespFactory
+from redisp.tls import backing_url, require_client_certificates
 from redisp.web import build_site
 
 log = Logger()
@@ -234,6 +235,11 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
     end-to-end tests can expire entries with ``task.Clock`` instead of waiting.
     """
     doors = [("http", config.http), ("resp", config.resp)]
+    if config.redis.tls and config.redis.tls_client is None:
+        try:
+            config = replace(config, redis=backing_url(config))
+        except ConfigError as e:
+            raise SystemExit(f"redisp: configuration error: {e}") from None
     own = sum(1 for _, description in doors if description is not None)
     own += 1 + (config.invalidation == "tracking")  # backing and tracking connections
     max_clients, fd_warning = fit_open_files(config.max_clients, own)
@@ -264,6 +270,7 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
         "http": lambda: build_site(reader, backing, metrics, slots, config, reactor, auth, cache),
         "resp": lambda: RespFactory(reader, metrics, slots, config, reactor, forwarder, auth),
     }
+    tls_doors = 0
     for name, description in doors:
         if description is None:
             continue
@@ -272,6 +279,17 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
         except Exception as e:  # endpoint parsers raise ValueError, KeyError, TypeError …
             raise SystemExit(f"redisp: configuration error: {name}: "
                              f"bad endpoint {description!r}: {e}") from None
+        if isinstance(endpoint, SSL4ServerEndpoint):
+            tls_doors += 1
+            if config.tls_client_ca is not None:
+                try:
+                    require_client_certificates(endpoint, config.tls_client_ca)
+                except ConfigError as e:
+                    raise SystemExit(f"redisp: configuration error: {e}") from None
         Listener(name, description, endpoint, factories[name]()).setServiceParent(service)
+    if config.tls_client_ca is not None and not tls_doors:
+        # mutual TLS that protects nothing must not pass for protection
+        raise SystemExit("redisp: configuration error: tls_client_ca is set but no listener "
+                         "is an ssl: endpoint")
     proxy.service = service
     return proxy

@@ -30,8 +30,8 @@ OPTIONS = [
              "[default: tcp:9997:interface=127.0.0.1]"),
     ("resp", "RESP listener, a Twisted server endpoint string, or none "
              "[default: tcp:6380:interface=127.0.0.1]"),
-    ("redis", "backing Redis URL redis://[[user]:password@]host:port/db "
-              "[default: redis://127.0.0.1:6379/0]"),
+    ("redis", "backing Redis URL redis://[[user]:password@]host:port/db, or rediss://... "
+              "for TLS [default: redis://127.0.0.1:6379/0]"),
     ("redis-timeout", "seconds before a call to the backing Redis is given up [default: 2.0]"),
     ("ttl", "seconds an entry may live in the cache, from when it was stored [default: 60]"),
     ("capacity", "cache capacity in keys; 0 = no caching, pure pass-through [default: 10000]"),
@@ -60,6 +60,15 @@ OPTIONS = [
                  "in ps: prefer REDISP_PASSWORD or conf.yaml [default: none]"),
     ("protected-mode", "yes or no: with no password and no users, refuse clients that are "
                        "not on the loopback address [default: yes]"),
+    ("redis-tls-ca", "rediss://: PEM file of the CA(s) the backing's certificate must chain "
+                     "to [default: the system's CAs]"),
+    ("redis-tls-cert", "rediss://: PEM file of redisp's client certificate, if the backing "
+                       "wants one (with --redis-tls-key)"),
+    ("redis-tls-key", "rediss://: PEM file of that certificate's private key (unencrypted)"),
+    ("redis-tls-verify", "rediss://: verify the backing's certificate and host name: true or "
+                         "false [default: true]"),
+    ("tls-client-ca", "PEM file of the CA that must have signed the certificate of every "
+                      "client of the ssl: listeners (mutual TLS)"),
 ]
 
 
@@ -99,6 +108,15 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     if secrets:
         log.warn(COMMAND_LINE_SECRET_WARNING, where=", ".join(secrets))
         hide_from_process_title(list(secrets.values()))
+    if config.redis.tls:  # read the TLS files once, before anything connects
+        from dataclasses import replace
+
+        from redisp.tls import backing_url
+
+        try:
+            config = replace(config, redis=backing_url(config))
+        except ConfigError as e:
+            raise SystemExit(f"redisp: configuration error: {e}") from None
     if config.invalidation == "tracking":
         from redisp.invalidation import tracking_support_problem
 

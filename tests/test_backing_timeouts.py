@@ -411,3 +411,17 @@ def test_a_stalled_backing_reports_down_in_the_metrics():
     clock.advance(TIMEOUT)
     assert b"redisp_backing_up 0.0" in metrics.exposition()
     assert b'redisp_backing_errors_total{kind="timeout"} 1.0' in metrics.exposition()
+
+
+def test_a_call_waiting_for_a_connection_that_never_comes_is_a_timeout():
+    """A connection attempt that hangs (a TLS handshake nobody answers, a
+    SYN dropped on the way): the call waiting for it times out, and says
+    so; it is not "unavailable (not connected)"."""
+    backing, endpoint, clock, metrics = make()
+    endpoint.connect = lambda factory: Deferred()
+    backing.start()
+    d = backing.call(b"GET", b"k")
+    clock.advance(TIMEOUT)
+    error = outcome(d).value
+    assert isinstance(error, BackingTimeout), error
+    assert str(error) == "backing redis timed out after 2s"

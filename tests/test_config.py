@@ -109,9 +109,45 @@ def test_redis_url_parts():
     assert "secret" not in url.redacted() and url.redacted() == "redis://:***@h:1/2"
 
 
-def test_tls_url_is_refused_clearly():
-    with pytest.raises(ConfigError, match="not supported"):
-        parse_redis_url("rediss://h:6379/0")
+def test_rediss_url_means_tls_and_says_so_when_logged():
+    url = parse_redis_url("rediss://:pw@h:6390/2")
+    assert (url.host, url.port, url.db, url.password, url.tls) == ("h", 6390, 2, "pw", True)
+    assert url.redacted() == "rediss://:***@h:6390/2"
+    assert parse_redis_url("redis://h").tls is False
+
+
+def test_tls_keys_from_every_source(tmp_path):
+    c = load({"redis": "rediss://h:1/0", "redis_tls_ca": "/ca.pem"},
+             {"REDISP_REDIS_TLS_VERIFY": "false"},
+             "redis_tls_cert: /c.pem\nredis_tls_key: /k.pem\ntls_client_ca: /client-ca.pem\n",
+             tmp_path)
+    assert (c.redis_tls_ca, c.redis_tls_cert, c.redis_tls_key) == ("/ca.pem", "/c.pem", "/k.pem")
+    assert (c.redis_tls_verify, c.tls_client_ca) == (False, "/client-ca.pem")
+    d = load()
+    assert (d.redis_tls_ca, d.redis_tls_verify, d.tls_client_ca) == (None, True, None)
+
+
+@pytest.mark.parametrize("cli, key", [
+    ({"redis_tls_ca": "/ca.pem"}, "redis_tls_ca"),
+    ({"redis_tls_cert": "/c.pem", "redis_tls_key": "/k.pem"}, "redis_tls_cert"),
+    ({"redis_tls_verify": "no"}, "redis_tls_verify"),
+])
+def test_backing_tls_keys_without_rediss_stop_start_up(cli, key):
+    """No silent plain-text connection where the operator asked for TLS settings."""
+    with pytest.raises(ConfigError, match=f"{key} is set but the backing URL is redis://"):
+        load(cli)
+
+
+def test_client_certificate_needs_its_key():
+    with pytest.raises(ConfigError, match="redis_tls_cert is set but redis_tls_key is not"):
+        load({"redis": "rediss://h", "redis_tls_cert": "/c.pem"})
+    with pytest.raises(ConfigError, match="redis_tls_key is set but redis_tls_cert is not"):
+        load({"redis": "rediss://h", "redis_tls_key": "/k.pem"})
+
+
+def test_tls_file_keys_refuse_non_strings(tmp_path):
+    with pytest.raises(ConfigError, match="tls_client_ca: must be a file name"):
+        load(yaml_text="tls_client_ca: [a]\n", tmp_path=tmp_path)
 
 
 def test_booleans_from_strings(tmp_path):
