@@ -42,6 +42,7 @@ from redisp.auth import (
     no_permission,
 )
 from redisp.backing import BackingError, BackingReplyError
+from redisp.client_list import ClientRegistry, client_info, client_kill, client_list
 from redisp.config import Config
 from redisp.gate import Owner
 from redisp.metrics import Metrics
@@ -126,6 +127,12 @@ class Session:
         #: ``read`` user): the one flag the request path reads
         self.restricted = False
         self.auth: Any = None  # the proxy's Authenticator; None: no authentication
+        # for CLIENT LIST / INFO / KILL (client_list.py), set by the door
+        self.clients: Any = ClientRegistry()
+        self.created = clock.seconds()
+        self.addresses: tuple[Any, Any] = (None, None)  # (peer, local)
+        self.last: list[bytes] = [b"NULL"]  # the last request run through execute()
+        self.kill: Callable[[], None] = lambda: None
 
     @property
     def plain(self) -> bool:
@@ -160,6 +167,7 @@ def execute(session: Session, argv: list[bytes]) -> Reply:
 
     This is the one place where a request's route is chosen (SPEC §3, §7).
     """
+    session.last = argv  # CLIENT LIST's cmd=
     command = COMMANDS.get(argv[0])
     if command is None:
         command = COMMANDS.get(argv[0].lower())
@@ -209,9 +217,7 @@ def _refusal(session: Session, argv: list[bytes], command: Command | None) -> Re
             return None  # AUTH, HELLO, QUIT, RESET
         return _rejected(argv, NOAUTH), BAD_REQUEST
     # a ``read`` user
-    if command is not None and (
-        command.name != "client" or argv[1].lower() in _OWN_CLIENT_SUBCOMMANDS
-    ):
+    if command is not None and (command.name != "client" or _harmless_client(argv)):
         return None  # answered here (COMMAND: the backing's table, read only)
     if forwarder is None:
         return None  # nothing is forwarded: CLIENT KILL … is an unknown subcommand here
@@ -514,7 +520,16 @@ def _client(session: Session, argv: list[bytes]) -> Reply:
     return _subcommand(session, argv, "CLIENT", CLIENT_SUBCOMMANDS)
 
 
-_OWN_CLIENT_SUBCOMMANDS = frozenset((b"setname", b"getname", b"id", b"setinfo"))
+def _harmless_client(argv: list[bytes]) -> bool:
+    """A CLIENT subcommand redisp answers that a ``read`` user may run: not
+    LIST or KILL (``admin``, as in Redis's ACL categories)."""
+    sub = CLIENT_SUBCOMMANDS.get(argv[1].lower()) if argv[1].lower() in \
+        _OWN_CLIENT_SUBCOMMANDS else None
+    return sub is not None and "admin" not in sub.flags
+
+
+_OWN_CLIENT_SUBCOMMANDS = frozenset((b"setname", b"getname", b"id", b"setinfo",
+                                     b"list", b"info", b"kill"))
 
 
 def _subcommand(
@@ -830,6 +845,12 @@ CLIENT_SUBCOMMANDS: dict[bytes, Command] = {
                    ("noscript", "loading", "stale"), ("slow", "connection")),
     b"setinfo": Command("client|setinfo", 4, _client_setinfo,
                         ("noscript", "loading", "stale"), ("slow", "connection")),
+    b"list": Command("client|list", -2, client_list,
+                     ("admin", "noscript", "loading", "stale"), ("slow", "connection")),
+    b"info": Command("client|info", 2, client_info,
+                     ("noscript", "loading", "stale"), ("slow", "connection")),
+    b"kill": Command("client|kill", -3, client_kill,
+                     ("admin", "noscript", "loading", "stale"), ("slow", "connection")),
     b"help": Command("client|help", 2, _help(_CLIENT_HELP),
                      ("loading", "stale"), ("slow", "connection")),
 }

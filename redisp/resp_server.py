@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from redisp.auth import DENIED, Authenticator
+from redisp.client_list import ClientRegistry
 from redisp.clients import ClientSlots
 from redisp.commands import HIT, MISS, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
 from redisp.config import Config
@@ -108,6 +109,7 @@ class RespProtocol(Protocol):
             self._session.lane = forwarder.pool.lane()
             self._session.push = self.push
             self._session.hang_up = self.hang_up
+        self._session.kill = self._killed
         self._concurrency = config.concurrency  # packets of GETs up to this size: one gate entry
         self._parser = RequestParser(
             config.max_bulk_bytes, config.max_args, config.max_inline_bytes
@@ -145,6 +147,11 @@ class RespProtocol(Protocol):
             self.transport.write(DENIED)
             self.transport.loseConnection()
             return
+        session = self._session
+        session.created = self.factory.clock.seconds()
+        session.addresses = (self.transport.getPeer(), self.transport.getHost())
+        session.clients = self.factory.clients
+        session.clients.add(session)
         if ITCPTransport.providedBy(self.transport):
             # replies are written whole; never hold one back for Nagle
             self.transport.setTcpNoDelay(True)
@@ -182,6 +189,7 @@ class RespProtocol(Protocol):
         self._pending.clear()
         self._out.clear()
         self._held.clear()
+        self.factory.clients.remove(self._session)
         if self._session.forwarder is not None:
             self._session.forwarder.release(self._session)
         if self._w.timer is not None:
@@ -452,6 +460,14 @@ class RespProtocol(Protocol):
         if not (self._dispatching or self._flush_due):
             self._flush_due = True
             self.factory.flush_later(self)
+
+    def _killed(self) -> None:
+        """CLIENT KILL: a client killing itself gets its reply first, as in
+        Redis; any other is dropped at once, whatever it is owed."""
+        if self._dispatching:
+            self.hang_up()
+        else:
+            self._abort()
 
     def hang_up(self) -> None:
         """Read no more requests; close once the replies owed are written.
@@ -805,6 +821,7 @@ class RespFactory(Factory):
         self._overflow_logged: float | None = None  # when the last such line was written
         self._overflows = 0  # clients disconnected since, not logged
         self.protocol_error_log = LogLimiter()
+        self.clients = ClientRegistry()  # for CLIENT LIST / INFO / KILL
 
     def overflowed(self, peer: Any, size: int) -> None:
         """A client passed ``max_client_buffer`` and is disconnected: one log
