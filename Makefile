@@ -1,5 +1,5 @@
 # Thin wrappers: each target is a plain script that works without make too.
-.PHONY: run test lint bench bench-invalidation chaos soak clean
+.PHONY: run test lint bench bench-invalidation chaos soak fuzz stale-reads redis-py-suite tls-bench clean
 
 run:            ## set up and run the proxy (starts a local redis-server when none answers)
 	scripts/run
@@ -21,6 +21,18 @@ chaos:          ## faults of the backing Redis under load: hung, wrong, recovery
 
 soak:           ## 10 min of mixed load: RSS and descriptors (SOAK_SECONDS=60: a short run)
 	bench/soak
+
+fuzz:           ## atheris fuzzing of the RESP parser and the HTTP request head (bench/README.md)
+	bench/fuzz
+
+stale-reads:    ## reads through redisp vs writes made directly on Redis, with tracking: stale count
+	bench/stale_reads
+
+redis-py-suite: ## redis-py's own test suite directly on Redis and through redisp, passes compared
+	bench/redis_py_suite
+
+tls-bench:      ## RESP hits over TLS vs plain, same run
+	bench/tls
 
 clean:
 	rm -rf .venv build dist *.egg-info twisted/plugins/dropin.cache bench/results
