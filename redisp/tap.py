@@ -128,6 +128,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     service = build_proxy(config, reactor).service
     tune_garbage_collector()
+    full_collections(reactor).setServiceParent(service)
     return service
 
 
@@ -181,3 +182,25 @@ def tune_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(50_000, 50, 50)
+
+
+#: seconds between full collections (see full_collections)
+FULL_COLLECTION_INTERVAL = 30.0
+
+
+def full_collections(reactor: Any) -> Any:
+    """A full collection every ``FULL_COLLECTION_INTERVAL`` seconds.
+
+    With the thresholds above, the oldest generation is considered only after
+    some hundred million allocations: the reference cycles of closed
+    connections (protocol <-> transport) that lived long enough to reach it
+    pile up for half an hour and more under a steady load, and RSS climbs
+    with them (bench/soak).  A timed full collection bounds that; its cost
+    is a traversal of the cache's dict, tens of milliseconds at a million
+    entries (bench/NOTES-perf.md), twice a minute.
+    """
+    from twisted.application.internet import TimerService
+
+    service = TimerService(FULL_COLLECTION_INTERVAL, gc.collect)
+    service.clock = reactor
+    return service

@@ -240,3 +240,24 @@ def test_the_twistd_entry_point_tunes_the_garbage_collector():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_full_collection_runs_on_a_timer(monkeypatch):
+    """The oldest generation is collected every FULL_COLLECTION_INTERVAL
+    seconds, whatever the thresholds put off (bench/soak)."""
+    from twisted.internet import task
+
+    from redisp import tap
+
+    clock = task.Clock()
+    calls = []
+    monkeypatch.setattr(tap.gc, "collect", lambda *a: calls.append(a) or 0)
+    service = tap.full_collections(clock)
+    service.startService()
+    try:
+        first = len(calls)
+        clock.advance(tap.FULL_COLLECTION_INTERVAL)
+        clock.advance(tap.FULL_COLLECTION_INTERVAL)
+        assert len(calls) == first + 2
+    finally:
+        service.stopService()
