@@ -38,7 +38,7 @@ from redisp.resp_server import RespFactory  # noqa: E402
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)  # loopback: let in by protected mode
 REPLY_FILE = Path(__file__).resolve().parent.parent / "tests/data/command-reply-7.0.resp"
 
-CLIENTS, PIPELINE, ROUNDS = 50, 16, 20
+CLIENTS, PIPELINE, ROUNDS = 50, 16, int(__import__("os").environ.get("ROUNDS", 20))
 VALUE = b"v" * 3
 
 

@@ -117,7 +117,7 @@ class Setup:
     def forward(self, session: Session, *argv: str) -> list:
         """Forward ``argv``; the list its (reply, outcome) lands in."""
         got: list = []
-        self.forwarder.forward(session, [a.encode() for a in argv]).addCallback(got.append)
+        self.forwarder.forward(session, [a.encode() for a in argv]).when(got.append)
         return got
 
     def turn(self) -> None:
