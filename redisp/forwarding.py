@@ -101,6 +101,8 @@ _CONFIRMS = {b"subscribe": b"subscribe", b"psubscribe": b"psubscribe",
              b"punsubscribe": b"punsubscribe", b"sunsubscribe": b"sunsubscribe",
              b"monitor": b"monitor"}
 _NULLS = (b"*-1\r\n", b"_\r\n")
+#: at most this many spellings of command names keep their metrics label (``_count``)
+_MAX_LABELS = 1024
 #: a pinned connection would pass max_clients (Redis's own wording)
 MAX_CLIENTS_ERROR = error("ERR max number of clients reached")
 
@@ -198,6 +200,9 @@ class Forwarder:
         self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
                                       on_ready=self._pool_ready)
         self.table: CommandTable | None = None
+        #: a command's name as sent -> its metrics label, for the names the
+        #: table knows (emptied when the table is read again)
+        self._labels: dict[bytes, str] = {}
         self._loading = False
         self._table_waiters: list[Callable[[CommandTable | BackingError], None]] = []
 
@@ -235,6 +240,7 @@ class Forwarder:
                 result = BackingUnavailable("backing redis unavailable (unreadable COMMAND reply)")
             else:
                 self.table = result
+                self._labels = {}
         waiters, self._table_waiters = self._table_waiters, []
         for waiter in waiters:
             waiter(result)
@@ -538,9 +544,16 @@ class Forwarder:
         self._metrics.write_invalidations += len(invalidation)
 
     def _count(self, argv: list[bytes], outcome: str) -> None:
-        name = argv[0].lower()
-        table = self.table
-        label = name.decode("latin-1") if table is not None and name in table else "unknown"
+        label = self._labels.get(argv[0])
+        if label is None:
+            name = argv[0].lower()
+            table = self.table
+            if table is None or name not in table:
+                label = "unknown"
+            else:
+                label = name.decode("latin-1")
+                if len(self._labels) < _MAX_LABELS:  # (clients choose the spelling)
+                    self._labels[argv[0]] = label
         self._metrics.forwarded[label, outcome] += 1
 
     def _stalled(self) -> bool:
