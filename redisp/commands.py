@@ -7,10 +7,11 @@ and CLIENT), because client libraries and tools match on that text.
 
 A handler takes the connection's ``Session`` and the request's arguments and
 returns a ``Reply``: ``(encoded reply, outcome)`` when it can answer at once,
-or a Deferred firing with that pair.  The outcome is the metrics label
-(``Metrics.OUTCOMES``).  Handlers encode with the encoder the connection had
-when the request arrived, so a ``HELLO 3`` pipelined behind a slow GET does
-not change how that GET is answered.
+or a Deferred firing with that pair (a forwarded command: a ``Pending``,
+forwarding.py).  The outcome is the metrics label (``Metrics.OUTCOMES``).
+Handlers encode with the encoder the connection had when the request
+arrived, so a ``HELLO 3`` pipelined behind a slow GET does not change how
+that GET is answered.
 
 Version: HELLO and INFO report ``redis_version`` 7.0.0, the Redis release
 whose client-facing behaviour this door follows (RESP3, HELLO, COMMAND DOCS),
@@ -44,6 +45,7 @@ from redisp.auth import (
 from redisp.backing import BackingError, BackingReplyError
 from redisp.client_list import ClientRegistry, client_info, client_kill, client_list
 from redisp.config import Config
+from redisp.forwarding import Pending, as_deferred
 from redisp.gate import Owner
 from redisp.metrics import Metrics
 from redisp.replies import LARGE, Chunked, bulk_reply, values_array
@@ -74,9 +76,10 @@ BAD_REQUEST = "bad_request"
 PROTOCOL_ERROR = "protocol_error"
 OTHER = "other"
 
-#: what a handler returns: (encoded reply, outcome), or a Deferred of that;
+#: what a handler returns: (encoded reply, outcome), or a Deferred of that,
+#: or for a forwarded command a ``Pending`` of that (forwarding.py);
 #: GET and MGET answer a large reply as a ``Chunked`` (replies.py)
-Reply = tuple[bytes | Chunked, str] | Deferred
+Reply = tuple[bytes | Chunked, str] | Deferred | Pending
 Handler = Callable[["Session", list[bytes]], Reply]
 
 
@@ -280,7 +283,7 @@ def _after_table(session: Session, argv: list[bytes]) -> Deferred:
     def judge(table: Any) -> Reply:
         if isinstance(table, BackingError):
             return backing_error_reply(table), BACKING_ERROR
-        return execute(session, argv)
+        return as_deferred(execute(session, argv))
 
     return known.addCallback(judge)
 

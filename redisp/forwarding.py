@@ -101,6 +101,8 @@ _CONFIRMS = {b"subscribe": b"subscribe", b"psubscribe": b"psubscribe",
              b"punsubscribe": b"punsubscribe", b"sunsubscribe": b"sunsubscribe",
              b"monitor": b"monitor"}
 _NULLS = (b"*-1\r\n", b"_\r\n")
+#: at most this many spellings of command names keep their metrics label (``_count``)
+_MAX_LABELS = 1024
 #: a pinned connection would pass max_clients (Redis's own wording)
 MAX_CLIENTS_ERROR = error("ERR max number of clients reached")
 
@@ -132,6 +134,50 @@ class Pin:
                 or self.skip_next or c.subscribed or c.monitoring or self.db != default_db)
 
 
+class Pending:
+    """A forwarded command's reply to come, as ``(reply, outcome)``.
+
+    Not a Deferred: the RESP door forwards most of what clients write, and
+    a Deferred per command with its callback chain was the largest share of
+    a forwarded SET's cost (bench/forward_micro.py).  It has one owner, the
+    caller of ``Forwarder.forward``, which says once, with ``when``, what
+    gets the reply; a reply settled before that is kept until then.  Code
+    that speaks Deferreds wraps it with ``as_deferred``.
+    """
+
+    __slots__ = ("then", "reply", "pin", "session", "gated")
+
+    def __init__(self) -> None:
+        self.then: Callable[[Reply], None] | None = None
+        self.reply: Reply | None = None
+        self.pin: Pin | None = None  # routed to a pin: settling counts it off (_pin_settled)
+        self.session: Any = None
+        self.gated = False  # holds a gate token: settling gives it back
+
+    def when(self, then: Callable[[Reply], None]) -> None:
+        """``then(reply)`` once settled (now, if it is)."""
+        if self.reply is not None:
+            then(self.reply)
+        else:
+            self.then = then
+
+    def _settled(self, reply: Reply) -> None:
+        if self.then is None:
+            self.reply = reply
+        else:
+            self.then(reply)
+
+
+def as_deferred(result: Any) -> Any:
+    """``result`` (a reply, a Deferred, or a ``Pending``) as something a
+    Deferred callback may return: a Pending becomes a Deferred."""
+    if result.__class__ is not Pending:
+        return result
+    d: Deferred = Deferred()
+    result.when(d.callback)
+    return d
+
+
 class Forwarder:
     """Sends the commands redisp does not answer itself to the backing Redis."""
 
@@ -154,6 +200,9 @@ class Forwarder:
         self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
                                       on_ready=self._pool_ready)
         self.table: CommandTable | None = None
+        #: a command's name as sent -> its metrics label, for the names the
+        #: table knows (emptied when the table is read again)
+        self._labels: dict[bytes, str] = {}
         self._loading = False
         self._table_waiters: list[Callable[[CommandTable | BackingError], None]] = []
 
@@ -191,6 +240,7 @@ class Forwarder:
                 result = BackingUnavailable("backing redis unavailable (unreadable COMMAND reply)")
             else:
                 self.table = result
+                self._labels = {}
         waiters, self._table_waiters = self._table_waiters, []
         for waiter in waiters:
             waiter(result)
@@ -215,7 +265,7 @@ class Forwarder:
             return error(b"ERR redisp forwards read-only commands only: '" + _quoted(name) + b"'")
         return None
 
-    def forward(self, session: Any, argv: list[bytes]) -> Deferred:
+    def forward(self, session: Any, argv: list[bytes]) -> Pending:
         """The reply to ``argv`` from the backing, as ``(frame, outcome)``.
 
         ``session.forwarding`` counts the request from here until its reply:
@@ -224,7 +274,7 @@ class Forwarder:
         connection), even while it still waits for the table or the gate.
         """
         session.forwarding += 1  # back down once settled (_pool_done, _pin_settled, _early)
-        result: Deferred = Deferred()
+        result = Pending()
         # the protocol the client speaks now: a HELLO it sends next must not
         # change the reply to this (it may wait for the table or the gate)
         resp3 = session.encoder.version == 3
@@ -236,7 +286,7 @@ class Forwarder:
         return result
 
     def _route(self, session: Any, argv: list[bytes], table: CommandTable | BackingError,
-               result: Deferred, resp3: bool) -> None:
+               result: Pending, resp3: bool) -> None:
         if session.gone:  # it left while the table was read: nothing to pin or send
             _early(session, result, (b"", "other"))
             return
@@ -264,7 +314,8 @@ class Forwarder:
             pooled[session] = pooled.get(session, 0) + 1
         else:
             pin.owed += 1
-            result.addBoth(self._pin_settled, session, pin)
+            result.pin = pin
+            result.session = session
         if pin is not None and (blocks or pin.blocking):
             # SPEC §7: a blocking command waits outside the gate; so do the
             # commands behind it on its connection (holding a token there
@@ -282,23 +333,28 @@ class Forwarder:
         return pin
 
     def _admitted(self, session: Any, pin: Pin | None, argv: list[bytes],
-                  info: CommandInfo | None, result: Deferred, resp3: bool,
+                  info: CommandInfo | None, result: Pending, resp3: bool,
                   blocks: float) -> None:
-        result.addBoth(self._leave)
+        result.gated = True
         if session.gone:
             # SPEC §4: work for a client that has left is dropped at the gate
             if pin is None:
                 self._pool_done(session)
-            result.callback((b"", "other"))
+            self._settle(result, (b"", "other"))
             return
         self._send(session, pin, argv, info, result, resp3, blocks)
 
-    def _leave(self, value: Any) -> Any:
-        self._gate.leave()
-        return value
+    def _settle(self, result: Pending, reply: Reply) -> None:
+        """Every reply of a routed command ends here: its pin counted off,
+        its gate token given back, then the reply handed over."""
+        if result.pin is not None:
+            self._pin_settled(result.session, result.pin)
+        if result.gated:
+            self._gate.leave()
+        result._settled(reply)
 
     def _send(self, session: Any, pin: Pin | None, argv: list[bytes],
-              info: CommandInfo | None, result: Deferred, resp3: bool, blocks: float) -> None:
+              info: CommandInfo | None, result: Pending, resp3: bool, blocks: float) -> None:
         invalidation = _invalidation(argv, info)
         if invalidation is None:
             # only the backing can say which keys (movable keys): it is asked
@@ -309,7 +365,7 @@ class Forwarder:
         self._call(session, pin, argv, info, invalidation, result, resp3, blocks)
 
     def _call(self, session: Any, pin: Pin | None, argv: list[bytes],
-              info: CommandInfo | None, invalidation: Any, result: Deferred,
+              info: CommandInfo | None, invalidation: Any, result: Pending,
               resp3: bool, blocks: float) -> None:
         request = encode_command(argv)
         name = argv[0].lower()
@@ -353,7 +409,7 @@ class Forwarder:
             else:
                 self._invalidate(argv, invalidation)
             self._count(argv, OK_OUTCOME)
-            result.callback((b"", "forwarded"))
+            self._settle(result, (b"", "forwarded"))
             return
         blocking = bool(blocks)
         if blocking:
@@ -366,7 +422,7 @@ class Forwarder:
         self._pinned_send(session, pin, lambda: connection.call(
             request, done, timeout, confirms, expect))
 
-    def _answered(self, session: Any, result: Deferred, argv: list[bytes], name: bytes,
+    def _answered(self, session: Any, result: Pending, argv: list[bytes], name: bytes,
                   pin: Pin | None,
                   info: CommandInfo | None, invalidation: Any,
                   frame: bytes | BackingError) -> None:
@@ -459,22 +515,21 @@ class Forwarder:
             elif sub in _PINNING_CLIENT:
                 pin.sticky = True
 
-    def _pin_settled(self, value: Any, session: Any, pin: Pin) -> Any:
+    def _pin_settled(self, session: Any, pin: Pin) -> None:
         """One of the pin's commands is answered: let the pin go once none
         is owed and no state is left."""
         session.forwarding -= 1
         pin.owed -= 1
         if not pin.owed and session.pin is pin and not pin.holds_state(self._default_db):
             self._unpin(session)
-        return value
 
-    def _answer(self, result: Deferred, argv: list[bytes], frame: bytes | BackingError) -> None:
+    def _answer(self, result: Pending, argv: list[bytes], frame: bytes | BackingError) -> None:
         if isinstance(frame, BackingError):
             self._count(argv, FAILED_OUTCOME)
-            result.callback((error("ERR " + str(frame)), "backing_error"))
+            self._settle(result, (error("ERR " + str(frame)), "backing_error"))
             return
         self._count(argv, ERROR_OUTCOME if frame[:1] in (b"-", b"!") else OK_OUTCOME)
-        result.callback((frame, "forwarded"))
+        self._settle(result, (frame, "forwarded"))
 
     def _invalidate(self, argv: list[bytes], invalidation: Any) -> None:
         if not invalidation:
@@ -489,9 +544,16 @@ class Forwarder:
         self._metrics.write_invalidations += len(invalidation)
 
     def _count(self, argv: list[bytes], outcome: str) -> None:
-        name = argv[0].lower()
-        table = self.table
-        label = name.decode("latin-1") if table is not None and name in table else "unknown"
+        label = self._labels.get(argv[0])
+        if label is None:
+            name = argv[0].lower()
+            table = self.table
+            if table is None or name not in table:
+                label = "unknown"
+            else:
+                label = name.decode("latin-1")
+                if len(self._labels) < _MAX_LABELS:  # (clients choose the spelling)
+                    self._labels[argv[0]] = label
         self._metrics.forwarded[label, outcome] += 1
 
     def _stalled(self) -> bool:
@@ -563,10 +625,10 @@ class _AskedKeys:
             f(self.found)
 
 
-def _early(session: Any, result: Deferred, reply: Reply) -> None:
+def _early(session: Any, result: Pending, reply: Reply) -> None:
     """Answer a request settled before it was routed anywhere."""
     session.forwarding -= 1
-    result.callback(reply)
+    result._settled(reply)
 
 
 def _unpark(pin: Pin) -> None:

@@ -53,6 +53,7 @@ from redisp.client_list import ClientRegistry
 from redisp.clients import ClientSlots
 from redisp.commands import HIT, MISS, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
 from redisp.config import Config
+from redisp.forwarding import Pending
 from redisp.gate import Owner
 from redisp.metrics import Metrics
 from redisp.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
@@ -417,8 +418,14 @@ class RespProtocol(Protocol):
                     produced += len(reply)
                     if produced > high:
                         break
+            elif result.__class__ is Pending:  # forwarded: no Deferred (forwarding.py)
+                slot = [None]
+                pending.append(slot)
+                result.when(partial(self._forwarded, slot))  # type: ignore[union-attr]
+                if len(pending) > MAX_PENDING or self._lost:  # lost: over its limit
+                    break
             else:
-                slot: list[bytes | Chunked | None] = [None]
+                slot = [None]
                 pending.append(slot)
                 d: Deferred = result  # type: ignore[assignment]
                 d.addCallbacks(self._answered, self._crashed, (slot,), None, (slot,))
@@ -507,6 +514,10 @@ class RespProtocol(Protocol):
             self._over_limit()
 
     def _answered(self, result: tuple[bytes | Chunked, str], slot: list) -> None:
+        self._metrics.requests[DOOR, result[1]] += 1
+        self._fill(slot, result[0])
+
+    def _forwarded(self, slot: list, result: tuple[bytes, str]) -> None:
         self._metrics.requests[DOOR, result[1]] += 1
         self._fill(slot, result[0])
 

@@ -27,6 +27,8 @@ def own_id(frame: bytes) -> int:
 
 @inline
 def test_client_list_shows_redisps_clients_with_their_own_ids(proxy, clients):  # noqa: F811
+    # cmd= names a subcommand from the backing's table (client|setname)
+    yield until(lambda: proxy.proxy.forwarder.table is not None)
     a = yield clients(proxy.resp_port)
     b = yield clients(proxy.resp_port)
     id_a = own_id((yield a.call("CLIENT", "ID")))

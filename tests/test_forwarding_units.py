@@ -117,7 +117,7 @@ class Setup:
     def forward(self, session: Session, *argv: str) -> list:
         """Forward ``argv``; the list its (reply, outcome) lands in."""
         got: list = []
-        self.forwarder.forward(session, [a.encode() for a in argv]).addCallback(got.append)
+        self.forwarder.forward(session, [a.encode() for a in argv]).when(got.append)
         return got
 
     def turn(self) -> None:
@@ -366,6 +366,43 @@ def test_an_unknown_command_flushes_only_when_redis_knew_it():
     t.pool.reply(b"+OK\r\n")
     assert t.reader.invalidated == ["ALL"]
     assert t.pool.wire[-1] == encode("COMMAND")  # the table is read again
+
+
+def test_metrics_labels_are_the_tables_names_whatever_the_spelling():
+    """``_count`` keeps a label per spelling: the same labels as reading the
+    table each time, and a name the table learns later is labelled anew."""
+    t = Setup(concurrency=64)
+    s = t.session()
+    for name in ("SET", "set", "SeT", "SET", "NEWMOD.SET"):
+        t.forward(s, name, "k", "v")
+        t.pool.reply(b"+OK\r\n")
+    assert t.metrics.forwarded["set", "ok"] == 4
+    assert t.metrics.forwarded["unknown", "ok"] == 1
+    # the table is read again (a module was loaded since): NEWMOD.SET is known now
+    recorded = COMMAND_REPLY_FILE.read_bytes()
+    header, rest = recorded.split(b"\r\n", 1)
+    newmod = (b"*10\r\n$10\r\nnewmod.set\r\n:-3\r\n*1\r\n+write\r\n:1\r\n:1\r\n:1\r\n"
+              b"*0\r\n*0\r\n*0\r\n*0\r\n")
+    assert t.pool.wire[-1] == encode("COMMAND")
+    t.pool.reply(b"*%d\r\n" % (int(header[1:]) + 1) + rest + newmod)
+    t.forward(s, "NEWMOD.SET", "k", "v")
+    t.pool.reply(b"+OK\r\n")
+    assert t.metrics.forwarded["newmod.set", "ok"] == 1
+
+
+def test_pending_replies_reach_the_one_who_asks_before_or_after_settling():
+    t = Setup(concurrency=64)
+    s = t.session()
+    settled_early = t.forwarder.forward(s, [b"SET"])
+    t.pool.reply(b"-ERR wrong number of arguments for 'set' command\r\n")
+    got: list = []
+    settled_early.when(got.append)  # settled before anyone asked
+    late = t.forwarder.forward(s, [b"SET", b"k", b"v"])
+    late.when(got.append)
+    assert len(got) == 1
+    t.pool.reply(b"+OK\r\n")
+    assert got == [(b"-ERR wrong number of arguments for 'set' command\r\n", "forwarded"),
+                   (b"+OK\r\n", "forwarded")]
 
 
 # -- relay: subscription confirmations and a close before connecting -----------------------
