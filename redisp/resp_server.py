@@ -448,25 +448,19 @@ class RespProtocol(Protocol):
         pending = self._pending
         if not pending:
             self._out.append(frame)
-        else:
-            if not owed:
-                pending.append([frame])
-            else:
-                i = len(pending)
-                while owed and i:
-                    i -= 1
-                    if pending[i][0] is None:
-                        owed -= 1
-                pending.insert(i, [frame])
-            # a subscriber that does not read is bounded like any client
-            self._queued += len(frame)
-            if self._queued > self._high:
-                self._detour = True
-                if self._over_limit():
-                    return
-        if not (self._dispatching or self._flush_due):
-            self._flush_due = True
-            self.factory.flush_later(self)
+            if not (self._dispatching or self._flush_due):
+                self._flush_due = True
+                self.factory.flush_later(self)
+            return
+        slot: list[bytes | Chunked | None] = [None]
+        i = len(pending)
+        while owed and i:
+            i -= 1
+            if pending[i][0] is None:
+                owed -= 1
+        pending.insert(i, slot)
+        # filled like any reply: a subscriber that does not read is bounded too
+        self._fill(slot, frame)
 
     def _killed(self) -> None:
         """CLIENT KILL: a client killing itself gets its reply first, as in
