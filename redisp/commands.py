@@ -46,8 +46,10 @@ from redisp.backing import BackingError, BackingReplyError
 from redisp.client_list import ClientRegistry, client_info, client_kill, client_list
 from redisp.config import Config
 from redisp.forwarding import Pending, as_deferred
+from redisp.frames import decode
 from redisp.gate import Owner
 from redisp.metrics import Metrics
+from redisp.relay import encode_command
 from redisp.replies import LARGE, Chunked, bulk_reply, values_array
 from redisp.resp import (
     EMPTY_ARRAY,
@@ -703,19 +705,15 @@ def _info(session: Session, argv: list[bytes]) -> Reply:
             text = text + "\r\n" + render_info(session, {"proxy"})
         answer.callback((bulk(text.encode()), OTHER))
 
-    forwarder.pool.call(session.lane, _encode_argv([b"INFO", *for_backing]), got)
+    forwarder.pool.call(session.lane, encode_command([b"INFO", *for_backing]), got)
     return answer
 
 
-def _encode_argv(argv: list[bytes]) -> bytes:
-    return b"*%d\r\n" % len(argv) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in argv)
-
-
 def _bulk_text(frame: Any) -> str | None:
-    """The text of a bulk string reply, or None for anything else."""
-    if not isinstance(frame, bytes) or frame[:1] != b"$" or frame == b"$-1\r\n":
-        return None
-    return frame[frame.index(b"\r\n") + 2:-2].decode("utf-8", "replace")
+    """The text of a bulk string reply frame, or None for anything else (an
+    error reply, a null, a BackingError)."""
+    value = decode(frame) if frame.__class__ is bytes else None
+    return value.decode("utf-8", "replace") if value.__class__ is bytes else None
 
 
 def _own_info(session: Session, asked: list[bytes]) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
+from tests.resp_client import RespClient, connect
 from tests.support import RedisServer, RunningProxy, proxy_config
 
 
@@ -38,3 +40,20 @@ def start_proxy(redis_server):
     yield start
     for proxy in started:
         pytest_twisted.blockon(proxy.stop())
+
+
+@pytest.fixture
+def clients():
+    """``clients(port)`` -> a connected RespClient, closed after the test."""
+    made: list[RespClient] = []
+
+    @defer.inlineCallbacks
+    def make(port: int):
+        client = yield connect(port)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        if not client.lost:
+            client.transport.abortConnection()

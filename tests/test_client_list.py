@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
+from tests.resp_client import connect
 from tests.support import until
-from tests.test_forwarding import clients, connect, proxy  # noqa: F401 (fixtures)
+from tests.test_forwarding import proxy  # noqa: F401 (a fixture)
 
 inline = pytest_twisted.inlineCallbacks
 

@@ -16,91 +16,17 @@ sleeps: tests wait on replies, or poll with a deadline (``until``).
 from __future__ import annotations
 
 import random
-from collections import deque
 
 import pytest
 import pytest_twisted
 import redis
-from twisted.internet import defer, reactor, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer, threads
 
-from redisp.frames import FrameScanner, decode
-from tests.raw_redis import encode
+from redisp.frames import decode
+from tests.resp_client import connect
 from tests.support import STARTUP_LIMIT, RunningProxy, proxy_config, until
 
 inline = pytest_twisted.inlineCallbacks
-
-
-class RespClient(Protocol):
-    """A raw RESP connection: requests out, every frame back as bytes, in
-    the order it came (replies and pushes alike)."""
-
-    def __init__(self) -> None:
-        self._scanner = FrameScanner()
-        self._frames: deque[bytes] = deque()
-        self._readers: deque[tuple[int, defer.Deferred]] = deque()
-        self.closed: defer.Deferred = defer.Deferred()
-        self.lost = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self._frames.extend(self._scanner.feed(data))
-        self._serve()
-
-    def _serve(self) -> None:
-        readers, frames = self._readers, self._frames
-        while readers and (readers[0][1].called or len(frames) >= readers[0][0]):
-            n, d = readers.popleft()
-            if not d.called:
-                d.callback([frames.popleft() for _ in range(n)])
-
-    def connectionLost(self, reason=None) -> None:
-        self.lost = True
-        readers, self._readers = self._readers, deque()
-        for _, d in readers:
-            if not d.called:
-                d.errback(ConnectionDone(f"closed; unread frames: {list(self._frames)!r:.300}"))
-        self.closed.callback(None)
-
-    @property
-    def unread(self) -> int:
-        return len(self._frames)
-
-    def send(self, *requests) -> None:
-        self.transport.write(b"".join(encode(*argv) for argv in requests))
-
-    def read(self, n: int = 1) -> defer.Deferred:
-        """The next ``n`` frames (a guard fails the test if they never come)."""
-        d: defer.Deferred = defer.Deferred()
-        self._readers.append((n, d))
-        d.addTimeout(STARTUP_LIMIT, reactor)
-        self._serve()
-        return d
-
-    def pipeline(self, *requests) -> defer.Deferred:
-        """Send ``requests`` in one write; their reply frames."""
-        self.send(*requests)
-        return self.read(len(requests))
-
-    def call(self, *argv) -> defer.Deferred:
-        self.send(argv)
-        return self.read(1).addCallback(lambda frames: frames[0])
-
-    def close(self) -> defer.Deferred:
-        self.transport.loseConnection()
-        return self.closed
-
-    def hung_up(self) -> defer.Deferred:
-        """Fires once the other side has closed the connection (a guard
-        fails the test if it never does)."""
-        d: defer.Deferred = defer.Deferred()
-        self.closed.addBoth(lambda r: (d.called or d.callback(None), r)[1])
-        return d.addTimeout(STARTUP_LIMIT, reactor)
-
-
-def connect(port: int) -> defer.Deferred:
-    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RespClient())
 
 
 @pytest.fixture(scope="module")
@@ -109,23 +35,6 @@ def proxy(redis_server):
     p = RunningProxy(proxy_config(redis_server.url))
     yield p
     pytest_twisted.blockon(p.stop())
-
-
-@pytest.fixture
-def clients():
-    """``clients(port)`` -> a connected RespClient, closed after the test."""
-    made: list[RespClient] = []
-
-    @defer.inlineCallbacks
-    def make(port: int):
-        client = yield connect(port)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        if not client.lost:
-            client.transport.abortConnection()
 
 
 @pytest.fixture

@@ -14,25 +14,8 @@ from twisted.internet import defer, threads
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.support import HoldingForwarder, RedisServer, until
-from tests.test_forwarding import connect
 
 inline = pytest_twisted.inlineCallbacks
-
-
-@pytest.fixture
-def clients():
-    made: list = []
-
-    @defer.inlineCallbacks
-    def make(port: int):
-        client = yield connect(port)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        if not client.lost:
-            client.transport.abortConnection()
 
 
 def metrics_text(p) -> defer.Deferred:
