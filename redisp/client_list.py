@@ -75,7 +75,7 @@ def client_kill(session: Any, argv: list[bytes]) -> Reply:
         if not found:
             return error("ERR No such client"), "bad_request"
         for s in found:
-            _kill(s)
+            _kill(s, session)
         return OK, "other"
     if len(argv) % 2:
         return error("ERR syntax error"), "bad_request"
@@ -116,7 +116,7 @@ def client_kill(session: Any, argv: list[bytes]) -> Reply:
     for s in session.clients:
         if (skip_me and s is session) or not all(test(s) for test in tests):
             continue
-        _kill(s)
+        _kill(s, session)
         killed += 1
     return integer(killed), "other"
 
@@ -176,7 +176,7 @@ def _address(s: Any, which: str) -> str:
     return f"{host}:{address.port}"
 
 
-def _kill(s: Any) -> None:
+def _kill(s: Any, by: Any) -> None:
     """Gone at once, as Redis frees a killed client: not in a later list."""
     s.clients.remove(s)
-    s.kill()
+    s.kill(s is by)

@@ -137,7 +137,7 @@ class Session:
         self.created = clock.seconds()
         self.addresses: tuple[Any, Any] = (None, None)  # (peer, local)
         self.last: list[bytes] = [b"NULL"]  # the last request run through execute()
-        self.kill: Callable[[], None] = lambda: None
+        self.kill: Callable[[bool], None] = lambda itself: None
 
     @property
     def plain(self) -> bool:

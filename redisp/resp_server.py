@@ -462,10 +462,10 @@ class RespProtocol(Protocol):
         # filled like any reply: a subscriber that does not read is bounded too
         self._fill(slot, frame)
 
-    def _killed(self) -> None:
+    def _killed(self, itself: bool) -> None:
         """CLIENT KILL: a client killing itself gets its reply first, as in
         Redis; any other is dropped at once, whatever it is owed."""
-        if self._dispatching:
+        if itself:
             self.hang_up()
         else:
             self._abort()
