@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -32,11 +32,24 @@ class RedisURL:
     password: str | None = field(default=None, repr=False)  # never in a repr or traceback
     #: ``rediss://``: every connection to this Redis speaks TLS (tls.py)
     tls: bool = False
+    #: ``server`` (redis://, rediss://), ``sentinel`` (redis+sentinel://:
+    #: ``host``/``port`` are the first Sentinel, the master is asked of them)
+    #: or ``cluster`` (redis+cluster://: ``host``/``port`` are the first seed)
+    kind: str = "server"
+    #: every host:port of the URL, in order (Sentinels, or cluster seeds;
+    #: for a server, just its own)
+    seeds: tuple[tuple[str, int], ...] = ()
+    #: the Sentinel service (master) name of redis+sentinel://
+    service: str | None = None
     #: the files of the ``redis_tls_*`` keys, read once (``redisp.tls.ClientTLS``),
     #: attached by ``build_proxy`` so that every connection made from this
     #: URL, or from a copy of it for another host, gets them; None: the
     #: system's CAs, verified
     tls_client: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            object.__setattr__(self, "seeds", ((self.host, self.port),))
 
     def auth_command(self) -> tuple[bytes, ...] | None:
         """The AUTH command every connection to this Redis starts with, if any."""
@@ -50,31 +63,76 @@ class RedisURL:
         auth = ""
         if self.password is not None:
             auth = f"{self.username or ''}:***@"
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}"
+        if self.kind == "server":
+            scheme = "rediss" if self.tls else "redis"
+            return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}"
+        hosts = ",".join(f"{host}:{port}" for host, port in self.seeds)
+        if self.kind == "cluster":
+            return f"redis+cluster://{auth}{hosts}"
+        return f"redis+sentinel://{auth}{hosts}/{self.service}/{self.db}"
+
+    def at(self, host: str, port: int) -> RedisURL:
+        """This URL for one node (a master found by Sentinel, a cluster node):
+        the same credentials, database and TLS files, another address."""
+        return replace(self, kind="server", host=host, port=port, seeds=((host, port),),
+                       service=None)
+
+
+#: the URL schemes of SPEC §10, and the kind of deployment each names
+SCHEMES = {"redis": "server", "rediss": "server", "redis+sentinel": "sentinel",
+           "redis+cluster": "cluster"}
+
+URL_SHAPES = ("must look like redis://[[user]:password@]host:port/db (rediss:// for TLS), "
+              "redis+sentinel://[[user]:password@]host:port[,host:port…]/service_name[/db] "
+              "or redis+cluster://[[user]:password@]host:port[,host:port…]")
 
 
 def parse_redis_url(text: str) -> RedisURL:
-    """Parse ``redis[s]://[[user]:password@]host[:port][/db]`` (rediss: TLS)."""
+    """Parse a backing URL of SPEC §10: one server, Sentinels, or cluster seeds."""
+    scheme, sep, rest = text.partition("://")
+    kind = SCHEMES.get(scheme.lower())
+    if not sep or kind is None:
+        raise ConfigError(URL_SHAPES)
+    credentials, at, where = rest.rpartition("@")
+    hosts, _, path = where.partition("/")
+    if kind == "server" and "," in hosts:
+        raise ConfigError("a redis:// URL names one server; use redis+sentinel:// or "
+                          "redis+cluster:// for several hosts")
+    seeds = tuple(_host_port(part) for part in hosts.split(","))
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) if user else None
+        password = unquote(secret) if colon else None
+    parts = [p for p in path.split("/") if p]
+    service = None
+    if kind == "sentinel":
+        if not parts:
+            raise ConfigError("redis+sentinel:// needs the service name: "
+                              "redis+sentinel://host:port/service_name[/db]")
+        service = unquote(parts.pop(0))
+    elif kind == "cluster" and parts and parts != ["0"]:
+        raise ConfigError("a Redis Cluster has database 0 only")
+    if len(parts) > 1:
+        raise ConfigError(f"unexpected path {path!r}: " + URL_SHAPES)
+    db = parts[0] if parts else "0"
+    if not db.isdigit():
+        raise ConfigError(f"database must be a number, got {db!r}")
+    host, port = seeds[0]
+    return RedisURL(host=host, port=port, db=int(db), username=username, password=password,
+                    tls=scheme.lower() == "rediss", kind=kind, seeds=seeds, service=service)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``host[:port]`` (``[v6]:port`` too), port 6379 unless given."""
     try:
-        parts = urlsplit(text)
+        parts = urlsplit(f"redis://{text}")
         port = parts.port
     except ValueError as e:
-        raise ConfigError(f"not a redis:// URL ({e})") from None
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ConfigError("must look like redis://[:password@]host:port/db "
-                          "(rediss:// for TLS)")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ConfigError(f"database must be a number, got {path!r}")
-    return RedisURL(
-        host=parts.hostname,
-        port=port if port is not None else 6379,
-        db=int(path) if path else 0,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=parts.scheme == "rediss",
-    )
+        raise ConfigError(f"bad host:port {text!r} ({e})") from None
+    if not parts.hostname or parts.path or parts.query or parts.fragment:
+        raise ConfigError(f"bad host:port {text!r}: " + URL_SHAPES)
+    return parts.hostname, port if port is not None else 6379
 
 
 class Secret(str):

@@ -153,3 +153,30 @@ def test_tls_file_keys_refuse_non_strings(tmp_path):
 def test_booleans_from_strings(tmp_path):
     assert load({"access_log": "yes"}, tmp_path=tmp_path).access_log is True
     assert load(env={"REDISP_ACCESS_LOG": "false"}, tmp_path=tmp_path).access_log is False
+
+
+def test_sentinel_and_cluster_urls() -> None:
+    url = parse_redis_url("redis+sentinel://:pw@a:26379,b:26380/mymaster/2")
+    assert (url.kind, url.seeds, url.service, url.db) == (
+        "sentinel", (("a", 26379), ("b", 26380)), "mymaster", 2)
+    assert url.redacted() == "redis+sentinel://:***@a:26379,b:26380/mymaster/2"
+    node = url.at("10.0.0.5", 6380)
+    assert (node.kind, node.host, node.port, node.db, node.password) == (
+        "server", "10.0.0.5", 6380, 2, "pw")
+    cluster = parse_redis_url("redis+cluster://u:p@h1:7000,h2")
+    assert (cluster.kind, cluster.seeds, cluster.username) == (
+        "cluster", (("h1", 7000), ("h2", 6379)), "u")
+    assert "p@" not in cluster.redacted()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("redis+sentinel://a:1", "service name"),
+    ("redis+cluster://a/1", "database 0"),
+    ("redis://a,b", "one server"),
+    ("redis+x://a", "must look like"),
+    ("redis://a:1/2/3", "unexpected path"),
+    ("redis+cluster://a:bad", "bad host:port"),
+])
+def test_bad_deployment_urls(text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        parse_redis_url(text)
