@@ -61,6 +61,15 @@ class Metrics:
         self.backing_up: Callable[[], bool] = lambda: False
         #: 'off' (invalidation: off), 'active' or 'down' (tracking lost: caching off)
         self.invalidation_state: Callable[[], str] = lambda: "off"
+        #: the INFO ``# Proxy`` fields of a backing topology other than one
+        #: server (``topology`` first), set by whoever follows it
+        #: (cluster_map.ClusterTopology); None: a single server
+        self.topology_info: Callable[[], list[tuple[str, object]]] | None = None
+        # Redis Cluster: slot map reads, and redirections followed
+        self.cluster_refreshes = 0
+        self.cluster_refresh_failures = 0
+        self.cluster_moved = 0
+        self.cluster_asked = 0
 
         self.registry = CollectorRegistry()
         self.backing_latency = Histogram(
