@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from redisp.cluster_map import Address, SlotMap, key_slot
+from redisp.cluster_map import SLOTS, Address, SlotMap, key_slot
 from redisp.frames import decode
 from tests.raw_redis import replies
 from tests.support import STARTUP_LIMIT, free_port, redis_server_binary
@@ -248,6 +248,19 @@ class RedisCluster:
     def kill(self, port: int) -> None:
         """SIGKILL one node; ``restart(port)`` brings it back (a replica by then)."""
         self.node(port).kill()
+
+    def wait_failover(self, dead_port: int, limit: float = STARTUP_LIMIT) -> None:
+        """After killing a master: until a replica serves its slots, as
+        every running node sees it."""
+        def promoted() -> bool:
+            try:
+                maps = [self.slot_map(n.port) for n in self.nodes if n.running]
+            except (OSError, RuntimeError):
+                return False
+            return all(m.covered == SLOTS and all(port != dead_port for _, port in m.masters)
+                       for m in maps)
+
+        self._wait(promoted, f"the slots of :{dead_port} served again", limit)
 
     def restart(self, port: int) -> None:
         node = self.node(port)

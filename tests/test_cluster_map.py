@@ -646,3 +646,36 @@ def test_request_encoding_is_what_redis_reads():
 
     assert cluster_map._CLUSTER_SHARDS == encode("CLUSTER", "SHARDS")
     assert cluster_map._CLUSTER_SLOTS == encode("CLUSTER", "SLOTS")
+
+
+# -- the fixture's own moves -------------------------------------------------------
+
+
+def test_cluster_fixture_migrates_fails_over_and_recovers(redis_cluster):
+    """What other tests rely on: a slot moved with its keys and back, a
+    replica promoted, a master killed and its node back as a replica; the
+    cluster healthy after each."""
+    cluster = redis_cluster
+    key = b"{fixture}k"
+    slot = key_slot(key)
+    home = cluster.node_for(key)
+    cluster.client(home[1]).set(key, b"v")
+    other = next(m for m in cluster.masters() if m != home)
+    cluster.migrate_slot(slot, other[1])
+    assert cluster.node_for(key) == other
+    assert cluster.client(other[1]).get(key) == b"v"
+    cluster.migrate_slot(slot, home[1])
+    assert cluster.node_for(key) == home
+
+    replica = cluster.slot_map().replicas[home][0]
+    cluster.failover(replica[1])
+    assert cluster.node_for(key) == replica
+    assert cluster.client(replica[1]).get(key) == b"v"
+
+    cluster.kill(replica[1])
+    cluster.wait_failover(replica[1])
+    assert cluster.node_for(key) == home  # the old master, promoted back
+    cluster.restart(replica[1])
+    cluster.wait_healthy()
+    assert replica in cluster.replicas()
+    assert len(cluster.masters()) == 3
