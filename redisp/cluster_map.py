@@ -32,9 +32,10 @@ that are no longer masters.
 from __future__ import annotations
 
 from binascii import crc_hqx
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
@@ -317,8 +318,9 @@ class ClusterTopology:
         #: are first lines of Redis's replies or connection failures)
         self.last_error: str | None = None
         self.refreshed_at: float | None = None
-        if metrics is not None:
+        if metrics is not None:  # INFO and /metrics show this topology
             metrics.topology_info = self.describe
+            metrics.topology_metrics = self.metric_families
 
     # -- life ------------------------------------------------------------------
 
@@ -392,33 +394,82 @@ class ClusterTopology:
         return d
 
     def describe(self) -> list[tuple[str, object]]:
-        """The INFO ``# Proxy`` fields of the topology (``topology`` first)."""
+        """The INFO ``# Proxy`` fields of the topology, ``topology`` first:
+        one ``cluster_masterN`` line per master in Redis's ``slaveN`` style
+        (``key=value`` pairs, lists space-separated)."""
         m = self.metrics
         current = self.map
-        if current is None:
-            fields: list[tuple[str, object]] = [
-                ("topology", "cluster (no slot map yet)"),
-                ("cluster_masters", 0), ("cluster_slots_served", 0)]
-        else:
-            fields = [
-                ("topology", f"cluster {len(current.masters)} masters"),
-                ("cluster_masters", len(current.masters)),
-                ("cluster_slots_served", current.covered),
-            ]
-            for host, port in current.masters:
-                spans = ",".join(f"{a}-{b}" if a != b else f"{a}"
-                                 for a, b in current.ranges()[host, port])
-                replicas = ",".join(f"{h}:{p}" for h, p in current.replicas[host, port])
-                state = "fail" if (host, port) in current.failing else "ok"
-                fields.append((f"cluster_master_{host}:{port}",
-                               f"slots={spans},replicas={replicas or '-'},state={state}"))
+        masters = current.masters if current is not None else ()
+        fields: list[tuple[str, object]] = [
+            ("topology", "cluster " + (",".join(f"{h}:{p}" for h, p in masters)
+                                       or "(no slot map yet)")),
+            ("cluster_masters", len(masters)),
+            ("cluster_slots_served", current.covered if current is not None else 0),
+        ]
+        if current is not None:
+            ranges = current.ranges()
+            for i, master in enumerate(masters):
+                spans = " ".join(_span(a, b) for a, b in ranges[master])
+                replicas = " ".join(f"{h}:{p}" for h, p in current.replicas[master])
+                fields.append((f"cluster_master{i}", (
+                    f"address={master[0]}:{master[1]},"
+                    f"slots={sum(b - a + 1 for a, b in ranges[master])},ranges={spans},"
+                    f"replicas={replicas},state={'fail' if master in current.failing else 'ok'}"
+                )))
         fields += [
             ("cluster_refreshes", m.cluster_refreshes),
             ("cluster_refresh_failures", m.cluster_refresh_failures),
             ("cluster_redirections_moved", m.cluster_moved),
             ("cluster_redirections_ask", m.cluster_asked),
         ]
+        if self.last_error is not None:
+            fields.append(("cluster_last_error", self.last_error))
         return fields
+
+    def metric_families(self) -> Iterator[Metric]:
+        """The /metrics families of the topology: nodes, slot ranges, reads
+        of the map and redirections followed."""
+        m = self.metrics
+        current = self.map
+        yield CounterMetricFamily(
+            "redisp_cluster_refreshes", "reads of the cluster slot map that succeeded",
+            value=m.cluster_refreshes)
+        yield CounterMetricFamily(
+            "redisp_cluster_refresh_failures",
+            "reads of the cluster slot map for which no node answered",
+            value=m.cluster_refresh_failures)
+        redirections = CounterMetricFamily(
+            "redisp_cluster_redirections", "MOVED and ASK redirections followed, by kind",
+            labels=["kind"])
+        redirections.add_metric(["moved"], m.cluster_moved)
+        redirections.add_metric(["ask"], m.cluster_asked)
+        yield redirections
+        yield GaugeMetricFamily(
+            "redisp_cluster_slots_served", "slots that have a master in the slot map",
+            value=current.covered if current is not None else 0)
+        nodes = GaugeMetricFamily(
+            "redisp_cluster_node", "the nodes of the cluster (1 each), with their role, "
+            "their master, and whether the cluster marks them failing",
+            labels=["address", "role", "master", "state"])
+        slots = GaugeMetricFamily(
+            "redisp_cluster_master_slots", "slots each master serves", labels=["master"])
+        spans = GaugeMetricFamily(
+            "redisp_cluster_slot_range", "the slot ranges each master serves (1 each)",
+            labels=["master", "first", "last"])
+        if current is not None:
+            ranges = current.ranges()
+            for master in current.masters:
+                name = f"{master[0]}:{master[1]}"
+                state = "fail" if master in current.failing else "ok"
+                nodes.add_metric([name, "master", name, state], 1)
+                for host, port in current.replicas[master]:
+                    nodes.add_metric([f"{host}:{port}", "replica", name, "ok"], 1)
+                slots.add_metric([name], sum(b - a + 1 for a, b in ranges[master]))
+                for first, last in ranges[master]:
+                    spans.add_metric([name, str(first), str(last)], 1)
+        yield nodes
+        yield slots
+        yield spans
 
     # -- reading the map -------------------------------------------------------
 
@@ -554,6 +605,10 @@ class ClusterTopology:
         from redisp.tls import client_endpoint
 
         return client_endpoint(self.reactor, url, self.timeout).connect(_OneProtocol(protocol))
+
+
+def _span(first: int, last: int) -> str:
+    return f"{first}-{last}" if first != last else f"{first}"
 
 
 def _unknown_command(value: Any) -> bool:

@@ -679,3 +679,85 @@ def test_cluster_fixture_migrates_fails_over_and_recovers(redis_cluster):
     cluster.wait_healthy()
     assert replica in cluster.replicas()
     assert len(cluster.masters()) == 3
+
+
+# -- INFO and /metrics ----------------------------------------------------------------
+
+
+def _info_fields(metrics: Metrics) -> dict[str, str]:
+    from redisp.commands import render_info
+    from tests.test_commands import make_session
+
+    text = render_info(make_session(metrics=metrics), {"proxy"})
+    return dict(line.split(":", 1) for line in text.split("\r\n")[1:] if line)
+
+
+def test_info_proxy_shows_the_cluster_nodes_ranges_and_redirections():
+    topo, fake, clock, metrics = topology({A: FakeNode(shards_reply(
+        {A: [(0, 99), (200, 5460)], B: [(100, 199), (5461, 10922)], C: [(10923, 16383)]},
+        replicas={A: [RA], B: [RB, RC]}, failing=[C]))})
+    topo.refresh()
+    fake.pump()
+    topo.moved(0, B)
+    topo.asked()
+    fields = _info_fields(metrics)
+    assert fields["topology"] == "cluster 10.0.0.1:7000,10.0.0.2:7001,10.0.0.3:7002"
+    assert fields["cluster_masters"] == "3"
+    assert fields["cluster_slots_served"] == "16384"
+    assert fields["cluster_master0"] == (
+        "address=10.0.0.1:7000,slots=5360,ranges=1-99 200-5460,replicas=10.0.0.4:7003,state=ok")
+    assert fields["cluster_master1"] == (
+        "address=10.0.0.2:7001,slots=5563,ranges=0 100-199 5461-10922,"
+        "replicas=10.0.0.5:7004 10.0.0.6:7005,state=ok")
+    assert fields["cluster_master2"].endswith("replicas=,state=fail")
+    assert fields["cluster_redirections_moved"] == "1"
+    assert fields["cluster_redirections_ask"] == "1"
+    assert int(fields["cluster_refreshes"]) >= 1
+    assert "cluster_last_error" not in fields
+    assert fields["backing_status"] in ("up", "down")  # the fields around it stay
+
+
+def test_info_proxy_without_a_map_says_so_and_why():
+    url = parse_redis_url("redis+cluster://u:s3cret@10.0.0.1:7000")
+    topo, fake, clock, metrics = topology({}, url=url)
+    topo.refresh()
+    fields = _info_fields(metrics)
+    assert fields["topology"] == "cluster (no slot map yet)"
+    assert fields["cluster_masters"] == "0" and fields["cluster_refresh_failures"] == "1"
+    assert fields["cluster_last_error"].startswith("10.0.0.1:7000: ")
+    assert "s3cret" not in repr(fields)
+
+
+def test_info_proxy_single_server_is_unchanged():
+    assert _info_fields(Metrics(started=0.0))["topology"] == "single 127.0.0.1:6379"
+
+
+def test_metrics_show_the_cluster():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    topo, fake, clock, metrics = topology({A: FakeNode(shards_reply(
+        {A: [(0, 5460)], B: [(5461, 10922)], C: [(10923, 16383)]}, replicas={A: [RA]}))})
+    topo.refresh()
+    fake.pump()
+    topo.moved(1, B)
+    topo.asked()
+    topo.asked()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.exposition().decode())
+               for s in family.samples}
+    assert samples["redisp_cluster_redirections_total", (("kind", "moved"),)] == 1
+    assert samples["redisp_cluster_redirections_total", (("kind", "ask"),)] == 2
+    assert samples["redisp_cluster_refreshes_total", ()] >= 1
+    assert samples["redisp_cluster_refresh_failures_total", ()] == 0
+    assert samples["redisp_cluster_slots_served", ()] == SLOTS
+    assert samples["redisp_cluster_master_slots", (("master", "10.0.0.2:7001"),)] == 5463
+    assert samples["redisp_cluster_slot_range", (
+        ("first", "1"), ("last", "1"), ("master", "10.0.0.2:7001"))] == 1
+    assert samples["redisp_cluster_node", (
+        ("address", "10.0.0.4:7003"), ("master", "10.0.0.1:7000"), ("role", "replica"),
+        ("state", "ok"))] == 1
+    assert sum(1 for name, _ in samples if name == "redisp_cluster_node") == 4
+
+
+def test_metrics_of_a_single_server_have_no_cluster_families():
+    assert b"redisp_cluster" not in Metrics(started=0.0).exposition()
