@@ -313,6 +313,7 @@ class ClusterTopology:
         self._timer: IDelayedCall | None = None
         self._retry = 0.0
         self._running = False
+        self._stopped = False
         self._connections: set[Any] = set()
         #: the last reason no node answered, for INFO (never a secret: errors
         #: are first lines of Redis's replies or connection failures)
@@ -333,6 +334,7 @@ class ClusterTopology:
         """Stop refreshing; close connections in flight.  Callers still
         waiting are failed as unavailable."""
         self._running = False
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -485,6 +487,9 @@ class ClusterTopology:
         return list(dict.fromkeys(order))
 
     def _read(self, candidates: list[Address], last_error: str | None) -> None:
+        if self._stopped:
+            self._no_answer("redisp is stopping")
+            return
         if not candidates:
             self._no_answer(last_error or "no cluster node to ask")
             return

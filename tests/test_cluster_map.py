@@ -601,15 +601,19 @@ def test_node_url_keeps_credentials_and_tls():
         "10.1.1.1", 7000, "u", "pw", "server")
 
 
-def test_stop_closes_reads_in_flight():
-    topo, fake, clock, _ = topology({A: FakeNode(silent=True)})
+def test_stop_closes_reads_in_flight_and_asks_no_other_node():
+    topo, fake, clock, _ = topology({A: FakeNode(silent=True), B: FakeNode(shards_reply(THIRDS))})
     topo.start()
     clock.advance(0)
+    waiting = topo.refresh()
     stopped = topo.stop()
     for _, protocol, _transport, _ in fake.connections:
         protocol.connectionLost(Failure(ConnectionRefusedError()))
     assert settled(stopped) is not None
-    assert not clock.getDelayedCalls() or all(not c.active() for c in clock.getDelayedCalls())
+    assert settled(waiting).check(BackingUnavailable)
+    assert fake.attempts == [A]  # B never asked
+    assert topo.map is None
+    assert not any(c.active() for c in clock.getDelayedCalls())
 
 
 # -- ClusterTopology against the real cluster --------------------------------------
