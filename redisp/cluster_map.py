@@ -370,8 +370,10 @@ class ClusterTopology:
         """A MOVED was seen: ``slot`` is served by ``address`` from now on,
         and the rest of the map is read again (the MOVED's node asked first)."""
         self.metrics.cluster_moved += 1
+        if self.map is not None and self.map.master(slot) == address:
+            return  # known already: the answer to a request sent before the map changed
         self._hint = address
-        if self.map is not None and self.map.master(slot) != address:
+        if self.map is not None:
             self._install(self.map.with_slot(slot, address))
         if self._waiting is not None:
             # the read in flight may have asked a node that has not heard of

@@ -545,6 +545,19 @@ def test_moved_moves_the_slot_at_once_then_reads_from_the_named_node_first():
     assert metrics.cluster_asked == 1
 
 
+def test_moved_already_known_changes_nothing():
+    """MOVED replies to requests sent before the map changed: counted, no
+    new read, nobody told."""
+    topo, fake, clock, metrics = topology({A: FakeNode(shards_reply(THIRDS))})
+    topo.refresh()
+    fake.pump()
+    changes = []
+    topo.on_change(lambda old, new: changes.append(new))
+    fake.attempts.clear()
+    topo.moved(6000, B)
+    assert fake.attempts == [] and changes == [] and metrics.cluster_moved == 1
+
+
 def test_moved_during_a_read_reads_again():
     """A read in flight may have asked a node that has not heard of the
     move: its answer would move the slot back, so it is read again."""
