@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -84,7 +86,62 @@ def test_key_slot_is_redis_cluster_keyslot(redis_cluster):
     assert [key_slot(k) for k in keys] == [decode(f) for f in frames]
 
 
+def _crc16_xmodem(data: bytes) -> int:
+    """Redis's crc16.c, bit by bit (polynomial 0x1021, initial 0)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def _key_hash_slot(key: bytes) -> int:
+    """cluster.c keyHashSlot, transcribed loop for loop."""
+    keylen = len(key)
+    s = 0
+    while s < keylen and key[s] != ord("{"):
+        s += 1
+    if s == keylen:
+        return _crc16_xmodem(key) & 0x3FFF
+    e = s + 1
+    while e < keylen and key[e] != ord("}"):
+        e += 1
+    if e == keylen or e == s + 1:
+        return _crc16_xmodem(key) & 0x3FFF
+    return _crc16_xmodem(key[s + 1:e]) & 0x3FFF
+
+
+@given(st.binary(max_size=40) | st.lists(st.sampled_from([b"{", b"}", b"a", b"\x00", b"xy"]),
+                                          max_size=12).map(b"".join))
+def test_key_slot_is_keyHashSlot_for_any_bytes(key):
+    assert key_slot(key) == _key_hash_slot(key)
+
+
 # -- SlotMap ------------------------------------------------------------------------
+
+
+@given(st.lists(st.sampled_from([A, B, C, None]), min_size=1, max_size=12),
+       st.lists(st.integers(0, SLOTS - 1), max_size=11, unique=True))
+def test_slot_map_ranges_describe_every_slot(owners, cuts):
+    """Any assignment of slots: ``ranges()`` gives it back exactly, and a map
+    built from those ranges is equal."""
+    bounds = sorted({0, *cuts})[:len(owners)]
+    owner = [None] * SLOTS
+    for i, start in enumerate(bounds):
+        end = bounds[i + 1] if i + 1 < len(bounds) else SLOTS
+        owner[start:end] = [owners[i]] * (end - start)
+    m = SlotMap(owner)
+    rebuilt = [None] * SLOTS
+    for address, spans in m.ranges().items():
+        for first, last in spans:
+            rebuilt[first:last + 1] = [address] * (last - first + 1)
+    assert rebuilt == owner
+    assert SlotMap.from_ranges(m.ranges()) == m
+    assert m.masters == tuple(sorted({o for o in owner if o is not None}))
+    assert m.covered == sum(o is not None for o in owner)
+    assert all(m.master(slot) == owner[slot] for slot in (0, SLOTS - 1, *cuts))
 
 
 def test_slot_map_lookup_and_ranges():
