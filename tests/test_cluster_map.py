@@ -82,7 +82,7 @@ def test_key_slot_is_redis_cluster_keyslot(redis_cluster):
     keys = [bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
             for _ in range(1500)]
     keys += [b"user:%d" % i for i in range(500)]
-    frames = replies(redis_cluster.ports[0], [["CLUSTER", "KEYSLOT", k] for k in keys])
+    frames = replies(redis_cluster.running_ports[0], [["CLUSTER", "KEYSLOT", k] for k in keys])
     assert [key_slot(k) for k in keys] == [decode(f) for f in frames]
 
 
@@ -277,13 +277,14 @@ def test_from_slots_refuses_what_is_not_a_map(reply):
 
 def test_slot_map_from_the_live_cluster(redis_cluster):
     """Every node's CLUSTER SHARDS and CLUSTER SLOTS give the same map."""
-    port = redis_cluster.ports[0]
+    redis_cluster.wait_healthy()  # whatever earlier tests did to it
+    port = redis_cluster.running_ports[0]
     shards = redis_cluster.slot_map(port)
     slots = SlotMap.from_slots(redis_cluster.command(port, "CLUSTER", "SLOTS"),
                                ("127.0.0.1", port))
     assert shards.settled and len(shards.masters) == 3
     assert slots.ranges() == shards.ranges()
-    assert sorted(shards.nodes()) == sorted(("127.0.0.1", p) for p in redis_cluster.ports)
+    assert sorted(shards.nodes()) == sorted(("127.0.0.1", p) for p in redis_cluster.running_ports)
     for key in (b"a", b"b", b"{tag}x"):
         address = shards.master_for_key(key)
         client = redis_cluster.client(address[1])
@@ -692,8 +693,9 @@ def test_stop_closes_reads_in_flight_and_asks_no_other_node():
 @pytest_twisted.inlineCallbacks
 def test_topology_reads_the_live_cluster(redis_cluster):
     """A dead seed first, then a real one: the map every node agrees on."""
+    redis_cluster.wait_healthy()
     dead = free_port()
-    url = parse_redis_url(f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{redis_cluster.ports[1]}")
+    url = parse_redis_url(f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{redis_cluster.running_ports[0]}")
     metrics = Metrics(started=reactor.seconds())
     topo = ClusterTopology(url, 2.0, reactor, metrics)
     try:
@@ -730,6 +732,7 @@ def test_cluster_fixture_migrates_fails_over_and_recovers(redis_cluster):
     replica promoted, a master killed and its node back as a replica; the
     cluster healthy after each."""
     cluster = redis_cluster
+    cluster.wait_healthy()
     key = b"{fixture}k"
     slot = key_slot(key)
     home = cluster.node_for(key)
