@@ -773,7 +773,8 @@ def render_info(session: Session, sections: set[str]) -> str:
             ("forwarded_commands", sum(metrics.forwarded.values())),
             ("backing_redis", config.redis.redacted()),
             ("backing_status", "up" if metrics.backing_up() else "down"),
-            ("topology", f"single {config.redis.host}:{config.redis.port}"),
+            *(metrics.topology() if metrics.topology is not None
+              else [("topology", f"single {config.redis.host}:{config.redis.port}")]),
             ("ttl", f"{config.ttl:g}"),
             ("capacity", config.capacity),
             ("concurrency", config.concurrency),

@@ -61,6 +61,12 @@ class Metrics:
         self.backing_up: Callable[[], bool] = lambda: False
         #: 'off' (invalidation: off), 'active' or 'down' (tracking lost: caching off)
         self.invalidation_state: Callable[[], str] = lambda: "off"
+        #: the INFO fields saying where the backing is, when it is not one
+        #: server (``topology`` first); None: ``topology:single host:port``
+        self.topology: Callable[[], list[tuple[str, object]]] | None = None
+        #: Sentinel only: (the current master "host:port", "" while unknown;
+        #: master switches seen)
+        self.sentinel: Callable[[], tuple[str, int]] | None = None
 
         self.registry = CollectorRegistry()
         self.backing_latency = Histogram(
@@ -142,3 +148,14 @@ class _AttributeCollector:
             "redisp_backing_up", "1 while the backing Redis connection is usable",
             value=1 if m.backing_up() else 0,
         )
+        if m.sentinel is not None:
+            master, failovers = m.sentinel()
+            current = GaugeMetricFamily(
+                "redisp_sentinel_master", "the master Sentinel names now: 1, labelled with "
+                "its address (no sample while it is unknown)", labels=["address"])
+            if master:
+                current.add_metric([master], 1)
+            yield current
+            yield CounterMetricFamily(
+                "redisp_sentinel_failovers", "master switches seen (+switch-master, or "
+                "the Sentinels naming another master)", value=failovers)
