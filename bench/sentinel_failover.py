@@ -8,11 +8,12 @@ while one client runs requests through redisp back to back:
 
 * ``SET k <n>`` then ``GET k`` through redisp: an error is a **failed
   request**; a GET that does not return the value the SET just had
-  acknowledged is a **wrong answer** (a write the old master acknowledged
-  after the promotion is lost by Redis itself: counted apart as
-  ``lost_writes`` when the GET returns the value before it);
+  acknowledged is a **wrong answer**, unless it is an older value of ours:
+  a write the old master acknowledged after the promotion, which the new
+  master never got, is lost by Redis's asynchronous replication itself
+  (counted apart as ``lost_writes``);
 * once Sentinel has announced the new master: ``SET probe <n>`` directly on
-  it, then ``GET probe`` through redisp: a reply other than ``n`` is a
+  it, then ``GET probe`` through redisp: a reply other than ``p<n>`` is a
   **stale read** (the old cached value, or the old master's).
 
 Printed per failover: when Sentinel announced the new master (from the
@@ -81,7 +82,6 @@ def follow(redisp_port: int, announcements: Announcements, trigger, seconds: flo
     failures: list[float] = []
     wrong = lost = stale = probes = requests = 0
     direct = None
-    previous = None
     started = time.monotonic()
     trigger()
     announced_at = None
@@ -102,23 +102,21 @@ def follow(redisp_port: int, announcements: Announcements, trigger, seconds: flo
         try:
             got = proxy.get("k")
             if acked and got != str(n).encode():
-                if got == previous:
-                    lost += 1
+                if got is not None and got.isdigit() and int(got) < n:
+                    lost += 1  # an older write of ours: the new master never had n
                 else:
                     wrong += 1
-            if acked:
-                previous = str(n).encode()
         except redis.RedisError:
             failures.append(time.monotonic())
         if direct is not None:
             try:
-                direct.set("probe", n)
+                direct.set("probe", f"p{n}")
             except redis.RedisError:
                 continue
             probes += 1
             requests += 1
             try:
-                if proxy.get("probe") != str(n).encode():
+                if proxy.get("probe") != f"p{n}".encode():
                     stale += 1
             except redis.RedisError:
                 failures.append(time.monotonic())

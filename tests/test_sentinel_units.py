@@ -285,3 +285,14 @@ def test_drop_all_fails_calls_in_flight_closes_pinned_and_reconnects_at_once():
     assert lost == [pinned] and pool.pinned_count == 0
     pool.call(0, encode_command([b"GET", b"k"]), replies.append)
     assert len(made) == 3 and not made[-1].lost, "reconnected without waiting out the backoff"
+
+
+def test_scripts_run_never_starts_a_plain_redis_for_a_sentinel_url(monkeypatch, tmp_path):
+    """scripts/run starts a local redis-server where none answers: at a
+    Sentinel's address it would be of no use, so the probe says there is one."""
+    from redisp.probe import main
+    from tests.support import free_port
+
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    assert main(["--ping", "--redis", f"redis+sentinel://127.0.0.1:{port}/svc"]) == 0
