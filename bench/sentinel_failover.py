@@ -17,7 +17,8 @@ while one client runs requests through redisp back to back:
   **stale read** (the old cached value, or the old master's).
 
 Printed per failover: when Sentinel announced the new master (from the
-trigger), the failed requests and the window they span, the recovery time
+trigger), the failed requests, the window they span and when the last one
+failed (from the trigger), the recovery time
 (last failure after the announcement, minus the announcement; 0 when none
 failed after it), wrong answers, lost writes, stale reads.
 
@@ -128,6 +129,7 @@ def follow(redisp_port: int, announcements: Announcements, trigger, seconds: flo
         "requests": requests,
         "failed": len(failures),
         "failed_window_s": round(failures[-1] - failures[0], 3) if failures else 0.0,
+        "last_failure_s": round(failures[-1] - started, 3) if failures else None,
         "recovery_after_announce_s": round(after[-1] - announced_at, 3) if after else 0.0,
         "wrong_answers": wrong,
         "lost_writes": lost,

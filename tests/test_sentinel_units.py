@@ -296,3 +296,9 @@ def test_scripts_run_never_starts_a_plain_redis_for_a_sentinel_url(monkeypatch, 
     monkeypatch.chdir(tmp_path)
     port = free_port()
     assert main(["--ping", "--redis", f"redis+sentinel://127.0.0.1:{port}/svc"]) == 0
+
+
+def test_a_sentinel_without_a_port_is_on_sentinels_port():
+    url = parse_redis_url("redis+sentinel://a,b:5000/svc")
+    assert url.seeds == (("a", 26379), ("b", 5000))
+    assert parse_redis_url("redis://a/0").port == 6379
