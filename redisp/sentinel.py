@@ -70,6 +70,14 @@ CONNECT_ATTEMPTS = 3
 #: resubscribe to a lost Sentinel after 0.1 s, doubling up to this
 MAX_BACKOFF = 1.0
 
+#: seconds during which a master we switched away from is not taken back
+#: from a Sentinel's answer (only from a ``+switch-master`` naming it): a
+#: Sentinel that has not heard of the switch yet still names it, and after
+#: SENTINEL FAILOVER it still answers ROLE as a master until Sentinel
+#: converts it (~10 s later).  Sentinels tell each other of a switch in
+#: their hello messages, every 2 s.
+LEFT_GRACE = 5.0
+
 
 class SentinelUnavailable(ConnectError):
     """No master could be had from the Sentinels; ``str()`` says why, in one line."""
@@ -261,6 +269,8 @@ class SentinelMaster:
         self._waiters: list[Deferred] | None = None  # callers of the resolve in progress
         self._listeners: list[Callable[[Address | None, Address], None]] = []
         self._watches = [_Watch(self, address) for address in self.sentinels]
+        #: masters switched away from -> when (see LEFT_GRACE)
+        self._left: dict[Address, float] = {}
         self._problem: str | None = None
 
     # -- life -----------------------------------------------------------------------
@@ -330,6 +340,11 @@ class SentinelMaster:
                 continue
             if master in refused:
                 continue
+            left = self._left.get(master)
+            if left is not None and self._clock.seconds() - left < LEFT_GRACE:
+                problems.append(f"Sentinel {_where(sentinel)} still names the old master "
+                                f"{_where(master)}")
+                continue
             try:
                 role = yield self._ask(master, [b"ROLE"], self.url.at(*master))
             except Exception as e:
@@ -366,6 +381,9 @@ class SentinelMaster:
             return
         self.address = address
         self.generation += 1
+        self._left.pop(address, None)
+        if old is not None:
+            self._left[old] = self._clock.seconds()
         if old is None:
             log.info("sentinel: master {service!r} is {where} ({why})",
                      service=self.service, where=_where(address), why=why)
@@ -491,8 +509,9 @@ class _Watch:
         endpoint.connect(_OneProtocol(protocol)).addErrback(protocol.connect_failed)
 
     def _subscribed(self, protocol: RelayProtocol, reply: bytes | BackingError) -> None:
-        if isinstance(reply, BackingError):
-            return  # lost (then _lost retries) or timed out (closed below)
+        if isinstance(reply, BackingError):  # lost, or no answer in time
+            protocol.close()  # -> _lost: subscribe again after a backoff
+            return
         if reply[:1] == b"-":
             self._trouble(decode(reply).message.decode("utf-8", "replace"))
             protocol.close()

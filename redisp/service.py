@@ -272,6 +272,8 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
             raise SystemExit(f"redisp: configuration error: {e}") from None
     own = sum(1 for _, description in doors if description is not None)
     own += 1 + (config.invalidation == "tracking")  # backing and tracking connections
+    if config.redis.kind == "sentinel":
+        own += len(config.redis.seeds)  # a subscription to each Sentinel
     max_clients, fd_warning = fit_open_files(config.max_clients, own)
     config = replace(config, max_clients=max_clients)
     metrics = Metrics(started=reactor.seconds())

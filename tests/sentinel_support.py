@@ -12,6 +12,7 @@ replica online) and never assume which node is the master.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -115,10 +116,20 @@ class SentinelDeployment:
 
     def __init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="redisp-sentinel-")
-        first = Node().start()
-        second = Node(None, "--replicaof", "127.0.0.1", str(first.port)).start()
-        self.nodes = {first.port: first, second.port: second}
-        self.sentinels = [Sentinel(self.directory, first.port).start() for _ in range(3)]
+        self.nodes: dict[int, Node] = {}
+        self.sentinels: list[Sentinel] = []
+        try:
+            first = Node()
+            second = Node(None, "--replicaof", "127.0.0.1", str(first.port))
+            for node in (first, second):
+                self.nodes[node.port] = node  # stopped by stop() even if start() fails
+                node.start()
+            for _ in range(3):
+                self.sentinels.append(Sentinel(self.directory, first.port))
+                self.sentinels[-1].start()
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -221,6 +232,7 @@ class SentinelDeployment:
             s.stop()
         for node in self.nodes.values():
             node.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _field(flat: list, name: str):

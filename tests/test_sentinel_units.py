@@ -14,6 +14,7 @@ from redisp.backing import BackingUnavailable
 from redisp.config import parse_redis_url
 from redisp.relay import RelayPool, RelayProtocol, encode_command
 from redisp.sentinel import (
+    LEFT_GRACE,
     NotMaster,
     SentinelMaster,
     SentinelUnavailable,
@@ -124,6 +125,23 @@ def test_switch_master_for_our_service_switches_once():
     master.switch_message(b"svc 10.0.1.2 6379 10.0.1.1 6379", S2)  # every Sentinel says it
     assert heard == [(M2, M1)] and master.failovers == 1
     assert master.describe() == "sentinel svc master 10.0.1.1:6379"
+
+
+def test_a_master_switched_away_from_is_not_taken_back_from_a_lagging_sentinel():
+    """S1 has not heard of the switch and names the old master, which still
+    answers as one: the next Sentinel's answer is taken instead; once the
+    grace is over (Sentinels agree by then), S1 is believed again."""
+    fake = FakeDeployment({S1: address_reply(M1), S2: address_reply(M2)},
+                          {M1: b"master", M2: b"master"})
+    master = master_with(fake)
+    assert result(master.resolve()) == M1
+    master.switch_message(b"svc 10.0.1.1 6379 10.0.1.2 6379", S2)
+    assert master.address == M2
+    master._first = 0
+    assert result(master.resolve()) == M2 and master.failovers == 1
+    master._clock.advance(LEFT_GRACE)
+    master._first = 0
+    assert result(master.resolve()) == M1 and master.failovers == 2
 
 
 class FakeConnections:
