@@ -190,6 +190,10 @@ def test_sentinels_down_at_start_up_then_up(proxies, tmp_path):
         assert b"Sentinel" in reply and PASSWORD.encode() not in reply
         reply = yield client.call(b"SET", b"k", b"v")
         assert reply.startswith(b"-ERR backing redis unavailable (")
+        status, _, body = yield in_thread(p.http_get, "k")
+        assert status == 503 and b"Sentinel" in body
+        info = info_fields(decode_bulk((yield client.call(b"INFO", b"proxy"))))
+        assert info["topology"] == f"sentinel {SERVICE} master unknown"
         yield in_thread(sentinel.start)
         yield until(lambda: p.proxy.backing.up)
         assert (yield client.call(b"SET", b"k", b"v")) == b"+OK\r\n"
