@@ -235,3 +235,23 @@ def test_an_old_master_answering_as_a_replica_is_refused(sentinels, proxies):
     yield until(lambda: p.proxy.backing.up)
     assert p.proxy.sentinel.address == master
     assert (yield p.proxy.backing.call(b"SET", b"k", b"v")) == b"OK"
+
+
+@inline
+def test_lost_sentinel_subscriptions_are_made_again_and_still_hear_switches(sentinels, proxies):
+    """Every Sentinel drops redisp's subscription (CLIENT KILL TYPE pubsub):
+    each is made again, and the next SENTINEL FAILOVER is heard on them (the
+    old master stays a master meanwhile: only +switch-master moves redisp)."""
+    p = proxies(sentinels.url)
+    watches = p.proxy.sentinel._watches
+    yield until(lambda: p.proxy.backing.up and all(w.subscribed for w in watches))
+    before = [w._protocol for w in watches]
+    for s in sentinels.sentinels:
+        with s.client() as c:
+            assert c.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    yield until(lambda: all(w._protocol is not old and w.subscribed
+                            for w, old in zip(watches, before, strict=True)))
+    _, new = yield in_thread(sentinels.failover)
+    yield until(lambda: p.proxy.sentinel.address == ("127.0.0.1", new))
+    assert p.proxy.sentinel.failovers == 1
+    yield in_thread(sentinels.wait_healthy)
