@@ -30,6 +30,21 @@ def in_thread(f, *args):
 
 
 @pytest.fixture
+def log_lines():
+    """Every log line written during the test, formatted."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
 def proxies():
     """``proxies(url, **config)`` -> a RunningProxy, stopped after the test."""
     started: list[RunningProxy] = []
@@ -86,7 +101,8 @@ def decode_bulk(frame: bytes) -> bytes:
 
 
 @inline
-def test_a_sentinel_failover_moves_every_connection_and_flushes_the_cache(sentinels, proxies):
+def test_a_sentinel_failover_moves_every_connection_and_flushes_the_cache(sentinels, proxies,
+                                                                          log_lines):
     """SENTINEL FAILOVER: redisp follows +switch-master; the cache is flushed
     (a value changed on the new master is read fresh, never the cached old
     one), writes go to the new master, the forwarding pool too, and a client
@@ -118,6 +134,10 @@ def test_a_sentinel_failover_moves_every_connection_and_flushes_the_cache(sentin
     assert info["topology"] == f"sentinel {SERVICE} master 127.0.0.1:{new}"
     assert info["sentinel_failovers"] == "1"
     yield client.close()
+    moved = [line for line in log_lines if "moved from" in line]
+    assert len(moved) == 1, "one line for the switch, however many Sentinels announce it"
+    assert f"moved from 127.0.0.1:{old} to 127.0.0.1:{new} (+switch-master" in moved[0]
+    assert not [line for line in log_lines if PASSWORD in line]
 
 
 @inline
@@ -175,7 +195,7 @@ def test_a_killed_master_is_followed_to_the_new_one(sentinels, proxies):
 
 
 @inline
-def test_sentinels_down_at_start_up_then_up(proxies, tmp_path):
+def test_sentinels_down_at_start_up_then_up(proxies, tmp_path, log_lines):
     """No Sentinel answers at start-up: redisp starts, answers "backing
     redis unavailable (…)" naming the Sentinels' problem, and serves once
     a Sentinel is up."""
@@ -199,6 +219,8 @@ def test_sentinels_down_at_start_up_then_up(proxies, tmp_path):
         assert (yield client.call(b"SET", b"k", b"v")) == b"+OK\r\n"
         assert (yield client.call(b"GET", b"k")) == b"$1\r\nv\r\n"
         yield client.close()
+        assert any("cannot watch" in line for line in log_lines)
+        assert not [line for line in log_lines if PASSWORD in line]
     finally:
         sentinel.stop()
         node.stop()
