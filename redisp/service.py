@@ -242,6 +242,7 @@ def follow_sentinel(proxy: Proxy, sentinel: SentinelMaster) -> None:
     are hung up on, as after a backing restart).  Also INFO and /metrics."""
     def switched(old: Any, new: Any) -> None:
         proxy.reader.invalidate_all()
+        proxy.metrics.invalidation_flushes += 1
         proxy.backing.drop()
         if proxy.invalidator is not None:
             proxy.invalidator.drop()

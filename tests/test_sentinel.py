@@ -119,7 +119,7 @@ def test_a_sentinel_failover_moves_every_connection_and_flushes_the_cache(sentin
     old, new = yield in_thread(sentinels.failover)
     yield until(lambda: p.proxy.sentinel.address == ("127.0.0.1", new))
     assert p.proxy.sentinel.failovers == 1
-    assert len(p.proxy.cache) == 0
+    assert len(p.proxy.cache) == 0 and p.proxy.metrics.invalidation_flushes == 1
     yield pinned.hung_up()  # its MULTI was on the old master
     yield in_thread(sentinels.wait_healthy)  # the old master is a replica now
 
