@@ -242,10 +242,11 @@ def follow_sentinel(proxy: Proxy, sentinel: SentinelMaster) -> None:
     are hung up on, as after a backing restart).  Also INFO and /metrics."""
     def switched(old: Any, new: Any) -> None:
         proxy.reader.invalidate_all()
-        proxy.metrics.invalidation_flushes += 1
         proxy.backing.drop()
         if proxy.invalidator is not None:
-            proxy.invalidator.drop()
+            proxy.invalidator.drop()  # flushes (and counts it) too
+        else:
+            proxy.metrics.invalidation_flushes += 1
         if proxy.forwarder is not None:
             proxy.forwarder.pool.drop_all(f"the master moved to {new[0]}:{new[1]}")
 
