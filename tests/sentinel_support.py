@@ -34,9 +34,12 @@ FAILOVER_TIMEOUT_MS = 2000
 class Node(RedisServer):
     """A data node: password set, replicas authenticate to their master."""
 
-    def __init__(self, port: int | None = None, *extra: str) -> None:
+    def __init__(self, port: int | None = None, *extra: str, directory: str | None = None
+                 ) -> None:
+        # a replica writes the RDB it receives into its directory: never the checkout
         super().__init__(port, "--requirepass", PASSWORD, "--masterauth", PASSWORD,
-                         "--repl-diskless-sync-delay", "0", *extra)
+                         "--repl-diskless-sync-delay", "0",
+                         "--dir", directory or tempfile.gettempdir(), *extra)
 
     def client(self):
         import redis
@@ -119,8 +122,9 @@ class SentinelDeployment:
         self.nodes: dict[int, Node] = {}
         self.sentinels: list[Sentinel] = []
         try:
-            first = Node()
-            second = Node(None, "--replicaof", "127.0.0.1", str(first.port))
+            first = Node(directory=self._node_dir())
+            second = Node(None, "--replicaof", "127.0.0.1", str(first.port),
+                          directory=self._node_dir())
             for node in (first, second):
                 self.nodes[node.port] = node  # stopped by stop() even if start() fails
                 node.start()
@@ -130,6 +134,9 @@ class SentinelDeployment:
         except BaseException:
             self.stop()
             raise
+
+    def _node_dir(self) -> str:
+        return tempfile.mkdtemp(dir=self.directory)
 
     @property
     def url(self) -> str:
@@ -224,7 +231,7 @@ class SentinelDeployment:
     def restart_as_replica(self, port: int) -> None:
         """A killed node back, as a replica of the current master."""
         master = next(s.master() for s in self.sentinels if s.master()[1] != port)
-        node = Node(port, "--replicaof", "127.0.0.1", str(master[1]))
+        node = Node(port, "--replicaof", "127.0.0.1", str(master[1]), directory=self._node_dir())
         self.nodes[port] = node.start()
 
     def stop(self) -> None:
