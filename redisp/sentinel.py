@@ -381,9 +381,11 @@ class SentinelMaster:
             return
         self.address = address
         self.generation += 1
-        self._left.pop(address, None)
+        now = self._clock.seconds()
+        self._left = {a: t for a, t in self._left.items()
+                      if a != address and now - t < LEFT_GRACE}
         if old is not None:
-            self._left[old] = self._clock.seconds()
+            self._left[old] = now
         if old is None:
             log.info("sentinel: master {service!r} is {where} ({why})",
                      service=self.service, where=_where(address), why=why)
