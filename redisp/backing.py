@@ -337,6 +337,17 @@ class Backing:
         self._cancel_probe()
         return self._service.stopService()
 
+    def drop(self) -> None:
+        """Close the connection on purpose (the master moved, sentinel.py):
+        calls in flight on it fail as unavailable, later ones wait for the
+        new connection within their timeout."""
+        protocol = self._protocol
+        self._protocol = self._live = None
+        self._refusal = None
+        self._cancel_probe()
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()
+
     def mget(self, keys: list[bytes]) -> Deferred:
         """Fires with a list of values or None, Redis's MGET semantics."""
         return self.call(b"MGET", *keys)

@@ -98,7 +98,8 @@ def parse_redis_url(text: str) -> RedisURL:
     if kind == "server" and "," in hosts:
         raise ConfigError("a redis:// URL names one server; use redis+sentinel:// or "
                           "redis+cluster:// for several hosts")
-    seeds = tuple(_host_port(part) for part in hosts.split(","))
+    default_port = 26379 if kind == "sentinel" else 6379  # Sentinel's own port
+    seeds = tuple(_host_port(part, default_port) for part in hosts.split(","))
     username = password = None
     if at:
         user, colon, secret = credentials.partition(":")
@@ -123,8 +124,8 @@ def parse_redis_url(text: str) -> RedisURL:
                     tls=scheme.lower() == "rediss", kind=kind, seeds=seeds, service=service)
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    """``host[:port]`` (``[v6]:port`` too), port 6379 unless given."""
+def _host_port(text: str, default_port: int = 6379) -> tuple[str, int]:
+    """``host[:port]`` (``[v6]:port`` too), ``default_port`` unless given."""
     try:
         parts = urlsplit(f"redis://{text}")
         port = parts.port
@@ -132,7 +133,7 @@ def _host_port(text: str) -> tuple[str, int]:
         raise ConfigError(f"bad host:port {text!r} ({e})") from None
     if not parts.hostname or parts.path or parts.query or parts.fragment:
         raise ConfigError(f"bad host:port {text!r}: " + URL_SHAPES)
-    return parts.hostname, port if port is not None else 6379
+    return parts.hostname, port if port is not None else default_port
 
 
 class Secret(str):

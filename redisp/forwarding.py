@@ -183,7 +183,8 @@ class Forwarder:
 
     def __init__(self, config: Config, reactor: Any, reader: Any, gate: Any,
                  metrics: Metrics, pool: RelayPool | None = None,
-                 slots: ClientSlots | None = None, backing: Any = None) -> None:
+                 slots: ClientSlots | None = None, backing: Any = None,
+                 connect: Callable[[RelayProtocol], Deferred] | None = None) -> None:
         self.config = config
         self.mode = config.forward
         self.deny = frozenset(name.lower().encode() for name in config.deny_commands)
@@ -198,7 +199,7 @@ class Forwarder:
         #: clients with commands in flight on the shared pool -> how many
         self._pooled: dict[Any, int] = {}
         self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
-                                      on_ready=self._pool_ready)
+                                      connect=connect, on_ready=self._pool_ready)
         self.table: CommandTable | None = None
         #: a command's name as sent -> its metrics label, for the names the
         #: table knows (emptied when the table is read again)

@@ -177,6 +177,13 @@ class Invalidator:
         self._cancel_ping()
         return self._service.stopService()
 
+    def drop(self) -> None:
+        """Treat the tracking connection as lost and close it (the master
+        moved, sentinel.py): cache flushed, caching off until tracking is
+        set up again on the new connection."""
+        if self._protocol is not None:
+            self._give_up(self._protocol)
+
     def _enable(self, proxy: Any) -> Deferred:
         """Tracking on this connection, redirected to itself, then subscribe."""
         d = proxy.whenConnected()  # fires with the protocol itself
@@ -332,6 +339,13 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
     in a passing state (LOADING, BUSY, max clients reached), is not a problem here: redisp starts
     with caching off and turns it on once tracking can be enabled.
     """
+    if url.kind == "sentinel":  # ask the master the Sentinels name now, if any does
+        from redisp.sentinel import blocking_master
+
+        master = blocking_master(url, timeout)
+        if master is None:
+            return None
+        url = url.at(*master)
     where = url.redacted()
     try:
         with _connect(url, timeout) as s:

@@ -24,7 +24,8 @@ COUNTERS: dict[str, str] = {
     "cache_expirations": "entries dropped because their ttl had passed",
     "cache_invalidations": "entries dropped because the key changed in Redis",
     "invalidation_messages": "invalidation messages received from Redis (tracking)",
-    "invalidation_flushes": "whole-cache flushes: FLUSHDB/FLUSHALL, or tracking lost",
+    "invalidation_flushes": "whole-cache flushes: FLUSHDB/FLUSHALL, tracking lost, or a "
+                            "Sentinel failover",
     "write_invalidations": "keys dropped because a write passed through redisp",
     "write_flushes": "whole-cache flushes by a command passing through redisp (FLUSHDB …)",
     "auth_failures": "failed authentications: wrong credentials in AUTH, HELLO or HTTP",

@@ -4,8 +4,8 @@ scripts/run asks this before starting redisp, so it can start a local
 redis-server when none answers, at the very address redisp will use (the
 same options, environment and conf.yaml, through the same ``load_config``).
 Prints ``host port``; with ``--ping``, exits 0 only if a Redis answers PING
-(or the backing is ``rediss://``: a TLS Redis is the operator's own, and a
-plain one started here would be of no use to redisp).
+(or the backing is ``rediss://``, Sentinel or Cluster: the operator's own,
+and a plain one started here would be of no use to redisp).
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def main(argv: list[str]) -> int:
         return 2
     host, port = config.redis.host, config.redis.port
     if ping:
-        return 0 if config.redis.tls or answers_ping(host, port) else 1
+        # a Sentinel or cluster deployment is the operator's own too: a
+        # plain redis-server started at its first address would be none
+        own = config.redis.tls or config.redis.kind != "server"
+        return 0 if own or answers_ping(host, port) else 1
     print(host, port)
     return 0
 

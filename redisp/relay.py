@@ -596,6 +596,19 @@ class RelayPool:
         self._connect(protocol).addErrback(protocol.connect_failed)
         return protocol
 
+    def drop_all(self, why: str) -> None:
+        """Close every connection, pool and pinned, at once (the master
+        moved, sentinel.py): calls waiting on them fail as unavailable with
+        ``why``, a pinned client holding state is hung up on as after a
+        backing restart, and the next call on a lane reconnects without
+        waiting out a backoff."""
+        self._down_reason = None
+        self._backoff = 0.0
+        protocols = [p for lanes in self._lanes.values() for p in lanes if p is not None]
+        for protocol in protocols + list(self._pinned):
+            if not protocol.lost:
+                protocol._abort(why)
+
     def stop(self) -> Deferred:
         """Close every connection, pool and pinned; fires when all are down."""
         self._stopped = True

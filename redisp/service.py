@@ -30,6 +30,7 @@ from redisp.invalidation import Invalidator
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
 from redisp.resp_server import RespFactory
+from redisp.sentinel import SentinelMaster
 from redisp.tls import backing_url, require_client_certificates
 from redisp.web import build_site
 
@@ -178,6 +179,8 @@ class ProxyService(MultiService):
         p = self.proxy
         if self.fd_warning is not None:
             log.warn("{warning}", warning=self.fd_warning)
+        if p.sentinel is not None:
+            p.sentinel.start()
         p.backing.start()
         if p.forwarder is not None:
             p.forwarder.start()
@@ -207,6 +210,8 @@ class ProxyService(MultiService):
         if p.forwarder is not None:
             d.addBoth(lambda _: p.forwarder.stop())
         d.addBoth(lambda _: p.backing.stop())
+        if p.sentinel is not None:
+            d.addBoth(lambda _: p.sentinel.stop())
         return d
 
 
@@ -226,6 +231,28 @@ class Proxy:
     forwarder: Forwarder | None = None
     service: ProxyService = None  # type: ignore[assignment]
     auth: Authenticator = None  # type: ignore[assignment]
+    sentinel: SentinelMaster | None = None  # redis+sentinel:// only
+
+
+def follow_sentinel(proxy: Proxy, sentinel: SentinelMaster) -> None:
+    """When Sentinel moves the master: flush the cache (the old master may
+    have lost writes the new one never saw) and drop every backing
+    connection, so each reconnects to the new master (tracking is set up
+    again by the Invalidator's own reconnect; pinned clients holding state
+    are hung up on, as after a backing restart).  Also INFO and /metrics."""
+    def switched(old: Any, new: Any) -> None:
+        proxy.reader.invalidate_all()
+        proxy.backing.drop()
+        if proxy.invalidator is not None:
+            proxy.invalidator.drop()  # flushes (and counts it) too
+        else:
+            proxy.metrics.invalidation_flushes += 1
+        if proxy.forwarder is not None:
+            proxy.forwarder.pool.drop_all(f"the master moved to {new[0]}:{new[1]}")
+
+    sentinel.on_switch(switched)
+    proxy.metrics.topology_info = sentinel.info
+    proxy.metrics.topology_metrics = sentinel.metric_families
 
 
 def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
@@ -242,26 +269,35 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
             raise SystemExit(f"redisp: configuration error: {e}") from None
     own = sum(1 for _, description in doors if description is not None)
     own += 1 + (config.invalidation == "tracking")  # backing and tracking connections
+    if config.redis.kind == "sentinel":
+        own += len(config.redis.seeds)  # a subscription to each Sentinel
     max_clients, fd_warning = fit_open_files(config.max_clients, own)
     config = replace(config, max_clients=max_clients)
     metrics = Metrics(started=reactor.seconds())
     cache = Cache(config.capacity, config.ttl, cache_clock or reactor, metrics,
                   config.max_item_bytes)
     gate = Gate(config.concurrency, reactor)
-    backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
+    sentinel = SentinelMaster(config.redis, config.redis_timeout, reactor) \
+        if config.redis.kind == "sentinel" else None
+    endpoint = sentinel.endpoint() if sentinel is not None else None  # None: the URL's server
+    backing = Backing(config.redis, config.redis_timeout, reactor, metrics, endpoint=endpoint)
     reader = CachedReader(cache, gate, backing, metrics)
     slots = ClientSlots(config.max_clients, metrics)
     metrics.cache_size = cache.__len__
     metrics.backing_up = lambda: backing.up
     invalidator = None
     if config.invalidation == "tracking":
-        invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader, metrics)
+        invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader, metrics,
+                                  endpoint=endpoint)
         metrics.invalidation_state = lambda: invalidator.state
     forwarder = None
     if config.forward != "none":
-        forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing)
+        forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing,
+                              connect=sentinel.connect_relay if sentinel is not None else None)
     proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
-                  forwarder)
+                  forwarder, sentinel=sentinel)
+    if sentinel is not None:
+        follow_sentinel(proxy, sentinel)
     auth = proxy.auth = Authenticator.from_config(config, metrics)  # both doors (§8)
 
     service = ProxyService(proxy)
