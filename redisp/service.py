@@ -178,6 +178,8 @@ class ProxyService(MultiService):
         p = self.proxy
         if self.fd_warning is not None:
             log.warn("{warning}", warning=self.fd_warning)
+        if p.topology is not None:
+            p.topology.start()
         p.backing.start()
         if p.forwarder is not None:
             p.forwarder.start()
@@ -207,6 +209,8 @@ class ProxyService(MultiService):
         if p.forwarder is not None:
             d.addBoth(lambda _: p.forwarder.stop())
         d.addBoth(lambda _: p.backing.stop())
+        if p.topology is not None:
+            d.addBoth(lambda _: p.topology.stop())
         return d
 
 
@@ -224,8 +228,28 @@ class Proxy:
     slots: ClientSlots
     invalidator: Invalidator | None = None
     forwarder: Forwarder | None = None
+    #: redis+cluster://: the ClusterTopology (cluster_map.py), started first
+    topology: Any = None
     service: ProxyService = None  # type: ignore[assignment]
     auth: Authenticator = None  # type: ignore[assignment]
+
+
+def cluster_backing(config: Config, reactor: Any, metrics: Metrics) -> tuple[Any, Any]:
+    """redis+cluster://: the slot map, kept fresh, and the read path that
+    sends each miss to its slot's master (cluster_backing.py)."""
+    from redisp.cluster_backing import ClusterBacking
+    from redisp.cluster_map import ClusterTopology
+
+    topology = ClusterTopology(config.redis, config.redis_timeout, reactor, metrics)
+    return topology, ClusterBacking(topology, config.redis_timeout, reactor, metrics)
+
+
+def cluster_tracking(config: Config, reactor: Any, metrics: Metrics, topology: Any,
+                     reader: CachedReader) -> Any:
+    """redis+cluster:// with tracking: one tracking connection per master."""
+    from redisp.cluster_tracking import ClusterTracking
+
+    return ClusterTracking(topology, config.redis_timeout, reactor, reader, metrics)
 
 
 def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
@@ -248,20 +272,30 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
     cache = Cache(config.capacity, config.ttl, cache_clock or reactor, metrics,
                   config.max_item_bytes)
     gate = Gate(config.concurrency, reactor)
-    backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
+    topology = None
+    if config.redis.kind == "cluster":
+        topology, backing = cluster_backing(config, reactor, metrics)
+    else:
+        backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
     reader = CachedReader(cache, gate, backing, metrics)
     slots = ClientSlots(config.max_clients, metrics)
     metrics.cache_size = cache.__len__
     metrics.backing_up = lambda: backing.up
     invalidator = None
     if config.invalidation == "tracking":
-        invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader, metrics)
+        if topology is not None:
+            invalidator = cluster_tracking(config, reactor, metrics, topology, reader)
+        else:
+            invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader,
+                                      metrics)
         metrics.invalidation_state = lambda: invalidator.state
     forwarder = None
     if config.forward != "none":
+        # a cluster's forwarded commands are routed by slot: cluster forwarding
+        # (cluster_routing.py) plugs its router in here, next to ``topology``
         forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing)
     proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
-                  forwarder)
+                  forwarder, topology=topology)
     auth = proxy.auth = Authenticator.from_config(config, metrics)  # both doors (§8)
 
     service = ProxyService(proxy)
