@@ -16,6 +16,15 @@ What flushes the whole cache:
   every fetch in flight, so a value read from the old master is never
   stored (reader.py).
 
+A replica promoted by ``CLUSTER FAILOVER`` gives no sign on the tracking
+connections: the old master, now its replica, keeps them up and keeps
+sending the invalidations of the writes it replicates, but only once it has
+replicated them, so a client that writes on the new master and reads
+through redisp could be answered from the cache before the invalidation
+comes.  So while tracking is on, the map is read every ``FOLLOW_SECONDS``
+(the topology's own period is for routing, and longer): a promotion is
+seen, and the cache flushed, within about that much of the cluster knowing.
+
 A new master gets its own connection, and caching is off until it is
 active (its activation poisons the fetches in flight again); a master that
 left the map has its connection closed.  While some master's tracking is
@@ -35,6 +44,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from redisp.cluster_map import Address, ClusterTopology, SlotMap
@@ -46,6 +56,9 @@ log = Logger()
 
 #: seconds between map reads while some master's tracking is down
 RECHECK_SECONDS = 0.25
+
+#: seconds between map reads while tracking is on (see the module docstring)
+FOLLOW_SECONDS = 1.0
 
 
 class ClusterTracking:
@@ -75,6 +88,8 @@ class ClusterTracking:
         self._drains: tuple[Any, ...] = ()
         self._running = False
         self._recheck: IDelayedCall | None = None
+        self._follow = LoopingCall(self._read_map_again)
+        self._follow.clock = reactor
         topology.on_change(self._map_changed)
 
     @property
@@ -98,12 +113,15 @@ class ClusterTracking:
     def start(self) -> None:
         self._running = True
         self._reader.caching = False
+        self._follow.start(FOLLOW_SECONDS, now=False)
         if self._topology.map is not None:
             self._map_changed(None, self._topology.map)
 
     def stop(self) -> Deferred:
         self._running = False
         self._cancel_recheck()
+        if self._follow.running:
+            self._follow.stop()
         trackers, self.trackers = list(self.trackers.values()), {}
         self._update()
         return DeferredList([tracker.stop() for tracker in trackers])
@@ -137,6 +155,9 @@ class ClusterTracking:
         if self._running and not self.active:
             self._topology.refresh().addErrback(lambda _: None)
             self._recheck = self._clock.callLater(RECHECK_SECONDS, self._read_map)
+
+    def _read_map_again(self) -> None:
+        self._topology.refresh().addErrback(lambda _: None)
 
     def _cancel_recheck(self) -> None:
         if self._recheck is not None and self._recheck.active():

@@ -7,7 +7,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from redisp.cluster_map import SLOTS, SlotMap
-from redisp.cluster_tracking import RECHECK_SECONDS, ClusterTracking
+from redisp.cluster_tracking import FOLLOW_SECONDS, RECHECK_SECONDS, ClusterTracking
 from redisp.metrics import Metrics
 from tests.test_cluster_read_units import A, B, C, FakeTopology, thirds
 
@@ -103,8 +103,23 @@ def test_while_a_masters_tracking_is_down_the_map_is_read_again_and_again():
     clock.advance(RECHECK_SECONDS)
     assert topology.refreshes == 2
     made[B].establish()
-    clock.advance(RECHECK_SECONDS * 4)
+    clock.advance(RECHECK_SECONDS)
     assert topology.refreshes == 2
+    assert FOLLOW_SECONDS > RECHECK_SECONDS * 3
+
+
+def test_while_tracking_the_map_is_read_every_follow_period():
+    """A promotion by CLUSTER FAILOVER shows on no tracking connection."""
+    clock, topology, reader, metrics, tracking, made = setup()
+    for tracker in made.values():
+        tracker.establish()
+    for _ in range(3):
+        clock.advance(FOLLOW_SECONDS)
+    assert topology.refreshes == 3
+    tracking.stop()
+    for _ in range(3):
+        clock.advance(FOLLOW_SECONDS)
+    assert topology.refreshes == 3
 
 
 def test_a_dead_master_replaced_in_the_map_gets_its_successor_tracked():
