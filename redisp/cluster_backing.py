@@ -27,7 +27,9 @@ two nodes): each key is sent alone, to follow its own ASK.  A call that
 failed on a master which the map no longer names for the slot (a failover
 seen meanwhile, a master dropped) goes again to the slot's current master.
 All of these count as redirections: ``MAX_REDIRECTIONS`` per key at most,
-then the key fails as unavailable.
+then the key fails as unavailable.  ``CLUSTERDOWN`` (a slot without a
+master while a failover runs) is reported as "backing redis unavailable
+(CLUSTERDOWN …)", as a server that is down.
 
 No map yet: the keys wait for one read of the map (``when_known``), and
 fail with its error, "backing redis unavailable (…)", as a server that is
@@ -298,8 +300,12 @@ class ClusterBacking:
                             self._topology.asked()
                         self._send(slot, keys, dones, mget, target, hops + 1, kind == "ASK")
                         return
-            elif kind == "CLUSTERDOWN":
+            elif kind == "CLUSTERDOWN":  # mid-failover: the backing is unavailable for now
                 self._refresh_soon()
+                unavailable = BackingUnavailable(f"backing redis unavailable ({error})")
+                self._metrics.backing_errors[error.kind] -= 1  # counted as what it is
+                self._metrics.backing_errors[unavailable.kind] += 1
+                failure = Failure(unavailable)
         else:
             current = self._master(slot)
             if current is not None and current != address and hops < MAX_REDIRECTIONS:

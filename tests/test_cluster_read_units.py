@@ -446,3 +446,13 @@ def test_a_malformed_redirection_is_passed_on_as_the_reply_error():
     clock.advance(0)
     nodes[A].answer(BackingReplyError("MOVED nonsense"))
     assert got[0].check(BackingReplyError)
+
+
+def test_clusterdown_is_unavailable_and_has_the_map_read_again():
+    clock, topology, backing, nodes = setup()
+    got = fetch(backing, key_on(A, topology.map))
+    clock.advance(0)
+    nodes[A].answer(BackingReplyError("CLUSTERDOWN The cluster is down"))
+    assert got[0].check(BackingUnavailable)
+    assert str(got[0].value) == "backing redis unavailable (CLUSTERDOWN The cluster is down)"
+    assert topology.refreshes == 1
