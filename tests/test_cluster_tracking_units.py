@@ -190,3 +190,54 @@ def test_no_map_no_caching_and_stop_stops_every_tracker():
     tracking.stop()
     assert all(t.stopped for t in made.values())
     assert not reader.caching and tracking.state == "down"
+
+
+def test_a_value_read_from_a_master_that_lost_the_slot_is_answered_not_stored():
+    """Real reader and ClusterBacking, fake masters and trackers: a GET in
+    flight on A when the map gives its slot to B (a failover seen) comes
+    back with A's value: the client gets it, the cache never holds it."""
+    from redisp.cache import Cache
+    from redisp.cluster_backing import ClusterBacking
+    from redisp.cluster_map import key_slot
+    from redisp.gate import Gate
+    from redisp.reader import CachedReader
+    from tests.test_cluster_read_units import FakeNode, key_on
+
+    clock = Clock()
+    topology = FakeTopology(thirds())
+    metrics = Metrics(started=0.0)
+    nodes: dict = {}
+
+    def make_node(address):
+        nodes[address] = FakeNode(address)
+        return nodes[address]
+
+    backing = ClusterBacking(topology, 1.0, clock, metrics, clock=clock, make_node=make_node)
+    reader = CachedReader(Cache(100, 60.0, clock, metrics), Gate(4, clock), backing, metrics)
+    trackers: dict = {}
+
+    def make_tracker(address, owner):
+        trackers[address] = FakeTracker(address, owner)
+        return trackers[address]
+
+    tracking = ClusterTracking(topology, 1.0, clock, reader, metrics,
+                               make_invalidator=make_tracker)
+    backing.start()
+    tracking.start()
+    for tracker in trackers.values():
+        tracker.establish(drainable=False)
+    assert reader.caching
+    key = key_on(A, topology.map)
+    answers = []
+    reader.get(key).addBoth(answers.append)
+    clock.advance(0)
+    assert nodes[A].sent == [(b"GET", key)]
+    topology.install(topology.map.with_slot(key_slot(key), B))  # moved away meanwhile
+    nodes[A].answer(b"old")
+    assert answers == [(b"old", False)]
+    assert reader.caching and len(reader._cache) == 0
+    reader.get(key).addBoth(answers.append)
+    clock.advance(0)
+    assert nodes[B].sent == [(b"GET", key)]
+    nodes[B].answer(b"new")
+    assert answers[-1] == (b"new", False) and len(reader._cache) == 1
