@@ -66,9 +66,12 @@ class Load:
                 else:
                     self.wrong.append((key, value))
 
-    def stop(self) -> None:
+    @defer.inlineCallbacks
+    def stop(self):
+        """Stop, and wait (without blocking the reactor that answers it)
+        until the thread has finished its last read."""
         self._stop.set()
-        self._thread.join(STARTUP_LIMIT)
+        yield until(lambda: not self._thread.is_alive())
 
 
 @defer.inlineCallbacks
@@ -125,7 +128,7 @@ def scenario(cluster, start_proxy, name, change, restore):
         known = yield in_thread(change, victim[1], replica[1])
         yield serving_with_tracking(p, slot, replica, victim_key, b"v1")
         recovered = time.monotonic()
-        load.stop()
+        yield load.stop()
         assert load.wrong == []
         assert p.proxy.metrics.invalidation_flushes > flushes
         # no stale read after the flush: a write on the new master is seen at once
@@ -143,7 +146,7 @@ def scenario(cluster, start_proxy, name, change, restore):
               f"{recovered - known:+.2f}s after the cluster agreed "
               f"({recovered - started:.2f}s after the change began)")
     finally:
-        load.stop()
+        yield load.stop()
         yield in_thread(restore, victim[1])
 
 
