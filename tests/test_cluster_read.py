@@ -100,11 +100,15 @@ def test_a_turn_of_misses_on_many_slots_is_answered_right(redis_cluster, start_p
 
 
 @inline
-def test_healthz_pings_every_master(redis_cluster, start_proxy):
+def test_healthz_info_and_metrics_see_every_master(redis_cluster, start_proxy):
     p = cluster_proxy(start_proxy, redis_cluster)
     yield ready(p)
     status, _, body = yield in_thread(p.http_path, "/healthz")
     assert (status, body) == (200, b"ok\n")
+    info = yield in_thread(p.redis_py().info, "proxy")
+    assert info["backing_status"] == "up"
+    status, _, body = yield in_thread(p.http_path, "/metrics")
+    assert status == 200 and b"redisp_backing_up 1" in body
 
 
 @inline
