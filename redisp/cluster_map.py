@@ -313,6 +313,7 @@ class ClusterTopology:
         self._timer: IDelayedCall | None = None
         self._retry = 0.0
         self._running = False
+        self._stopped = False
         self._connections: set[Any] = set()
         #: the last reason no node answered, for INFO (never a secret: errors
         #: are first lines of Redis's replies or connection failures)
@@ -333,6 +334,7 @@ class ClusterTopology:
         """Stop refreshing; close connections in flight.  Callers still
         waiting are failed as unavailable."""
         self._running = False
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -368,8 +370,10 @@ class ClusterTopology:
         """A MOVED was seen: ``slot`` is served by ``address`` from now on,
         and the rest of the map is read again (the MOVED's node asked first)."""
         self.metrics.cluster_moved += 1
+        if self.map is not None and self.map.master(slot) == address:
+            return  # known already: the answer to a request sent before the map changed
         self._hint = address
-        if self.map is not None and self.map.master(slot) != address:
+        if self.map is not None:
             self._install(self.map.with_slot(slot, address))
         if self._waiting is not None:
             # the read in flight may have asked a node that has not heard of
@@ -485,6 +489,9 @@ class ClusterTopology:
         return list(dict.fromkeys(order))
 
     def _read(self, candidates: list[Address], last_error: str | None) -> None:
+        if self._stopped:
+            self._no_answer("redisp is stopping")
+            return
         if not candidates:
             self._no_answer(last_error or "no cluster node to ask")
             return

@@ -132,9 +132,15 @@ class RedisCluster:
         return [n.port for n in self.nodes]
 
     @property
+    def running_ports(self) -> list[int]:
+        """The nodes up now (a test may have killed one)."""
+        return [n.port for n in self.nodes if n.running]
+
+    @property
     def url(self) -> str:
-        """redis+cluster:// with two seeds (a seed may be a replica: fine)."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:2])
+        """redis+cluster:// with two seeds that are up (a seed may be a replica: fine)."""
+        seeds = self.running_ports[:2] or self.ports[:2]
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in seeds)
 
     def client(self, port: int):
         """A plain (non-cluster) redis-py client to one node, RESP2."""

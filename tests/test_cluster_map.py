@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -80,11 +82,66 @@ def test_key_slot_is_redis_cluster_keyslot(redis_cluster):
     keys = [bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
             for _ in range(1500)]
     keys += [b"user:%d" % i for i in range(500)]
-    frames = replies(redis_cluster.ports[0], [["CLUSTER", "KEYSLOT", k] for k in keys])
+    frames = replies(redis_cluster.running_ports[0], [["CLUSTER", "KEYSLOT", k] for k in keys])
     assert [key_slot(k) for k in keys] == [decode(f) for f in frames]
 
 
+def _crc16_xmodem(data: bytes) -> int:
+    """Redis's crc16.c, bit by bit (polynomial 0x1021, initial 0)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def _key_hash_slot(key: bytes) -> int:
+    """cluster.c keyHashSlot, transcribed loop for loop."""
+    keylen = len(key)
+    s = 0
+    while s < keylen and key[s] != ord("{"):
+        s += 1
+    if s == keylen:
+        return _crc16_xmodem(key) & 0x3FFF
+    e = s + 1
+    while e < keylen and key[e] != ord("}"):
+        e += 1
+    if e == keylen or e == s + 1:
+        return _crc16_xmodem(key) & 0x3FFF
+    return _crc16_xmodem(key[s + 1:e]) & 0x3FFF
+
+
+@given(st.binary(max_size=40) | st.lists(st.sampled_from([b"{", b"}", b"a", b"\x00", b"xy"]),
+                                          max_size=12).map(b"".join))
+def test_key_slot_is_keyHashSlot_for_any_bytes(key):
+    assert key_slot(key) == _key_hash_slot(key)
+
+
 # -- SlotMap ------------------------------------------------------------------------
+
+
+@given(st.lists(st.sampled_from([A, B, C, None]), min_size=1, max_size=12),
+       st.lists(st.integers(0, SLOTS - 1), max_size=11, unique=True))
+def test_slot_map_ranges_describe_every_slot(owners, cuts):
+    """Any assignment of slots: ``ranges()`` gives it back exactly, and a map
+    built from those ranges is equal."""
+    bounds = sorted({0, *cuts})[:len(owners)]
+    owner = [None] * SLOTS
+    for i, start in enumerate(bounds):
+        end = bounds[i + 1] if i + 1 < len(bounds) else SLOTS
+        owner[start:end] = [owners[i]] * (end - start)
+    m = SlotMap(owner)
+    rebuilt = [None] * SLOTS
+    for address, spans in m.ranges().items():
+        for first, last in spans:
+            rebuilt[first:last + 1] = [address] * (last - first + 1)
+    assert rebuilt == owner
+    assert SlotMap.from_ranges(m.ranges()) == m
+    assert m.masters == tuple(sorted({o for o in owner if o is not None}))
+    assert m.covered == sum(o is not None for o in owner)
+    assert all(m.master(slot) == owner[slot] for slot in (0, SLOTS - 1, *cuts))
 
 
 def test_slot_map_lookup_and_ranges():
@@ -220,13 +277,14 @@ def test_from_slots_refuses_what_is_not_a_map(reply):
 
 def test_slot_map_from_the_live_cluster(redis_cluster):
     """Every node's CLUSTER SHARDS and CLUSTER SLOTS give the same map."""
-    port = redis_cluster.ports[0]
+    redis_cluster.wait_healthy()  # whatever earlier tests did to it
+    port = redis_cluster.running_ports[0]
     shards = redis_cluster.slot_map(port)
     slots = SlotMap.from_slots(redis_cluster.command(port, "CLUSTER", "SLOTS"),
                                ("127.0.0.1", port))
     assert shards.settled and len(shards.masters) == 3
     assert slots.ranges() == shards.ranges()
-    assert sorted(shards.nodes()) == sorted(("127.0.0.1", p) for p in redis_cluster.ports)
+    assert sorted(shards.nodes()) == sorted(("127.0.0.1", p) for p in redis_cluster.running_ports)
     for key in (b"a", b"b", b"{tag}x"):
         address = shards.master_for_key(key)
         client = redis_cluster.client(address[1])
@@ -545,6 +603,19 @@ def test_moved_moves_the_slot_at_once_then_reads_from_the_named_node_first():
     assert metrics.cluster_asked == 1
 
 
+def test_moved_already_known_changes_nothing():
+    """MOVED replies to requests sent before the map changed: counted, no
+    new read, nobody told."""
+    topo, fake, clock, metrics = topology({A: FakeNode(shards_reply(THIRDS))})
+    topo.refresh()
+    fake.pump()
+    changes = []
+    topo.on_change(lambda old, new: changes.append(new))
+    fake.attempts.clear()
+    topo.moved(6000, B)
+    assert fake.attempts == [] and changes == [] and metrics.cluster_moved == 1
+
+
 def test_moved_during_a_read_reads_again():
     """A read in flight may have asked a node that has not heard of the
     move: its answer would move the slot back, so it is read again."""
@@ -601,15 +672,19 @@ def test_node_url_keeps_credentials_and_tls():
         "10.1.1.1", 7000, "u", "pw", "server")
 
 
-def test_stop_closes_reads_in_flight():
-    topo, fake, clock, _ = topology({A: FakeNode(silent=True)})
+def test_stop_closes_reads_in_flight_and_asks_no_other_node():
+    topo, fake, clock, _ = topology({A: FakeNode(silent=True), B: FakeNode(shards_reply(THIRDS))})
     topo.start()
     clock.advance(0)
+    waiting = topo.refresh()
     stopped = topo.stop()
     for _, protocol, _transport, _ in fake.connections:
         protocol.connectionLost(Failure(ConnectionRefusedError()))
     assert settled(stopped) is not None
-    assert not clock.getDelayedCalls() or all(not c.active() for c in clock.getDelayedCalls())
+    assert settled(waiting).check(BackingUnavailable)
+    assert fake.attempts == [A]  # B never asked
+    assert topo.map is None
+    assert not any(c.active() for c in clock.getDelayedCalls())
 
 
 # -- ClusterTopology against the real cluster --------------------------------------
@@ -618,8 +693,9 @@ def test_stop_closes_reads_in_flight():
 @pytest_twisted.inlineCallbacks
 def test_topology_reads_the_live_cluster(redis_cluster):
     """A dead seed first, then a real one: the map every node agrees on."""
+    redis_cluster.wait_healthy()
     dead = free_port()
-    url = parse_redis_url(f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{redis_cluster.ports[1]}")
+    url = parse_redis_url(f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{redis_cluster.running_ports[0]}")
     metrics = Metrics(started=reactor.seconds())
     topo = ClusterTopology(url, 2.0, reactor, metrics)
     try:
@@ -656,6 +732,7 @@ def test_cluster_fixture_migrates_fails_over_and_recovers(redis_cluster):
     replica promoted, a master killed and its node back as a replica; the
     cluster healthy after each."""
     cluster = redis_cluster
+    cluster.wait_healthy()
     key = b"{fixture}k"
     slot = key_slot(key)
     home = cluster.node_for(key)
