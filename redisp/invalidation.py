@@ -137,7 +137,13 @@ def _protocol() -> _InvalidationProtocol:
 
 
 class Invalidator:
-    """Keeps one tracking connection up and the reader's ``caching`` flag true to it."""
+    """Keeps one tracking connection up and the reader's ``caching`` flag true to it.
+
+    With an ``owner`` (a cluster's per-master tracking, cluster_tracking.py),
+    this connection is one of several: it still flushes on a loss, but
+    whether to cache, and which sockets to drain before hits, is the
+    owner's to decide from all of them (``owner.tracking_changed(self)``).
+    """
 
     _stopping = False  # set by stop()
 
@@ -149,6 +155,7 @@ class Invalidator:
         reader: CachedReader,
         metrics: Metrics,
         endpoint: IStreamClientEndpoint | None = None,
+        owner: Any = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
@@ -156,6 +163,9 @@ class Invalidator:
         self._reader = reader
         self._metrics = metrics
         self.active = False
+        self._owner = owner
+        #: the established connection's socket can be read by ``drain``
+        self.drainable = False
         self._problem: str | None = None
         # the established tracking connection (the protocol, not ClientService's proxy)
         self._protocol: _InvalidationProtocol | None = None
@@ -171,6 +181,8 @@ class Invalidator:
     def start(self) -> None:
         self._reader.caching = False
         self._service.startService()
+        if self._owner is not None:
+            self._owner.tracking_changed(self)
 
     def stop(self) -> Deferred:
         self._stopping = True
@@ -218,11 +230,16 @@ class Invalidator:
         # fetches in flight were read while nothing watched: none may be stored
         self._reader.invalidate_all()
         self.active = True
-        self._reader.caching = True
-        if protocol.can_drain():
-            self._reader.drain_before_hits(self._drain, self._clock)
+        self.drainable = protocol.can_drain()
         self._ping_later(protocol, PING_INTERVAL)
         self._problem = None
+        if self._owner is not None:
+            log.info("invalidation: tracking active (BCAST) on {url}", url=self.url.redacted())
+            self._owner.tracking_changed(self)
+            return
+        self._reader.caching = True
+        if self.drainable:
+            self._reader.drain_before_hits(self.drain, self._clock)
         log.info("invalidation: tracking active (BCAST); caching on")
 
     def _failed(self, failure: Failure) -> Failure:
@@ -241,11 +258,18 @@ class Invalidator:
             return  # already handled (found silent), or an old connection
         self._protocol = None
         self._cancel_ping()
-        self._reader.drain_before_hits(None)
-        self.active = False
-        self._reader.caching = False
+        self.active = self.drainable = False
+        if self._owner is None:
+            self._reader.drain_before_hits(None)
+            self._reader.caching = False
         self._flush()
-        if not self._stopping:
+        if self._owner is not None:
+            if not self._stopping:
+                log.warn("invalidation: tracking connection to {url} lost; cache flushed, "
+                         "caching off until tracking is re-established",
+                         url=self.url.redacted())
+            self._owner.tracking_changed(self)
+        elif not self._stopping:
             log.warn("invalidation: tracking connection lost; cache flushed, caching off "
                      "until tracking is re-established")
 
@@ -295,7 +319,7 @@ class Invalidator:
 
     # -- invalidations ----------------------------------------------------------------------
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """The reader's hook: take in the invalidations already in the socket.
 
         Runs inside a cache lookup, so it never raises: a connection that
@@ -338,6 +362,9 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
     naming the actual problem.  A Redis that cannot be reached, or that is
     in a passing state (LOADING, BUSY, max clients reached), is not a problem here: redisp starts
     with caching off and turns it on once tracking can be enabled.
+
+    For a cluster every node runs the same Redis: the first seed that can be
+    reached speaks for them all.
     """
     if url.kind == "sentinel":  # ask the master the Sentinels name now, if any does
         from redisp.sentinel import blocking_master
@@ -346,31 +373,39 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
         if master is None:
             return None
         url = url.at(*master)
+    nodes = [url.at(host, port) for host, port in url.seeds] if url.kind == "cluster" else [url]
+    for node in nodes:
+        try:
+            return _tracking_problem(node, timeout)
+        except (OSError, ValueError):  # ssl.SSLError is an OSError
+            continue
+    return None
+
+
+def _tracking_problem(url: RedisURL, timeout: float) -> str | None:
+    """``tracking_support_problem`` of one server; raises when it cannot be asked."""
     where = url.redacted()
-    try:
-        with _connect(url, timeout) as s:
-            s.settimeout(timeout)
-            reader = s.makefile("rb")
+    with _connect(url, timeout) as s:
+        s.settimeout(timeout)
+        reader = s.makefile("rb")
 
-            def ask(*command: bytes) -> str | None:
-                """Redis's error text for ``command``, or None when it did not fail."""
-                s.sendall(b"*%d\r\n" % len(command)
-                          + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in command))
-                line = reader.readline().rstrip(b"\r\n")
-                return line[1:].decode("utf-8", "replace") if line.startswith(b"-") else None
+        def ask(*command: bytes) -> str | None:
+            """Redis's error text for ``command``, or None when it did not fail."""
+            s.sendall(b"*%d\r\n" % len(command)
+                      + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in command))
+            line = reader.readline().rstrip(b"\r\n")
+            return line[1:].decode("utf-8", "replace") if line.startswith(b"-") else None
 
-            auth = url.auth_command()
-            if auth is not None:
-                problem = ask(*auth)
-                if problem is not None:
-                    return (f"invalidation: tracking: backing redis {where} refused our "
-                            f"credentials: {problem}")
-            problem = ask(b"CLIENT", b"TRACKING", b"on", b"BCAST")
-            if problem is None:
-                ask(b"CLIENT", b"TRACKING", b"off")
-                return None
-    except (OSError, ValueError):  # ssl.SSLError is an OSError
-        return None
+        auth = url.auth_command()
+        if auth is not None:
+            problem = ask(*auth)
+            if problem is not None:
+                return (f"invalidation: tracking: backing redis {where} refused our "
+                        f"credentials: {problem}")
+        problem = ask(b"CLIENT", b"TRACKING", b"on", b"BCAST")
+        if problem is None:
+            ask(b"CLIENT", b"TRACKING", b"off")
+            return None
     code = problem.split(" ", 1)[0]
     if code in ("NOAUTH", "WRONGPASS"):
         return (f"invalidation: tracking: backing redis {where} requires authentication "

@@ -181,6 +181,8 @@ class ProxyService(MultiService):
             log.warn("{warning}", warning=self.fd_warning)
         if p.sentinel is not None:
             p.sentinel.start()
+        if p.topology is not None:
+            p.topology.start()
         p.backing.start()
         if p.forwarder is not None:
             p.forwarder.start()
@@ -212,6 +214,8 @@ class ProxyService(MultiService):
         d.addBoth(lambda _: p.backing.stop())
         if p.sentinel is not None:
             d.addBoth(lambda _: p.sentinel.stop())
+        if p.topology is not None:
+            d.addBoth(lambda _: p.topology.stop())
         return d
 
 
@@ -229,6 +233,8 @@ class Proxy:
     slots: ClientSlots
     invalidator: Invalidator | None = None
     forwarder: Forwarder | None = None
+    #: redis+cluster://: the ClusterTopology (cluster_map.py), started first
+    topology: Any = None
     service: ProxyService = None  # type: ignore[assignment]
     auth: Authenticator = None  # type: ignore[assignment]
     sentinel: SentinelMaster | None = None  # redis+sentinel:// only
@@ -253,6 +259,24 @@ def follow_sentinel(proxy: Proxy, sentinel: SentinelMaster) -> None:
     sentinel.on_switch(switched)
     proxy.metrics.topology_info = sentinel.info
     proxy.metrics.topology_metrics = sentinel.metric_families
+
+
+def cluster_backing(config: Config, reactor: Any, metrics: Metrics) -> tuple[Any, Any]:
+    """redis+cluster://: the slot map, kept fresh, and the read path that
+    sends each miss to its slot's master (cluster_backing.py)."""
+    from redisp.cluster_backing import ClusterBacking
+    from redisp.cluster_map import ClusterTopology
+
+    topology = ClusterTopology(config.redis, config.redis_timeout, reactor, metrics)
+    return topology, ClusterBacking(topology, config.redis_timeout, reactor, metrics)
+
+
+def cluster_tracking(config: Config, reactor: Any, metrics: Metrics, topology: Any,
+                     reader: CachedReader) -> Any:
+    """redis+cluster:// with tracking: one tracking connection per master."""
+    from redisp.cluster_tracking import ClusterTracking
+
+    return ClusterTracking(topology, config.redis_timeout, reactor, reader, metrics)
 
 
 def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
@@ -280,22 +304,32 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
     sentinel = SentinelMaster(config.redis, config.redis_timeout, reactor) \
         if config.redis.kind == "sentinel" else None
     endpoint = sentinel.endpoint() if sentinel is not None else None  # None: the URL's server
-    backing = Backing(config.redis, config.redis_timeout, reactor, metrics, endpoint=endpoint)
+    topology = None
+    if config.redis.kind == "cluster":
+        topology, backing = cluster_backing(config, reactor, metrics)
+    else:
+        backing = Backing(config.redis, config.redis_timeout, reactor, metrics,
+                          endpoint=endpoint)
     reader = CachedReader(cache, gate, backing, metrics)
     slots = ClientSlots(config.max_clients, metrics)
     metrics.cache_size = cache.__len__
     metrics.backing_up = lambda: backing.up
     invalidator = None
     if config.invalidation == "tracking":
-        invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader, metrics,
-                                  endpoint=endpoint)
+        if topology is not None:
+            invalidator = cluster_tracking(config, reactor, metrics, topology, reader)
+        else:
+            invalidator = Invalidator(config.redis, config.redis_timeout, reactor, reader,
+                                      metrics, endpoint=endpoint)
         metrics.invalidation_state = lambda: invalidator.state
     forwarder = None
     if config.forward != "none":
+        # a cluster's forwarded commands are routed by slot: cluster forwarding
+        # (cluster_routing.py) plugs its router in here, next to ``topology``
         forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing,
                               connect=sentinel.connect_relay if sentinel is not None else None)
     proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
-                  forwarder, sentinel=sentinel)
+                  forwarder, topology=topology, sentinel=sentinel)
     if sentinel is not None:
         follow_sentinel(proxy, sentinel)
     auth = proxy.auth = Authenticator.from_config(config, metrics)  # both doors (§8)

@@ -1,0 +1,186 @@
+"""Coherence in front of a Redis Cluster: one tracking connection per master (SPEC §5, §10).
+
+Each master sends the invalidations of its own keys only, so every master
+of the current map gets its own ``Invalidator`` (BCAST, checked for life
+exactly as for one server), and the reader caches only while every one of
+them is active: a write on a master nobody listens to would go unseen.
+
+What flushes the whole cache:
+
+* a tracking connection lost (the ``Invalidator`` itself flushes, as for one
+  server), and caching stays off until it is back, or until the map drops
+  that master;
+* a map change that gives a slot another master (a slot migrated away, a
+  replica promoted): the old master's invalidations for that slot stopped,
+  and a failover may have lost writes the cache holds.  The flush poisons
+  every fetch in flight, so a value read from the old master is never
+  stored (reader.py).
+
+A replica promoted by ``CLUSTER FAILOVER`` gives no sign on the tracking
+connections: the old master, now its replica, keeps them up and keeps
+sending the invalidations of the writes it replicates, but only once it has
+replicated them, so a client that writes on the new master and reads
+through redisp could be answered from the cache before the invalidation
+comes.  So while tracking is on, the map is read every ``FOLLOW_SECONDS``
+(the topology's own period is for routing, and longer): a promotion is
+seen, and the cache flushed, within about that much of the cluster knowing.
+
+A new master gets its own connection, and caching is off until it is
+active (its activation poisons the fetches in flight again); a master that
+left the map has its connection closed.  While some master's tracking is
+down the map is read again every ``RECHECK_SECONDS``: a master that died is
+replaced by the cluster within a few node timeouts, and caching comes back
+as soon as the map names its successor and that one's tracking is active,
+instead of at the next periodic read.
+
+Read-after-write: before the first cache lookup of a reactor turn the
+reader drains every active tracking socket (one ``poll(0)`` each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from redisp.cluster_map import Address, ClusterTopology, SlotMap
+from redisp.invalidation import Invalidator
+from redisp.metrics import Metrics
+from redisp.reader import CachedReader
+
+log = Logger()
+
+#: seconds between map reads while some master's tracking is down
+RECHECK_SECONDS = 0.25
+
+#: seconds between map reads while tracking is on (see the module docstring)
+FOLLOW_SECONDS = 1.0
+
+
+class ClusterTracking:
+    """One ``Invalidator`` per master, and the reader's ``caching`` true to all of them.
+
+    ``make_invalidator(address, owner)`` (tests) builds one master's
+    tracking; by default an ``Invalidator`` for ``topology.node_url(address)``.
+    """
+
+    def __init__(
+        self,
+        topology: ClusterTopology,
+        timeout: float,
+        reactor: Any,
+        reader: CachedReader,
+        metrics: Metrics,
+        make_invalidator: Callable[[Address, Any], Any] | None = None,
+    ) -> None:
+        self._topology = topology
+        self._clock = reactor
+        self._reader = reader
+        self._metrics = metrics
+        self._make = make_invalidator or (lambda address, owner: Invalidator(
+            topology.node_url(address), timeout, reactor, reader, metrics, owner=owner))
+        #: the tracking of each master of the current map
+        self.trackers: dict[Address, Any] = {}
+        self._drains: tuple[Any, ...] = ()
+        self._running = False
+        self._recheck: IDelayedCall | None = None
+        self._follow = LoopingCall(self._read_map_again)
+        self._follow.clock = reactor
+        topology.on_change(self._map_changed)
+
+    @property
+    def active(self) -> bool:
+        """True while there is a map and every master's tracking holds."""
+        current = self._topology.map
+        if current is None or not current.masters or not self._running:
+            return False
+        trackers = self.trackers
+        for address in current.masters:
+            tracker = trackers.get(address)
+            if tracker is None or not tracker.active:
+                return False
+        return True
+
+    @property
+    def state(self) -> str:
+        """'active' while tracking holds on every master, else 'down' (caching is off)."""
+        return "active" if self.active else "down"
+
+    def start(self) -> None:
+        self._running = True
+        self._reader.caching = False
+        self._follow.start(FOLLOW_SECONDS, now=False)
+        if self._topology.map is not None:
+            self._map_changed(None, self._topology.map)
+
+    def stop(self) -> Deferred:
+        self._running = False
+        self._cancel_recheck()
+        if self._follow.running:
+            self._follow.stop()
+        trackers, self.trackers = list(self.trackers.values()), {}
+        self._update()
+        return DeferredList([tracker.stop() for tracker in trackers])
+
+    # -- the owner of every master's Invalidator --------------------------------------
+
+    def tracking_changed(self, tracker: Any) -> None:
+        """A master's tracking became active, or was lost (and flushed)."""
+        if not any(t is tracker for t in self.trackers.values()):
+            return  # one we stopped (its master left the map)
+        self._update()
+
+    def _update(self) -> None:
+        active = self.active
+        self._reader.caching = active
+        drains = tuple(t for t in self.trackers.values() if t.active and t.drainable)
+        self._drains = drains
+        self._reader.drain_before_hits(self._drain if drains else None, self._clock)
+        if active or not self._running:
+            self._cancel_recheck()
+        elif self._recheck is None:
+            self._recheck = self._clock.callLater(RECHECK_SECONDS, self._read_map)
+
+    def _drain(self) -> None:
+        for tracker in self._drains:
+            tracker.drain()
+
+    def _read_map(self) -> None:
+        """Some master's tracking is down: is it still a master?"""
+        self._recheck = None
+        if self._running and not self.active:
+            self._topology.refresh().addErrback(lambda _: None)
+            self._recheck = self._clock.callLater(RECHECK_SECONDS, self._read_map)
+
+    def _read_map_again(self) -> None:
+        self._topology.refresh().addErrback(lambda _: None)
+
+    def _cancel_recheck(self) -> None:
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        self._recheck = None
+
+    # -- masters come and go --------------------------------------------------------
+
+    def _map_changed(self, old: SlotMap | None, new: SlotMap) -> None:
+        moved = new.moved_slots(old)
+        if moved:
+            self._metrics.invalidation_flushes += 1
+            self._reader.invalidate_all()
+            log.info("invalidation: {count} cluster slot(s) changed master; cache flushed",
+                     count=len(moved))
+        if not self._running:
+            return
+        masters = set(new.masters)
+        for address in [a for a in self.trackers if a not in masters]:
+            self.trackers.pop(address).stop()
+        for address in new.masters:
+            if address not in self.trackers:
+                tracker = self.trackers[address] = self._make(address, self)
+                tracker.start()  # caching off until it is active (tracking_changed)
+        self._update()
+
