@@ -236,6 +236,20 @@ class CommandInfo:
             return None
         return self._legacy_keys(argv)
 
+    def route_keys(self, argv: Sequence[bytes]) -> list[int] | None:
+        """``keys`` and the shard channels of ``not_key`` specs (SPUBLISH,
+        SSUBSCRIBE): what Redis Cluster routes a command by
+        (cluster_routing.py)."""
+        if len(self._keyed) == len(self.specs):
+            return self.keys(argv)
+        positions: list[int] = []
+        for spec in self.specs:
+            found = spec.positions(argv)
+            if found is None:
+                return None
+            positions += found
+        return positions
+
     def write_keys(self, argv: Sequence[bytes]) -> list[int] | None:
         """The argv indexes of keys this command may modify; None when only
         the backing can tell."""

@@ -183,7 +183,8 @@ class Forwarder:
 
     def __init__(self, config: Config, reactor: Any, reader: Any, gate: Any,
                  metrics: Metrics, pool: RelayPool | None = None,
-                 slots: ClientSlots | None = None, backing: Any = None) -> None:
+                 slots: ClientSlots | None = None, backing: Any = None,
+                 router: Any = None) -> None:
         self.config = config
         self.mode = config.forward
         self.deny = frozenset(name.lower().encode() for name in config.deny_commands)
@@ -197,8 +198,15 @@ class Forwarder:
         self._slots = slots or ClientSlots(config.max_clients, metrics)
         #: clients with commands in flight on the shared pool -> how many
         self._pooled: dict[Any, int] = {}
-        self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
-                                      on_ready=self._pool_ready)
+        #: in front of a cluster (cluster_routing.ClusterRouter): it is the
+        #: pool too, and each command goes where its keys live; None for one server
+        self._router = router
+        if router is not None:
+            router.on_ready = self._pool_ready
+            self.pool = router
+        else:
+            self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
+                                          on_ready=self._pool_ready)
         self.table: CommandTable | None = None
         #: a command's name as sent -> its metrics label, for the names the
         #: table knows (emptied when the table is read again)
@@ -387,7 +395,10 @@ class Forwarder:
                 done(BackingTimeout(
                     f"backing redis timed out after {self.config.redis_timeout:g}s"))
                 return
-            self.pool.call(session.lane, request, done, resp3=resp3)
+            if self._router is None:
+                self.pool.call(session.lane, request, done, resp3=resp3)
+            else:
+                self._router.route(session.lane, argv, info, request, done, resp3)
             return
         connection = pin.connection
         mode = _reply_mode(argv)
@@ -419,8 +430,12 @@ class Forwarder:
             timeout = None
         confirms = _CONFIRMS.get(name)
         expect = (len(argv) - 1 or None) if confirms in CONFIRMED else 1
-        self._pinned_send(session, pin, lambda: connection.call(
-            request, done, timeout, confirms, expect))
+        if self._router is None:
+            self._pinned_send(session, pin, lambda: connection.call(
+                request, done, timeout, confirms, expect))
+        else:
+            self._pinned_send(session, pin, lambda: connection.call_keyed(
+                argv, info, request, done, timeout, confirms, expect))
 
     def _answered(self, session: Any, result: Pending, argv: list[bytes], name: bytes,
                   pin: Pin | None,

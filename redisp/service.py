@@ -178,6 +178,8 @@ class ProxyService(MultiService):
         p = self.proxy
         if self.fd_warning is not None:
             log.warn("{warning}", warning=self.fd_warning)
+        if p.topology is not None:
+            p.topology.start()
         p.backing.start()
         if p.forwarder is not None:
             p.forwarder.start()
@@ -207,6 +209,8 @@ class ProxyService(MultiService):
         if p.forwarder is not None:
             d.addBoth(lambda _: p.forwarder.stop())
         d.addBoth(lambda _: p.backing.stop())
+        if p.topology is not None:
+            d.addBoth(lambda _: p.topology.stop())
         return d
 
 
@@ -224,6 +228,8 @@ class Proxy:
     slots: ClientSlots
     invalidator: Invalidator | None = None
     forwarder: Forwarder | None = None
+    #: redis+cluster://: the ClusterTopology (cluster_map.py), started first
+    topology: Any = None
     service: ProxyService = None  # type: ignore[assignment]
     auth: Authenticator = None  # type: ignore[assignment]
 
@@ -249,6 +255,11 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
                   config.max_item_bytes)
     gate = Gate(config.concurrency, reactor)
     backing = Backing(config.redis, config.redis_timeout, reactor, metrics)
+    topology = None
+    if config.redis.kind == "cluster":
+        from redisp.cluster_map import ClusterTopology
+
+        topology = ClusterTopology(config.redis, config.redis_timeout, reactor, metrics)
     reader = CachedReader(cache, gate, backing, metrics)
     slots = ClientSlots(config.max_clients, metrics)
     metrics.cache_size = cache.__len__
@@ -259,9 +270,15 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
         metrics.invalidation_state = lambda: invalidator.state
     forwarder = None
     if config.forward != "none":
-        forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing)
+        router = None
+        if topology is not None:  # each command to its keys' master (cluster_routing.py)
+            from redisp.cluster_routing import ClusterRouter
+
+            router = ClusterRouter(topology, config.redis_timeout, reactor)
+        forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing,
+                              router=router)
     proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
-                  forwarder)
+                  forwarder, topology)
     auth = proxy.auth = Authenticator.from_config(config, metrics)  # both doors (§8)
 
     service = ProxyService(proxy)
