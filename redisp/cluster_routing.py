@@ -538,6 +538,9 @@ class ClusterPin:
         #: MULTI and the keyless commands queued after it: replayed on a move
         self.prelude: list[bytes] = []
         self._retired: list[RelayProtocol] = []
+        #: calls held while a transaction's first keyed command is answered
+        #: (a MOVED for it moves the transaction: what follows must go there)
+        self._held: list[tuple] | None = None
         self.closed = False
 
     @property
@@ -568,6 +571,9 @@ class ClusterPin:
 
     def close(self) -> None:
         self.closed = True
+        held, self._held = self._held or [], None
+        for call in held:
+            call[3](BackingUnavailable("backing redis unavailable (connection closed)"))
         for conn in self._retired + ([self.conn] if self.conn is not None else []):
             conn.close()
         self._retired = []
@@ -580,6 +586,9 @@ class ClusterPin:
         """``argv`` on the node its keys need, by the rules of the module docstring."""
         if self.closed:
             done(BackingUnavailable("backing redis unavailable (connection closed)"))
+            return
+        if self._held is not None:
+            self._held.append((argv, info, request, done, timeout, confirms, expect))
             return
         router = self._router
         slot_map = router.topology.map
@@ -626,7 +635,22 @@ class ClusterPin:
         if not self._bound(done, target):
             return
         self._state_before(name, slot)
+        if self.multi and slot is not None and self.multi_keyed == 1:
+            done = self._holding(done)
         self._send(argv, slot, request, done, timeout, confirms, expect, 0)
+
+    def _holding(self, done: Done) -> Done:
+        """Hold the client's next calls until ``done`` is called (the
+        transaction's first keyed command is answered, redirections followed)."""
+        self._held = []
+
+        def answered(frame: bytes | BackingError) -> None:
+            held, self._held = self._held or [], None
+            done(frame)
+            for call in held:
+                self.call_keyed(*call)
+
+        return answered
 
     def _send(self, argv: list[bytes], slot: int | None, request: bytes, done: Done,
               timeout: float | None, confirms: bytes | None, expect: int | None,
