@@ -22,6 +22,9 @@ a cluster client library does is done here, between the forwarder
   FLUSHALL (``+OK`` when every master says so), RANDOMKEY (one master's key,
   at random among those that have one) run on every master; SCAN walks the
   masters one after the other under a single cursor (``scan_cursor``).
+  SCRIPT LOAD/FLUSH and FUNCTION LOAD/DELETE/FLUSH/RESTORE too, so that a
+  later EVALSHA or FCALL finds its script on whichever master its keys
+  live (the first master's reply, when none fails).
 * **redirected** -- a ``-MOVED`` reply tells the topology
   (``ClusterTopology.moved``) and the command is sent again to the new node;
   ``-ASK`` is followed once, with ``ASKING`` just before the command on the
@@ -94,6 +97,11 @@ SPLIT = {b"mget": "array", b"del": "sum", b"unlink": "sum", b"exists": "sum",
 #: keyless commands run on every master, and how their replies merge (SCAN: its own)
 FAN_OUT = {b"dbsize": "sum", b"keys": "concat", b"flushdb": "ok", b"flushall": "ok",
            b"randomkey": "random", b"scan": "scan"}
+#: SCRIPT and FUNCTION subcommands that change what every node can run:
+#: run on every master (a later EVALSHA or FCALL may go to any), the first
+#: master's reply answered when none fails
+_EVERYWHERE = {b"script": frozenset((b"load", b"flush")),
+               b"function": frozenset((b"load", b"delete", b"flush", b"restore"))}
 _NULLS = (b"$-1\r\n", b"_\r\n", b"*-1\r\n")
 _NO_MAP = "backing redis unavailable (no cluster slot map yet)"
 _TOO_MANY = "backing redis unavailable (too many cluster redirections)"
@@ -170,6 +178,8 @@ def merge(how: str, replies: list[bytes | BackingError],
         return b":%d\r\n" % sum(_integer(f) for f in frames)
     if how == "ok":
         return OK
+    if how == "first":
+        return frames[0]
     if how == "concat":
         found = [e for f in frames for e in elements(f)]
         return b"*%d\r\n" % len(found) + b"".join(found)
@@ -224,7 +234,7 @@ class ClusterRouter:
         self._pools: dict[Address, RelayPool] = {}
         self._next_lane = 0
         self._stopped = False
-        self._readied: set[int] = set()
+        self._readied: set[Address] = set()
         #: the forwarder's hook: a pool connection of a new node is up (its table)
         self.on_ready: Callable[[RelayProtocol], None] | None = None
         topology.on_change(self._map_changed)
@@ -282,8 +292,9 @@ class ClusterRouter:
     def _ready(self, protocol: RelayProtocol) -> None:
         # the forwarder reads the table again when a pool connection is
         # (re)made; once per node's pool is enough here, not once per lane
-        if self.on_ready is not None and id(protocol.url) not in self._readied:
-            self._readied.add(id(protocol.url))
+        address = (protocol.url.host, protocol.url.port)
+        if self.on_ready is not None and address not in self._readied:
+            self._readied.add(address)
             self.on_ready(protocol)
 
     def _map_changed(self, old: SlotMap | None, new: SlotMap) -> None:
@@ -292,6 +303,7 @@ class ClusterRouter:
             log.info("cluster node {host}:{port} is no longer a master: its forwarding "
                      "connections close", host=address[0], port=address[1])
             self._pools.pop(address).stop()
+            self._readied.discard(address)
 
     def _with_map(self, done: Done, then: Callable[[SlotMap], None]) -> None:
         """``then(map)`` once the topology knows one, or ``done`` fails as
@@ -336,6 +348,8 @@ class ClusterRouter:
             return
         name = argv[0].lower()
         how = FAN_OUT.get(name)
+        if how is None and name in _EVERYWHERE and len(argv) > 1:
+            how = "first" if argv[1].lower() in _EVERYWHERE[name] else None
         if how is not None and info is not None and info.arity_ok(argv):
             self._fan_out(slot_map, lane, argv, how, request, done, resp3)
             return

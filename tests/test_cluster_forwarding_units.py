@@ -285,6 +285,19 @@ def test_dbsize_keys_and_flushall_run_on_every_master():
     assert got == [b"-READONLY You can't write against a read only replica.\r\n"]
 
 
+def test_script_load_runs_on_every_master():
+    t = Setup()
+    got = t.route("SCRIPT", "LOAD", "return 1")
+    assert t.nodes.sent(A) == t.nodes.sent(B) == encode("SCRIPT", "LOAD", "return 1")
+    sha = b"$40\r\ne0e1f9fabfc9d4800c877a703b823ac0578ff8db\r\n"
+    t.nodes.answer(A, sha)
+    t.nodes.answer(B, sha)
+    assert got == [sha]
+    got = t.route("SCRIPT", "EXISTS", "x")  # reads: one master
+    asked = encode("SCRIPT", "EXISTS", "x")
+    assert (t.nodes.sent(A) + t.nodes.sent(B)).count(asked) == 1 and got == []
+
+
 def test_scan_goes_through_the_masters_in_turn_under_one_cursor():
     t = Setup()
     got = t.route("SCAN", "0", "COUNT", "5")
