@@ -1,5 +1,5 @@
 # Thin wrappers: each target is a plain script that works without make too.
-.PHONY: run test lint bench bench-invalidation chaos soak fuzz stale-reads redis-py-suite tls-bench clean
+.PHONY: run test lint bench bench-invalidation chaos soak fuzz stale-reads redis-py-suite tls-bench bench-cluster clean
 
 run:            ## set up and run the proxy (starts a local redis-server when none answers)
 	scripts/run
@@ -33,6 +33,9 @@ redis-py-suite: ## redis-py's own test suite directly on Redis and through redis
 
 tls-bench:      ## RESP hits over TLS vs plain, same run
 	bench/tls
+
+bench-cluster:  ## hits and misses through redisp in front of a 3-master cluster vs RedisCluster vs one server
+	bench/cluster
 
 clean:
 	rm -rf .venv build dist *.egg-info twisted/plugins/dropin.cache bench/results

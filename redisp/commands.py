@@ -773,7 +773,7 @@ def render_info(session: Session, sections: set[str]) -> str:
             ("forwarded_commands", sum(metrics.forwarded.values())),
             ("backing_redis", config.redis.redacted()),
             ("backing_status", "up" if metrics.backing_up() else "down"),
-            ("topology", f"single {config.redis.host}:{config.redis.port}"),
+            *_topology(metrics, config),
             ("ttl", f"{config.ttl:g}"),
             ("capacity", config.capacity),
             ("concurrency", config.concurrency),
@@ -792,6 +792,14 @@ def render_info(session: Session, sections: set[str]) -> str:
             lines += [f"{key}:{value}" for key, value in fields[name]]
             blocks.append("".join(line + "\r\n" for line in lines))
     return "\r\n".join(blocks)
+
+
+def _topology(metrics: Metrics, config: Config) -> list[tuple[str, object]]:
+    """The ``topology`` field, and the fields of whoever follows a topology
+    other than one server (cluster_map.ClusterTopology.describe)."""
+    if metrics.topology_info is None:
+        return [("topology", f"single {config.redis.host}:{config.redis.port}")]
+    return metrics.topology_info()
 
 
 def _resident_bytes() -> int:

@@ -11,7 +11,7 @@ process (the tests build many).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -61,6 +61,17 @@ class Metrics:
         self.backing_up: Callable[[], bool] = lambda: False
         #: 'off' (invalidation: off), 'active' or 'down' (tracking lost: caching off)
         self.invalidation_state: Callable[[], str] = lambda: "off"
+        #: the INFO ``# Proxy`` fields of a backing topology other than one
+        #: server (``topology`` first), set by whoever follows it
+        #: (cluster_map.ClusterTopology); None: a single server
+        self.topology_info: Callable[[], list[tuple[str, object]]] | None = None
+        #: the /metrics families of that topology, likewise
+        self.topology_metrics: Callable[[], Iterable[Metric]] | None = None
+        # Redis Cluster: slot map reads, and redirections followed
+        self.cluster_refreshes = 0
+        self.cluster_refresh_failures = 0
+        self.cluster_moved = 0
+        self.cluster_asked = 0
 
         self.registry = CollectorRegistry()
         self.backing_latency = Histogram(
@@ -142,3 +153,5 @@ class _AttributeCollector:
             "redisp_backing_up", "1 while the backing Redis connection is usable",
             value=1 if m.backing_up() else 0,
         )
+        if m.topology_metrics is not None:
+            yield from m.topology_metrics()

@@ -6,6 +6,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
+from tests.cluster_support import redis_cluster  # noqa: F401  (the fixture, for every file)
 from tests.resp_client import RespClient, connect
 from tests.support import RedisServer, RunningProxy, proxy_config
 
