@@ -351,3 +351,55 @@ def test_a_transaction_moves_to_its_first_keys_node_with_what_it_queued():
     t.nodes.answer(other, b"+OK\r\n", b"+QUEUED\r\n", b"+QUEUED\r\n")
     assert got[-3:] == [b"+QUEUED\r\n", CROSSSLOT, EXECABORT]
     assert t.nodes.sent(other).endswith(encode("DISCARD"))
+
+
+def test_without_a_slot_map_commands_fail_as_unavailable_within_the_timeout():
+    """No map yet (no node answered): a command waits for one at most
+    ``redis_timeout``, then fails as unavailable; never forever."""
+    from twisted.internet.defer import Deferred
+
+    t = Setup()
+    t.topology.map = None
+    pending: list = []
+    t.topology.when_known = lambda: pending.append(Deferred()) or pending[-1]
+    got = t.route("SET", "k", "1")
+    assert got == []
+    t.clock.advance(2.0)
+    [failure] = got
+    assert isinstance(failure, BackingUnavailable) and "slot map" in str(failure)
+    # the read that later finds a map does not answer it twice
+    t.topology.map = FakeTopology().map
+    pending[0].callback(t.topology.map)
+    assert len(got) == 1
+
+
+def test_a_command_waiting_for_the_map_goes_once_it_is_known():
+    from twisted.internet.defer import Deferred
+
+    t = Setup()
+    known = FakeTopology().map
+    t.topology.map = None
+    waiting = Deferred()
+    t.topology.when_known = lambda: waiting
+    got = t.route("SET", key_on(B), "1")
+    t.topology.map = known
+    waiting.callback(known)
+    t.nodes.answer(B, b"+OK\r\n")
+    assert got == [b"+OK\r\n"]
+    t.clock.advance(2.0)  # the guard timer was cancelled: nothing more
+    assert got == [b"+OK\r\n"]
+
+
+def test_a_pinned_client_with_state_sends_other_nodes_commands_over_the_pools():
+    """WATCH on one node, then a command for a key of another: it goes over
+    the shared pool of that node, and the pin stays where the WATCH is."""
+    t = Setup()
+    pin = t.router.pinned()
+    got: list = []
+    a, b = key_on(A), key_on(B)
+    for argv in (["WATCH", a], ["INCR", b]):
+        raw = [x.encode() if isinstance(x, str) else x for x in argv]
+        pin.call_keyed(raw, TABLE.lookup(raw), encode(*raw), got.append)
+    assert pin.node == A and t.nodes.sent(A) == encode("WATCH", a)
+    assert t.nodes.sent(B) == encode("INCR", b)
+    assert [c for c in t.nodes.conns[B[1]] if c in t.router.pool(B)._pinned] == []
