@@ -103,6 +103,8 @@ FAN_OUT = {b"dbsize": "sum", b"keys": "concat", b"flushdb": "ok", b"flushall": "
 _EVERYWHERE = {b"script": frozenset((b"load", b"flush")),
                b"function": frozenset((b"load", b"delete", b"flush", b"restore"))}
 _NULLS = (b"$-1\r\n", b"_\r\n", b"*-1\r\n")
+#: commands whose state stays on the pin's node (for WATCH: ``watching``)
+_ANCHORING = frozenset((b"client", b"subscribe", b"psubscribe", b"ssubscribe", b"monitor"))
 _NO_MAP = "backing redis unavailable (no cluster slot map yet)"
 _TOO_MANY = "backing redis unavailable (too many cluster redirections)"
 
@@ -744,8 +746,8 @@ class ClusterPin:
             self.watching = self.anchored = True
         elif name == b"unwatch":
             self.watching = False
-        elif name == b"client":
-            self.anchored = True
+        elif name in _ANCHORING:
+            self.anchored = True  # (before their confirmations tell ``subscribed``)
         elif self.multi and slot is not None:
             self.multi_keyed += 1  # a keyed command queued: the transaction lives here
 

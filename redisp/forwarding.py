@@ -47,6 +47,12 @@ a protocol-changing HELLO (the two protocols use different pool
 connections, so they may run out of order), and subscriptions made inside
 MULTI (relay.py does not see them: the pin is let go after EXEC).
 
+In front of a Redis Cluster a router (cluster_routing.py) is the pool: a
+shared command goes to ``router.route`` with its argv and table entry, a
+pinned one to ``ClusterPin.call_keyed``, and they choose the node; the
+rest of this module is the same for one server and for a cluster (the one
+server's path pays one ``is None`` test per command for it).
+
 The gate: shared and pinned commands pass it as GETs do (SPEC §4), with the
 two exceptions SPEC §7 names: a blocking command waits on its pinned
 connection outside the gate, and a subscribed client's messages flow outside
