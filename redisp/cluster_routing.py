@@ -348,6 +348,15 @@ class ClusterRouter:
         if slot_map is None or not slot_map.masters:
             self._with_map(done, lambda m: self.route(lane, argv, info, request, done, resp3))
             return
+        single = info.single_key if info is not None else 0
+        if single and single < len(argv) and info.arity_ok(argv):  # type: ignore[union-attr]
+            # one key (GET, SET, INCR …): the common case, without the spec walk
+            address = slot_map.master(key_slot(argv[single]))
+            if address is None:
+                done(NOT_SERVED)
+            else:
+                self._at(address, lane, request, done, resp3, None, 0)
+            return
         name = argv[0].lower()
         how = FAN_OUT.get(name)
         if how is None and name in _EVERYWHERE and len(argv) > 1:

@@ -403,3 +403,27 @@ def test_a_pinned_client_with_state_sends_other_nodes_commands_over_the_pools():
     assert pin.node == A and t.nodes.sent(A) == encode("WATCH", a)
     assert t.nodes.sent(B) == encode("INCR", b)
     assert [c for c in t.nodes.conns[B[1]] if c in t.router.pool(B)._pinned] == []
+
+
+def _every_command(table):
+    for info in table.commands.values():
+        yield info
+        yield from info.subcommands.values()
+
+
+@given(st.lists(st.binary(min_size=1, max_size=8), min_size=0, max_size=6))
+def test_the_one_key_shortcut_routes_as_the_key_specs_do(extra):
+    """``single_key`` (the route of GET, SET, INCR … without walking the
+    specs) names the same argv index as ``route_keys`` for every command of
+    the recorded table that has it, whatever follows the key."""
+    checked = 0
+    for info in _every_command(TABLE):
+        if not info.single_key:
+            continue
+        name = info.name.split(b"|")
+        argv = [*name, *[b"k"] * (abs(info.arity) - len(name)), *extra]
+        if not info.arity_ok(argv) or info.single_key >= len(argv):
+            continue
+        assert info.route_keys(argv) == [info.single_key], info.name
+        checked += 1
+    assert checked > 50
