@@ -198,6 +198,9 @@ class CommandInfo:
     script: bool = field(init=False)
     #: changes keys without naming any (FLUSHDB, FLUSHALL, SWAPDB)
     keyspace_wide: bool = field(init=False)
+    #: the argv index of the one key of a one-key command (GET, SET, INCR …),
+    #: else 0: its route needs no spec walk (cluster_routing.py)
+    single_key: int = field(init=False)
 
     def __post_init__(self) -> None:
         flags = self.flags
@@ -209,6 +212,11 @@ class CommandInfo:
         self.admin = b"admin" in flags
         self._keyed = tuple(s for s in self.specs if b"not_key" not in s.flags)
         self._spec_writes = any(s.writes for s in self._keyed)
+        only = self.specs[0] if len(self.specs) == 1 else None
+        self.single_key = (only.index if only is not None and only.begin == _INDEX
+                           and only.find == _RANGE and only.lastkey == 0
+                           and b"not_key" not in only.flags
+                           and b"incomplete" not in only.flags else 0)
         self.script = (b"scripting" in self.categories and not self.readonly
                        and bool(self._keyed))
         self.keyspace_wide = (self.write and not self._keyed and (self.specs or self.first <= 0)
@@ -235,6 +243,20 @@ class CommandInfo:
         if self.movablekeys:
             return None
         return self._legacy_keys(argv)
+
+    def route_keys(self, argv: Sequence[bytes]) -> list[int] | None:
+        """``keys`` and the shard channels of ``not_key`` specs (SPUBLISH,
+        SSUBSCRIBE): what Redis Cluster routes a command by
+        (cluster_routing.py)."""
+        if len(self._keyed) == len(self.specs):
+            return self.keys(argv)
+        positions: list[int] = []
+        for spec in self.specs:
+            found = spec.positions(argv)
+            if found is None:
+                return None
+            positions += found
+        return positions
 
     def write_keys(self, argv: Sequence[bytes]) -> list[int] | None:
         """The argv indexes of keys this command may modify; None when only

@@ -47,6 +47,12 @@ a protocol-changing HELLO (the two protocols use different pool
 connections, so they may run out of order), and subscriptions made inside
 MULTI (relay.py does not see them: the pin is let go after EXEC).
 
+In front of a Redis Cluster a router (cluster_routing.py) is the pool: a
+shared command goes to ``router.route`` with its argv and table entry, a
+pinned one to ``ClusterPin.call_keyed``, and they choose the node; the
+rest of this module is the same for one server and for a cluster (the one
+server's path pays one ``is None`` test per command for it).
+
 The gate: shared and pinned commands pass it as GETs do (SPEC §4), with the
 two exceptions SPEC §7 names: a blocking command waits on its pinned
 connection outside the gate, and a subscribed client's messages flow outside
@@ -184,7 +190,8 @@ class Forwarder:
     def __init__(self, config: Config, reactor: Any, reader: Any, gate: Any,
                  metrics: Metrics, pool: RelayPool | None = None,
                  slots: ClientSlots | None = None, backing: Any = None,
-                 connect: Callable[[RelayProtocol], Deferred] | None = None) -> None:
+                 connect: Callable[[RelayProtocol], Deferred] | None = None,
+                 router: Any = None) -> None:
         self.config = config
         self.mode = config.forward
         self.deny = frozenset(name.lower().encode() for name in config.deny_commands)
@@ -198,8 +205,15 @@ class Forwarder:
         self._slots = slots or ClientSlots(config.max_clients, metrics)
         #: clients with commands in flight on the shared pool -> how many
         self._pooled: dict[Any, int] = {}
-        self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
-                                      connect=connect, on_ready=self._pool_ready)
+        #: in front of a cluster (cluster_routing.ClusterRouter): it is the
+        #: pool too, and each command goes where its keys live; None for one server
+        self._router = router
+        if router is not None:
+            router.on_ready = self._pool_ready
+            self.pool = router
+        else:
+            self.pool = pool or RelayPool(config.redis, config.redis_timeout, reactor,
+                                          connect=connect, on_ready=self._pool_ready)
         self.table: CommandTable | None = None
         #: a command's name as sent -> its metrics label, for the names the
         #: table knows (emptied when the table is read again)
@@ -388,7 +402,10 @@ class Forwarder:
                 done(BackingTimeout(
                     f"backing redis timed out after {self.config.redis_timeout:g}s"))
                 return
-            self.pool.call(session.lane, request, done, resp3=resp3)
+            if self._router is None:
+                self.pool.call(session.lane, request, done, resp3=resp3)
+            else:
+                self._router.route(session.lane, argv, info, request, done, resp3)
             return
         connection = pin.connection
         mode = _reply_mode(argv)
@@ -420,8 +437,12 @@ class Forwarder:
             timeout = None
         confirms = _CONFIRMS.get(name)
         expect = (len(argv) - 1 or None) if confirms in CONFIRMED else 1
-        self._pinned_send(session, pin, lambda: connection.call(
-            request, done, timeout, confirms, expect))
+        if self._router is None:
+            self._pinned_send(session, pin, lambda: connection.call(
+                request, done, timeout, confirms, expect))
+        else:
+            self._pinned_send(session, pin, lambda: connection.call_keyed(
+                argv, info, request, done, timeout, confirms, expect))
 
     def _answered(self, session: Any, result: Pending, argv: list[bytes], name: bytes,
                   pin: Pin | None,

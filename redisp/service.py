@@ -324,10 +324,14 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
         metrics.invalidation_state = lambda: invalidator.state
     forwarder = None
     if config.forward != "none":
-        # a cluster's forwarded commands are routed by slot: cluster forwarding
-        # (cluster_routing.py) plugs its router in here, next to ``topology``
+        router = None
+        if topology is not None:  # each command to its keys' master (cluster_routing.py)
+            from redisp.cluster_routing import ClusterRouter
+
+            router = ClusterRouter(topology, config.redis_timeout, reactor)
         forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing,
-                              connect=sentinel.connect_relay if sentinel is not None else None)
+                              connect=sentinel.connect_relay if sentinel is not None else None,
+                              router=router)
     proxy = Proxy(config, reactor, metrics, cache, gate, backing, reader, slots, invalidator,
                   forwarder, topology=topology, sentinel=sentinel)
     if sentinel is not None:
