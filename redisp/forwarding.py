@@ -396,9 +396,11 @@ class Forwarder:
 
         blocking = False
         if pin is None:
-            if self._stalled():
+            if self._router is None and self._stalled():
                 # SPEC §9: after a call timed out, and until the backing answers
                 # again, fail fast instead of each command waiting out the timeout
+                # (in front of a cluster each master times out on its own: one
+                # stalled master must not fail the commands meant for the others)
                 done(BackingTimeout(
                     f"backing redis timed out after {self.config.redis_timeout:g}s"))
                 return

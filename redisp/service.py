@@ -292,7 +292,10 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
         except ConfigError as e:
             raise SystemExit(f"redisp: configuration error: {e}") from None
     own = sum(1 for _, description in doors if description is not None)
-    own += 1 + (config.invalidation == "tracking")  # backing and tracking connections
+    # backing and tracking connections: one of each per master in front of a
+    # cluster (as many as seeds are named, a guess made before any map is read)
+    masters = len(config.redis.seeds) if config.redis.kind == "cluster" else 1
+    own += masters * (1 + (config.invalidation == "tracking"))
     if config.redis.kind == "sentinel":
         own += len(config.redis.seeds)  # a subscription to each Sentinel
     max_clients, fd_warning = fit_open_files(config.max_clients, own)
