@@ -71,8 +71,10 @@ def test_a_write_during_a_fetch_never_leaves_the_old_value_cached(
         client = yield in_thread(p.connected_redis_py)
         forwarder.hold()  # the data connection's replies wait; invalidations flow
         fetch = in_thread(client.get, "k")
-        # Redis has answered the GET (the reply is held): the write comes after it
-        yield until(lambda: bool(forwarder.held))
+        # Redis has answered the GET (the reply is held): the write comes after it.
+        # Wait for that reply itself: a reply to something else redisp sent
+        # (its COMMAND table read, under load) may be held first
+        yield until(lambda: any(b"old" in data for _, data in forwarder.held))
         seen = p.proxy.metrics.invalidation_messages
         redis_db.set("k", "new")
         yield until(lambda: p.proxy.metrics.invalidation_messages > seen)
