@@ -61,15 +61,22 @@ PIDS=()           # every process started here, in start order
 declare -A PID_OF # name -> pid
 declare -A LOG_OF # name -> log file
 
-cleanup() {
-  local rc=$? i p
-  trap - EXIT INT TERM
+# stop every process started here (by PID, newest first), waiting up to 10 s each
+stop_all() {
+  local i p
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill "${PIDS[i]}" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
+  for p in ${PIDS[@]+"${PIDS[@]}"}; do
     for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
   done
+  PIDS=()
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_all
   if [[ -n "${KEEP_TMP:-}" ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
   exit "$rc"
 }
