@@ -8,7 +8,7 @@ headers and the values themselves, by reference, which the RESP door encodes
 reply whole and writing it copied every value several times over (the
 encoded reply, then Twisted's send buffer joining what was written), and
 sending it in one piece held every other client until it was out (SPEC §9;
-figures in bench/NOTES-perf.md).  Here each value is copied once, into the
+see bench/NOTES-perf.md, "Issue 8, RESP door").  Here each value is copied once, into the
 chunk that carries it, and the reply's memory is released as it is sent.
 """
 

@@ -478,7 +478,7 @@ class RequestParser:
         its framing and its limits as ``_parse_split`` does, so it returns
         exactly what ``feed`` would (tests/test_resp_paths.py checks that on
         random input).  The checks are list operations in C, none per
-        request in Python (bench/NOTES-perf.md).
+        request in Python (see bench/NOTES-perf.md, "What changed and why").
         """
         tokens = data.split(b"\r\n")
         n = len(tokens) - 1
@@ -627,8 +627,8 @@ def bulks(values: list[bytes]) -> bytes:
 
     Built as ``"$n" CRLF value CRLF "$n" CRLF value ... CRLF`` by one
     ``CRLF.join`` of an interleaved list filled by slice assignment, so no
-    Python code runs per value (bench/profile, GET hot -P16: encoding the
-    replies one by one was ~10% of the fast path).
+    Python code runs per value (see bench/NOTES-perf.md, "Figures moved out
+    of the code").
     """
     count = len(values)
     sizes = list(map(len, values))
@@ -673,7 +673,7 @@ class Encoder:
     too, so a command needs nothing but its connection's encoder.
     """
 
-    __slots__ = ("version", "null", "null_array")
+    __slots__ = ("version", "null")
 
     bulk = staticmethod(bulk)
     simple = staticmethod(simple)
@@ -685,8 +685,6 @@ class Encoder:
         self.version = version
         #: a missing value: ``$-1`` / ``_``
         self.null = b"_\r\n" if version == 3 else b"$-1\r\n"
-        #: a missing array (``*-1`` in RESP2, where Redis uses it)
-        self.null_array = b"_\r\n" if version == 3 else b"*-1\r\n"
 
     def map(self, pairs: list[tuple[bytes, bytes]]) -> bytes:
         """A map of encoded keys to encoded values: ``%N`` in RESP3, a flat

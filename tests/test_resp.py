@@ -447,8 +447,6 @@ def test_bulk():
 def test_null_depends_on_the_protocol():
     assert RESP2.null == b"$-1\r\n"
     assert RESP3.null == b"_\r\n"
-    assert RESP2.null_array == b"*-1\r\n"
-    assert RESP3.null_array == b"_\r\n"
 
 
 def test_constants():
