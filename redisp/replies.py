@@ -98,8 +98,8 @@ def get_replies(values: list[bytes]) -> bytes | Chunked:
 
     Small (the common case: at most ``_SMALL_PACKET`` values, each under
     1024 bytes): one ``CRLF.join`` of an interleaved list filled by slice
-    assignment, so no Python code runs per value (bench/profile, GET hot
-    -P16: encoding replies one by one showed in the fast path).  Larger:
+    assignment, so no Python code runs per value (see bench/NOTES-perf.md,
+    "Figures moved out of the code").  Larger:
     the values' sizes decide between one ``bytes`` and a ``Chunked``.
     """
     count = len(values)

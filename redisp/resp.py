@@ -35,7 +35,7 @@ __all__ = [
     "ProtocolError", "RequestParser", "LogLimiter", "parse_integer", "split_inline",
     "Encoder", "RESP2", "RESP3", "encoder_for",
     "OK", "PONG", "CRLF", "EMPTY_ARRAY",
-    "bulk", "bulks", "simple", "error", "integer", "array",
+    "bulk", "simple", "error", "integer", "array",
 ]
 
 
@@ -620,24 +620,6 @@ def bulk(value: bytes) -> bytes:
     if size < 1024:
         return _BULK_HEADERS[size] + value + CRLF
     return b"$%d\r\n%b\r\n" % (size, value)
-
-
-def bulks(values: list[bytes]) -> bytes:
-    """``bulk`` of each value, concatenated: one reply per pipelined GET.
-
-    Built as ``"$n" CRLF value CRLF "$n" CRLF value ... CRLF`` by one
-    ``CRLF.join`` of an interleaved list filled by slice assignment, so no
-    Python code runs per value (see bench/NOTES-perf.md, "Figures moved out
-    of the code").
-    """
-    count = len(values)
-    sizes = list(map(len, values))
-    if not count or max(sizes) >= len(_HEADERS):
-        return b"".join(map(bulk, values))
-    parts: list[bytes] = [b""] * (2 * count + 1)
-    parts[0:-1:2] = map(_HEADERS.__getitem__, sizes)
-    parts[1::2] = values
-    return CRLF.join(parts)
 
 
 def simple(text: str) -> bytes:

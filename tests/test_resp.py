@@ -20,7 +20,6 @@ from redisp.resp import (
     RequestParser,
     array,
     bulk,
-    bulks,
     encoder_for,
     error,
     integer,
@@ -557,7 +556,3 @@ def test_parser_is_not_idle_inside_a_request():
     parser.feed(b"*2\r\n$3\r")
     assert not parser.idle
 
-
-@pytest.mark.parametrize("values", [[], [b"v"], [b"", b"a\r\nb", b"x" * 5000, b"y" * 1023]])
-def test_bulks_is_bulk_of_each_value(values):
-    assert bulks(values) == b"".join(map(bulk, values))
