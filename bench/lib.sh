@@ -166,6 +166,30 @@ metric() {
         if (f == "" || $1 ~ f) s += $2 } END { printf "%.0f\n", s }'
 }
 
+# tls_certs: a throwaway CA and server certificate (SAN 127.0.0.1 and localhost) made in
+# $TMP/certs by tests/tls_support.py -> CA, SSL_OPTS (what an ssl: endpoint string needs) and
+# TLS_ARGS (what redis-cli and redis-benchmark need)
+tls_certs() {
+  "$VENV/bin/python" -c 'import cryptography' 2>/dev/null || "$VENV/bin/python" -m pip install -q cryptography
+  (cd "$REPO" && "$VENV/bin/python" -c 'import sys; from pathlib import Path
+from tests.tls_support import make_tls_files
+make_tls_files(Path(sys.argv[1]))' "$TMP/certs") || die "could not make the test certificates"
+  CA=$TMP/certs/ca.pem
+  SSL_OPTS="certKey=$TMP/certs/server.pem:privateKey=$TMP/certs/server.key"
+  TLS_ARGS=(--tls --cacert "$CA")
+}
+
+# buffered_tls_path: a directory -> BUFFERED_TLS whose sitecustomize.py makes sending.unbuffer a
+# no-op: a redisp started with it as PYTHONPATH keeps Twisted's buffering TLS transport on its
+# RESP door (what redisp did before), for an A/B in one run
+buffered_tls_path() {
+  BUFFERED_TLS=$TMP/buffered-tls; mkdir -p "$BUFFERED_TLS"
+  cat >"$BUFFERED_TLS/sitecustomize.py" <<'PY'
+import redisp.sending  # before resp_server imports the name: its TLS stays buffered
+redisp.sending.unbuffer = lambda transport: None
+PY
+}
+
 # rss_kib PID: resident set size in KiB from /proc/PID/status
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 

@@ -22,11 +22,9 @@ queued entry.
 
 Hand-written rather than ``DeferredLock``/``DeferredSemaphore``: admitting a
 request with a free token runs it at once, with no acquire Deferred and no
-callback hop, and only a queued request gets a Deferred of its own.  Profile
-of the pass-through path (bench/profile WORKLOAD=miss, --capacity 0
---concurrency 64): ``DeferredSemaphore.release`` and its callback chain were
-~50% inclusive, and one DelayedCall per request showed in ``callLater`` and
-``runUntilCurrent``.
+callback hop, and only a queued request gets a Deferred of its own, where
+``DeferredSemaphore`` dominated the pass-through profile (see
+bench/NOTES-perf.md, "Figures moved out of the code").
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ headers and the values themselves, by reference, which the RESP door encodes
 reply whole and writing it copied every value several times over (the
 encoded reply, then Twisted's send buffer joining what was written), and
 sending it in one piece held every other client until it was out (SPEC §9;
-figures in bench/NOTES-perf.md).  Here each value is copied once, into the
+see bench/NOTES-perf.md, "Issue 8, RESP door").  Here each value is copied once, into the
 chunk that carries it, and the reply's memory is released as it is sent.
 """
 
@@ -98,8 +98,8 @@ def get_replies(values: list[bytes]) -> bytes | Chunked:
 
     Small (the common case: at most ``_SMALL_PACKET`` values, each under
     1024 bytes): one ``CRLF.join`` of an interleaved list filled by slice
-    assignment, so no Python code runs per value (bench/profile, GET hot
-    -P16: encoding replies one by one showed in the fast path).  Larger:
+    assignment, so no Python code runs per value (see bench/NOTES-perf.md,
+    "Figures moved out of the code").  Larger:
     the values' sizes decide between one ``bytes`` and a ``Chunked``.
     """
     count = len(values)

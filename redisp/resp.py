@@ -35,7 +35,7 @@ __all__ = [
     "ProtocolError", "RequestParser", "LogLimiter", "parse_integer", "split_inline",
     "Encoder", "RESP2", "RESP3", "encoder_for",
     "OK", "PONG", "CRLF", "EMPTY_ARRAY",
-    "bulk", "bulks", "simple", "error", "integer", "array",
+    "bulk", "simple", "error", "integer", "array",
 ]
 
 
@@ -478,7 +478,7 @@ class RequestParser:
         its framing and its limits as ``_parse_split`` does, so it returns
         exactly what ``feed`` would (tests/test_resp_paths.py checks that on
         random input).  The checks are list operations in C, none per
-        request in Python (bench/NOTES-perf.md).
+        request in Python (see bench/NOTES-perf.md, "What changed and why").
         """
         tokens = data.split(b"\r\n")
         n = len(tokens) - 1
@@ -622,24 +622,6 @@ def bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (size, value)
 
 
-def bulks(values: list[bytes]) -> bytes:
-    """``bulk`` of each value, concatenated: one reply per pipelined GET.
-
-    Built as ``"$n" CRLF value CRLF "$n" CRLF value ... CRLF`` by one
-    ``CRLF.join`` of an interleaved list filled by slice assignment, so no
-    Python code runs per value (bench/profile, GET hot -P16: encoding the
-    replies one by one was ~10% of the fast path).
-    """
-    count = len(values)
-    sizes = list(map(len, values))
-    if not count or max(sizes) >= len(_HEADERS):
-        return b"".join(map(bulk, values))
-    parts: list[bytes] = [b""] * (2 * count + 1)
-    parts[0:-1:2] = map(_HEADERS.__getitem__, sizes)
-    parts[1::2] = values
-    return CRLF.join(parts)
-
-
 def simple(text: str) -> bytes:
     """A simple (status) string such as ``+OK``; ``text`` must be one line."""
     return b"+" + text.encode() + CRLF
@@ -673,7 +655,7 @@ class Encoder:
     too, so a command needs nothing but its connection's encoder.
     """
 
-    __slots__ = ("version", "null", "null_array")
+    __slots__ = ("version", "null")
 
     bulk = staticmethod(bulk)
     simple = staticmethod(simple)
@@ -685,8 +667,6 @@ class Encoder:
         self.version = version
         #: a missing value: ``$-1`` / ``_``
         self.null = b"_\r\n" if version == 3 else b"$-1\r\n"
-        #: a missing array (``*-1`` in RESP2, where Redis uses it)
-        self.null_array = b"_\r\n" if version == 3 else b"*-1\r\n"
 
     def map(self, pairs: list[tuple[bytes, bytes]]) -> bytes:
         """A map of encoded keys to encoded values: ``%N`` in RESP3, a flat

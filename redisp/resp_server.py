@@ -58,7 +58,7 @@ from redisp.gate import Owner
 from redisp.metrics import Metrics
 from redisp.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
 from redisp.resp import Encoder, LogLimiter, ProtocolError, RequestParser, bulk, error
-from redisp.sending import TLS_TRANSPORTS, buffered, can_send_now, send_now
+from redisp.sending import TLS_TRANSPORTS, buffered, can_send_now, send_now, unbuffer
 
 log = Logger()
 
@@ -93,8 +93,8 @@ class RespProtocol(Protocol):
     def __init__(self, factory: RespFactory, client_id: int) -> None:
         # Few attributes of its own, on purpose: past 29, CPython 3.11 gives
         # up its shared-key instance dicts and every attribute access on the
-        # hot path gets slower (bench/NOTES-perf.md).  State that only the
-        # slow paths touch lives in _w.
+        # hot path gets slower (see bench/NOTES-perf.md, "Issue 8, RESP
+        # door").  State that only the slow paths touch lives in _w.
         self.factory = factory
         config = factory.config
         self._metrics = factory.metrics
@@ -157,6 +157,7 @@ class RespProtocol(Protocol):
             # replies are written whole; never hold one back for Nagle
             self.transport.setTcpNoDelay(True)
             self._direct = can_send_now(self.transport)
+        unbuffer(self.transport)  # TLS: replies reach the cipher this turn (sending.py)
         self.transport.registerProducer(self, True)
         if self._w.client_timeout or self._w.request_timeout:
             now = self.factory.clock.seconds()
@@ -223,7 +224,7 @@ class RespProtocol(Protocol):
                     self._hold(requests[ran:])
         finally:
             self._dispatching = False
-        self._flush(self._send)
+        self._flush()
         if self._detour or len(self._pending) > MAX_PENDING:
             self._pump()
 
@@ -270,10 +271,9 @@ class RespProtocol(Protocol):
         high-water mark).  Otherwise the keys go through the gate in groups of
         at most ``concurrency`` (one group, under load), each answered in one
         piece into its reply slot (``CachedReader.read_packet``).  No Deferred
-        per miss (bench/profile WORKLOAD=miss: Deferred callback chains were
-        the largest share once misses were batched).  Groups stop too once
-        their replies pass the high-water mark.  Keys left are held, first in
-        line, as a tuple.
+        per miss (see bench/NOTES-perf.md, "Miss path and HTTP door").
+        Groups stop too once their replies pass the high-water mark.  Keys
+        left are held, first in line, as a tuple.
         """
         if not self._pending:
             if len(keys) == 1:  # -P 1: one dict lookup, no batch machinery
@@ -476,7 +476,7 @@ class RespProtocol(Protocol):
         connection was lost, and the state with it (SUBSCRIBE, MULTI)."""
         if not (self._lost or self._closing):
             self._closing = True
-            self._flush(self._send)
+            self._flush()
 
     def _protocol_error(self, problem: ProtocolError) -> None:
         """Answer the error after every earlier reply, then hang up (as Redis).
@@ -532,7 +532,7 @@ class RespProtocol(Protocol):
     def flush_late(self) -> None:
         """Write the replies that settled after ``dataReceived`` (misses)."""
         self._flush_due = False
-        self._flush(self._send)
+        self._flush()
         if self._detour:
             self._pump()
 
@@ -545,11 +545,12 @@ class RespProtocol(Protocol):
 
     # -- replies out -------------------------------------------------------------
 
-    def _flush(self, send: Callable[[bytes], None]) -> None:
+    def _flush(self) -> None:
         """Write every reply that is ready and has no owed reply before it,
         while the client keeps reading."""
         if self._lost:
             return
+        send = self._send
         pending = self._pending
         if pending and pending[0][0] is not None:
             self._flush_pending(send)
@@ -600,8 +601,7 @@ class RespProtocol(Protocol):
         """``transport.write(data)``, sent at once when nothing is queued
         (sending.py).  Replies settling later (misses) come here once per
         reactor turn through the factory's ``flush_later``, so those of one
-        turn share a send (one send per late reply made the miss path ~20%
-        slower, bench/profile PROFILER=cprofile WORKLOAD=miss).
+        turn share a send (see bench/NOTES-perf.md, "What changed and why").
         """
         if self._direct:
             send_now(self.transport, data)
@@ -629,7 +629,7 @@ class RespProtocol(Protocol):
             if not self._held or self._w.blocked or self._closing:
                 return
             self._run_held()
-            self._flush(self._send)
+            self._flush()
 
     def _run_held(self) -> None:
         """Run held requests up to the high-water mark, in order: a tuple of
@@ -688,7 +688,7 @@ class RespProtocol(Protocol):
         """The client has read everything written: go on writing and running."""
         self._w.consumer_paused = False
         self._w.probe = False  # output progress: not idle either
-        self._flush(self._send)
+        self._flush()
         self._pump()
 
     def stopProducing(self) -> None:
@@ -853,7 +853,7 @@ class RespFactory(Factory):
         A batch of misses settles many replies of one connection in one turn;
         one ``callLater(0)`` for all connections lets each write them in one
         send, without the epoll registration a buffered ``write`` costs
-        (bench/cpu_per_request WORKLOAD=miss, see bench/NOTES-perf.md).
+        (see bench/NOTES-perf.md, "Miss path and HTTP door").
         """
         self._late.append(protocol)
         if self._late_call is None:

@@ -174,8 +174,8 @@ def tune_garbage_collector() -> None:
 
     Every request allocates short-lived Deferreds and lists; with the default
     gen0 threshold (700) the collector ran so often that it was a large share
-    of a cache-miss profile (bench/profile WORKLOAD=miss: 13.3k -> 18.9k
-    misses/s with thresholds (50000, 50, 50)).  Freezing moves everything
+    of a cache-miss profile (see bench/NOTES-perf.md, "What still misses,
+    with evidence").  Freezing moves everything
     built at start-up (modules, the proxy's objects) out of every later
     collection's way.  Process-wide, so done here, in the twistd entry point,
     and not in build_proxy (tests build many proxies in one process).
@@ -196,8 +196,8 @@ def full_collections(reactor: Any) -> Any:
     connections (protocol <-> transport) that lived long enough to reach it
     pile up for half an hour and more under a steady load, and RSS climbs
     with them (bench/soak).  A timed full collection bounds that; its cost
-    is a traversal of the cache's dict, tens of milliseconds at a million
-    entries (bench/NOTES-perf.md), twice a minute.
+    is a traversal of the cache's dict, twice a minute (see
+    bench/NOTES-perf.md, "Figures moved out of the code").
     """
     from twisted.application.internet import TimerService
 

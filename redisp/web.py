@@ -27,7 +27,7 @@ Python as twisted.web allows.  What we cut from a stock ``Site`` and why:
 * **Plain GETs that hit skip the Request**: ``_Channel.dataReceived`` answers
   a whole ``GET /get?key=`` request with harmless headers, on an idle
   connection, from the cache, with the same ``compose``; anything else goes
-  through twisted.web (bench/http_micro.py: ~35 -> ~6 us a hit).
+  through twisted.web (see bench/NOTES-perf.md, "Miss path and HTTP door").
 
 The key is read from the raw query string, not from ``request.args``:
 twisted's parser also splits on ``;`` (so ``key=a;b`` would lose ``;b``),
@@ -94,7 +94,7 @@ from redisp.clients import ClientSlots
 from redisp.config import Config
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader, Lookup
-from redisp.sending import can_send_now, send_now
+from redisp.sending import buffered, can_send_now, send_now
 
 log = Logger()
 
@@ -251,8 +251,8 @@ NO_STORE = b"Cache-Control: no-store"
 def etag(digest: int) -> bytes:
     """The ETag of a value whose ``xxh3_128_intdigest`` is ``digest``: a
     strong validator, the 128-bit XXH3 hash of the value's bytes (fast
-    enough to hash every value served, large ones included:
-    bench/NOTES-perf.md)."""
+    enough to hash every value served, large ones included: see
+    bench/NOTES-perf.md, "Issue 10")."""
     return b'"%032x"' % digest
 
 
@@ -638,8 +638,8 @@ class _Request(server.Request):
         check for chunking, cookies and ETags that never apply here.  The
         values are redisp's own constants, plus what twisted.web has set
         already (Date, Connection, Allow).  All or nothing: a failure while
-        composing leaves nothing written, so a 500 can still follow.
-        bench/http_micro.py: ~39 -> ~35 us of Python a hit.  It is sent at
+        composing leaves nothing written, so a 500 can still follow (see
+        bench/NOTES-perf.md, "Miss path and HTTP door").  It is sent at
         once when the socket's buffer is empty (sending.py).
         """
         self.setResponseCode(code)
@@ -654,7 +654,7 @@ class _Request(server.Request):
         head = self.method == b"HEAD"
         response = compose(status, headers, content_type, body, x_cache, head)
         self.startedWriting = 1  # finish() must not write headers again
-        if not self._disconnected:
+        if self.channel is not None:  # None once the connection is lost
             self.sentLength = len(body)
             self.channel.send(response)
         self.finish()
@@ -664,25 +664,6 @@ class _Request(server.Request):
         self.site = site
         self.responseHeaders.setRawHeaders(b"Date", [site.http_date()])
         site.resource.route(self)
-
-
-def unsent_bytes(transport: Any) -> int:
-    """Bytes written to ``transport`` and not yet handed to the kernel.
-
-    A TCP or UNIX transport keeps them in ``dataBuffer`` (from ``offset``)
-    and ``_tempDataBuffer``; TLS keeps cleartext until its handshake is done
-    and passes the rest to the TCP transport under it.  Others count 0.
-    """
-    extra = 0
-    while transport is not None:
-        buffered = getattr(transport, "dataBuffer", None)
-        if buffered is not None:
-            return extra + len(buffered) - transport.offset + transport._tempDataLen
-        pending = getattr(transport, "_appSendBuffer", None)
-        if pending:
-            extra += sum(map(len, pending))
-        transport = getattr(transport, "transport", None)
-    return extra
 
 
 @implementer(IHandshakeListener)
@@ -749,8 +730,8 @@ class _Channel(HTTPChannel):
 
         That machinery (a Request with two Headers objects, line-by-line
         parsing, the query split into ``args``, producer pause and resume) is
-        most of the cost of a hit, about 35 us of Python
-        (bench/http_micro.py).  Only a request that ``plain_get``
+        most of the cost of a hit (see bench/NOTES-perf.md, "Miss path and
+        HTTP door").  Only a request that ``plain_get``
         accepts in full, on a connection with nothing buffered or in
         progress and not held back by backpressure, while the access log is
         off, and that the cache answers at once, takes this path; anything
@@ -854,10 +835,10 @@ class _Channel(HTTPChannel):
         buffer limits: the buffer would otherwise grow as long as it sends."""
         if self._closed:
             return
-        buffered = (unsent_bytes(self.transport) + len(self._buffer)
-                    + sum(map(len, self._dataBuffer)))
-        if buffered > self.site.max_client_buffer:
-            self.site.buffer_limit_passed(self.transport.getPeer(), buffered)
+        size = (buffered(self.transport) + len(self._buffer)
+                + sum(map(len, self._dataBuffer)))
+        if size > self.site.max_client_buffer:
+            self.site.buffer_limit_passed(self.transport.getPeer(), size)
             self._close("abort")
 
     def pauseProducing(self) -> None:
@@ -917,7 +898,7 @@ class _Channel(HTTPChannel):
             if self._handlingRequest:
                 self._active = now  # answering it is not the client being idle
             else:
-                unsent = unsent_bytes(self.transport)
+                unsent = buffered(self.transport)
                 if unsent and unsent != self._unsent_seen:
                     self._active = now  # the client is reading what it was sent
                 self._unsent_seen = unsent
@@ -936,7 +917,7 @@ class _Channel(HTTPChannel):
             self._timer.cancel()
             self._timer = None
         transport = self.transport
-        if how == "abort" or (how == "timeout" and unsent_bytes(transport)):
+        if how == "abort" or (how == "timeout" and buffered(transport)):
             transport.abortConnection()
         elif not transport.disconnecting:
             self.loseConnection()

@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 import twisted
-from redisp.web import unsent_bytes
+from redisp.sending import buffered
 from tests.support import STARTUP_LIMIT, until
 
 inline = pytest_twisted.inlineCallbacks
@@ -141,7 +141,7 @@ def test_a_client_pipelining_without_reading_is_held_not_buffered(redis_db, star
     def watch():
         for channel in channels:
             if channel.transport is not None:
-                peak[0] = max(peak[0], unsent_bytes(channel.transport))
+                peak[0] = max(peak[0], buffered(channel.transport))
         watcher[0] = reactor.callLater(0.01, watch)
 
     watcher = [reactor.callLater(0, watch)]

@@ -13,7 +13,7 @@ from redisp.replies import (
     join_replies,
     values_array,
 )
-from redisp.resp import RESP2, RESP3, array, bulk, bulks
+from redisp.resp import RESP2, RESP3, array, bulk
 
 
 def drain(reply, limit=CHUNK):
@@ -47,9 +47,9 @@ def test_parts_sent_are_released():
     assert reply._parts[1] == b"", "value sent: released"
 
 
-def test_small_values_make_one_bytes_as_bulks():
-    values = [b"a", b"bc" * 10, b""]
-    assert get_replies(values) == bulks(values)
+@pytest.mark.parametrize("values", [[b"v"], [b"a", b"bc" * 10, b""], [b"a\r\nb", b"y" * 1023]])
+def test_small_values_make_one_bytes_the_bulk_of_each(values):
+    assert get_replies(values) == b"".join(map(bulk, values))
 
 
 @pytest.mark.parametrize("count,size", [(300, 100), (10, 5000), (3, LARGE)])
@@ -67,7 +67,7 @@ def test_a_packet_past_large_is_chunked_by_reference():
     assert isinstance(reply, Chunked)
     assert reply._parts[1] is value, "not copied"
     assert reply._parts[0] is reply._parts[3], "one header object for all values of a size"
-    assert b"".join(drain(reply)) == bulks([value] * 3000)
+    assert b"".join(drain(reply)) == bulk(value) * 3000
 
 
 def test_bulk_reply():

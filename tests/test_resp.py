@@ -20,7 +20,6 @@ from redisp.resp import (
     RequestParser,
     array,
     bulk,
-    bulks,
     encoder_for,
     error,
     integer,
@@ -447,8 +446,6 @@ def test_bulk():
 def test_null_depends_on_the_protocol():
     assert RESP2.null == b"$-1\r\n"
     assert RESP3.null == b"_\r\n"
-    assert RESP2.null_array == b"*-1\r\n"
-    assert RESP3.null_array == b"_\r\n"
 
 
 def test_constants():
@@ -559,7 +556,3 @@ def test_parser_is_not_idle_inside_a_request():
     parser.feed(b"*2\r\n$3\r")
     assert not parser.idle
 
-
-@pytest.mark.parametrize("values", [[], [b"v"], [b"", b"a\r\nb", b"x" * 5000, b"y" * 1023]])
-def test_bulks_is_bulk_of_each_value(values):
-    assert bulks(values) == b"".join(map(bulk, values))
