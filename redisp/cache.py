@@ -1,14 +1,17 @@
 """The local cache: global TTL from insertion, LRU eviction, capacity in keys.
 
-One ``OrderedDict`` in least- to most-recently-used order holds
-``key -> entry``.  A read is a dict lookup plus ``move_to_end`` (C code, no
-scan), and expiry is checked on the entry being read.
+One mapping in least- to most-recently-used order holds ``key -> entry``:
+``redisp._lru.LruDict``, a C table that keeps OrderedDict's order and
+interface in a fraction of its memory per entry, or, where that was not
+built (no C compiler at install), an ``OrderedDict`` with the same
+behaviour.  Nothing in pure Python keeps an exact LRU order in less: a
+plain dict has no O(1) way to find its oldest key once keys are moved
+(bench/NOTES-perf.md, issue 12).  A read is a lookup plus ``move_to_end``
+(C code, no scan), and expiry is checked on the entry being read.
 
 An entry is one ``bytes`` object: the 8-byte *stamp* of its expiry time
-followed by the value.  Measured with bench/run's memory pass (1M keys,
-100-byte values), the former ``(value, expires_at)`` tuple and its float cost
-~100 bytes per entry on top of the OrderedDict; one blob saves the tuple, the
-float and one object header.  The stamp is the big-endian IEEE 754 double, and
+followed by the value, rather than a ``(value, expires_at)`` tuple and its
+float: one object instead of three.  The stamp is the big-endian IEEE 754 double, and
 for times >= 0 (epoch time, or ``task.Clock`` from 0) that byte order is the
 numeric order, so an entry is alive exactly when ``entry >= _stamp(next
 double after now)``: one C comparison, no unpacking, and the same exact
@@ -17,7 +20,7 @@ double after now)``: one C comparison, no unpacking, and the same exact
 Expired entries go before live ones (SPEC §4): with a global TTL, store order
 is expiry order, so the oldest store is the first to expire.  Each store is
 also recorded, in store order, as its key (a reference to the key object the
-dict holds anyway) and its expiry time (a double in an ``array``): 16 bytes,
+mapping holds anyway) and its expiry time (a double in an ``array``): 16 bytes,
 never the value, so a record cannot keep a dropped value alive.  A record
 whose key has since been stored again or dropped is *stale*; it is told from
 the current one by its expiry time, which differs from the entry's (two
@@ -56,6 +59,11 @@ from twisted.internet.interfaces import IReactorTime
 
 from redisp.metrics import Metrics
 
+try:
+    from redisp._lru import LruDict as _Entries
+except ImportError:  # built without a C compiler: the same order, more memory
+    _Entries = OrderedDict  # type: ignore[assignment,misc]
+
 _stamp = Struct(">d").pack
 _unstamp = Struct(">d").unpack_from
 
@@ -91,7 +99,7 @@ class Cache:
         self._clock = clock
         self._metrics = metrics
         # key -> stamp of its expiry time + value (see the module docstring)
-        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._entries: OrderedDict[bytes, bytes] = _Entries()
         # the store record: keys in store order, and from index _first on,
         # _expiries[_first + i] is the expiry time of the store of _stored[i]
         self._stored: deque[bytes] = deque()
@@ -171,7 +179,7 @@ class Cache:
         ):
             # no store has expired, so no entry has: evict the LRU one
             # (a cache with entries has records: stored[0] exists)
-            evicted, _ = entries.popitem(last=False)
+            evicted, _ = entries.popitem(False)
             self._metrics.cache_evictions += 1
             if stored[0] == evicted:
                 # its record is stale now, and it is cheapest to drop at the
