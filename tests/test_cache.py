@@ -146,13 +146,33 @@ def test_get_all_answers_only_when_every_key_is_alive():
     cache.put(b"a", b"1")
     clock.advance(5)
     cache.put(b"b", b"2")
-    assert [e[8:] for e in cache.get_all([b"a", b"b", b"a"])] == [b"1", b"2", b"1"]
+    assert cache.get_all([b"a", b"b", b"a"]) == [b"1", b"2", b"1"]
     assert cache.get_all([b"a", b"x"]) is None
     assert cache.get_all([]) is None
     clock.advance(5)  # a expires exactly now: stored at 0 with ttl 10
     assert cache.get_all([b"b", b"a"]) is None
     assert len(cache) == 2 and metrics.cache_expirations == 0  # nothing dropped
     assert cache.get(b"a") is None and metrics.cache_expirations == 1
+
+
+def test_get_all_hands_out_large_values_of_a_large_batch_uncopied():
+    """An MGET of many large values must not copy them all in one turn."""
+    from redisp.cache import BY_REFERENCE, COPIED
+
+    cache, _, _ = make(capacity=3)
+    big = b"b" * (BY_REFERENCE + 1)
+    cache.put(b"big", big)
+    cache.put(b"edge", b"e" * BY_REFERENCE)
+    cache.put(b"small", b"s")
+    few = cache.get_all([b"big", b"small"] * (COPIED // 2))
+    assert few == [big, b"s"] * (COPIED // 2)
+    assert all(type(v) is bytes for v in few)
+    many = cache.get_all([b"big", b"edge", b"small"] * COPIED)
+    assert many == [big, b"e" * BY_REFERENCE, b"s"] * COPIED
+    assert [type(v) for v in many[:3]] == [memoryview, bytes, bytes]
+    assert many[0].obj is cache._entries.get(b"big")  # a view of the entry itself
+    only_small = cache.get_all([b"edge", b"small"] * COPIED)
+    assert all(type(v) is bytes for v in only_small)
 
 
 def test_get_all_marks_every_key_used():
