@@ -3,8 +3,10 @@
 Fills a ``Cache`` with N entries shaped like bench/keys.py's (16-byte keys
 ``key:%012d``, 100-byte values) and reports the RSS growth per entry beyond
 key and value, the same arithmetic as bench/run's memory row without Redis, a
-socket or five minutes of misses; then the time of a store that evicts (a
-full cache, every store a new key: the miss path's share of the cache).
+socket or five minutes of misses; the same once the full cache has evicted
+as many entries as it holds (its steady state: bench/run's row only fills);
+then the time of a store that evicts (a full cache, every store a new key:
+the miss path's share of the cache).
 Run it with the allocator setting bench/run uses, e.g.
     MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python bench/cache_micro.py [N]
 """
@@ -32,16 +34,24 @@ def value(i: int) -> bytes:
     return (b"v%011d" % i).ljust(VALUE_LEN, b"x")
 
 
-def memory(n: int) -> float:
+def memory(n: int) -> tuple[float, float]:
+    """Bytes per entry beyond key and value: after filling a cache of
+    capacity n with n keys, then after n more new keys (each evicting one:
+    a full cache's steady state, where deleted slots have been reused)."""
     clock = Clock()
     clock.advance(1_800_000_000)
-    cache = Cache(n + 1000, 86400.0, clock, Metrics(started=0))
+    cache = Cache(n, 86400.0, clock, Metrics(started=0))
     before = rss()
     for i in range(n):
         cache.put(b"key:%012d" % i, value(i))
         if i % 1000 == 0:
             clock.advance(0.001)
-    return (rss() - before) / n - KEY_LEN - VALUE_LEN
+    filled = (rss() - before) / n - KEY_LEN - VALUE_LEN
+    for i in range(n, 2 * n):
+        cache.put(b"key:%012d" % i, value(i))
+        if i % 1000 == 0:
+            clock.advance(0.001)
+    return filled, (rss() - before) / n - KEY_LEN - VALUE_LEN
 
 
 def store_time(capacity: int = 10_000, stores: int = 200_000) -> float:
@@ -62,5 +72,7 @@ def store_time(capacity: int = 10_000, stores: int = 200_000) -> float:
 
 if __name__ == "__main__":
     n = int(sys.argv[1]) if sys.argv[1:] else 1_000_000
-    print(f"cache memory: {memory(n):.0f} B/entry beyond key and value ({n} entries)")
+    filled, churned = memory(n)
+    print(f"cache memory: {filled:.0f} B/entry beyond key and value ({n} entries)")
+    print(f"cache memory, full, after {n} more stores: {churned:.0f} B/entry")
     print(f"cache store with eviction: {store_time() * 1e9:.0f} ns (best of 5)")
