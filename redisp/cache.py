@@ -11,11 +11,11 @@ plain dict has no O(1) way to find its oldest key once keys are moved
 
 An entry is one ``bytes`` object: the 8-byte *stamp* of its expiry time
 followed by the value, rather than a ``(value, expires_at)`` tuple and its
-float: one object instead of three.  The stamp is the big-endian IEEE 754 double, and
-for times >= 0 (epoch time, or ``task.Clock`` from 0) that byte order is the
-numeric order, so an entry is alive exactly when ``entry >= _stamp(next
-double after now)``: one C comparison, no unpacking, and the same exact
-``expires_at <= now`` rule as before.
+float: one object instead of three.  The stamp is the big-endian IEEE 754
+double, and for times >= 0 (epoch time, or ``task.Clock`` from 0) that byte
+order is the numeric order, so an entry is alive exactly when ``entry >=
+_stamp(next double after now)``: one C comparison, no unpacking, and the
+same exact ``expires_at <= now`` rule as before.
 
 Expired entries go before live ones (SPEC §4): with a global TTL, store order
 is expiry order, so the oldest store is the first to expire.  Each store is
@@ -105,7 +105,7 @@ class Cache:
         self._clock = clock
         self._metrics = metrics
         # key -> stamp of its expiry time + value (see the module docstring)
-        self._entries: OrderedDict[bytes, bytes] = _Entries()
+        self._entries: OrderedDict[bytes, bytes] = _Entries()  # or an LruDict
         # the store record: keys in store order, and from index _first on,
         # _expiries[_first + i] is the expiry time of the store of _stored[i]
         self._stored: deque[bytes] = deque()
