@@ -44,9 +44,10 @@ ensure_tools() {
   for t in "$@"; do command -v "$t" >/dev/null || die "'$t' still missing after installing ${missing[*]}"; done
 }
 
-# ensure_redisp: a venv with redisp whose twistd plugin loads
+# ensure_redisp: a venv with redisp whose twistd plugin loads (reinstalled when redisp._lru,
+# the cache's C table, is not built yet: the memory and scale rows measure it)
 ensure_redisp() {
-  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted' 2>/dev/null; then
+  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted, redisp._lru' 2>/dev/null; then
     ensure_venv
   fi
   local out

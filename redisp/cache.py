@@ -1,23 +1,26 @@
 """The local cache: global TTL from insertion, LRU eviction, capacity in keys.
 
-One ``OrderedDict`` in least- to most-recently-used order holds
-``key -> entry``.  A read is a dict lookup plus ``move_to_end`` (C code, no
-scan), and expiry is checked on the entry being read.
+One mapping in least- to most-recently-used order holds ``key -> entry``:
+``redisp._lru.LruDict``, a C table that keeps OrderedDict's order and
+interface in a fraction of its memory per entry, or, where that was not
+built (no C compiler at install), an ``OrderedDict`` with the same
+behaviour.  Nothing in pure Python keeps an exact LRU order in less: a
+plain dict has no O(1) way to find its oldest key once keys are moved
+(bench/NOTES-perf.md, issue 12).  A read is a lookup plus ``move_to_end``
+(C code, no scan), and expiry is checked on the entry being read.
 
 An entry is one ``bytes`` object: the 8-byte *stamp* of its expiry time
-followed by the value.  Measured with bench/run's memory pass (1M keys,
-100-byte values), the former ``(value, expires_at)`` tuple and its float cost
-~100 bytes per entry on top of the OrderedDict; one blob saves the tuple, the
-float and one object header.  The stamp is the big-endian IEEE 754 double, and
-for times >= 0 (epoch time, or ``task.Clock`` from 0) that byte order is the
-numeric order, so an entry is alive exactly when ``entry >= _stamp(next
-double after now)``: one C comparison, no unpacking, and the same exact
-``expires_at <= now`` rule as before.
+followed by the value, rather than a ``(value, expires_at)`` tuple and its
+float: one object instead of three.  The stamp is the big-endian IEEE 754
+double, and for times >= 0 (epoch time, or ``task.Clock`` from 0) that byte
+order is the numeric order, so an entry is alive exactly when ``entry >=
+_stamp(next double after now)``: one C comparison, no unpacking, and the
+same exact ``expires_at <= now`` rule as before.
 
 Expired entries go before live ones (SPEC §4): with a global TTL, store order
 is expiry order, so the oldest store is the first to expire.  Each store is
 also recorded, in store order, as its key (a reference to the key object the
-dict holds anyway) and its expiry time (a double in an ``array``): 16 bytes,
+mapping holds anyway) and its expiry time (a double in an ``array``): 16 bytes,
 never the value, so a record cannot keep a dropped value alive.  A record
 whose key has since been stored again or dropped is *stale*; it is told from
 the current one by its expiry time, which differs from the entry's (two
@@ -50,17 +53,28 @@ from array import array
 from collections import OrderedDict, deque
 from itertools import compress, repeat
 from math import inf, nextafter
+from operator import itemgetter
 from struct import Struct
 
 from twisted.internet.interfaces import IReactorTime
 
 from redisp.metrics import Metrics
 
+try:
+    from redisp._lru import LruDict as _Entries
+except ImportError:  # built without a C compiler: the same order, more memory
+    _Entries = OrderedDict  # type: ignore[assignment,misc]
+
 _stamp = Struct(">d").pack
 _unstamp = Struct(">d").unpack_from
 
 #: bytes of the expiry stamp before the value in an entry
 STAMP = 8
+
+#: ``get_all`` copies every value of a batch of at most this many keys
+COPIED = 16
+#: in a larger batch, values over this many bytes are handed out uncopied
+BY_REFERENCE = 256 * 1024
 
 #: records below which the store record is never compacted
 _COMPACT_MIN = 1024
@@ -91,7 +105,7 @@ class Cache:
         self._clock = clock
         self._metrics = metrics
         # key -> stamp of its expiry time + value (see the module docstring)
-        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._entries: OrderedDict[bytes, bytes] = _Entries()  # or an LruDict
         # the store record: keys in store order, and from index _first on,
         # _expiries[_first + i] is the expiry time of the store of _stored[i]
         self._stored: deque[bytes] = deque()
@@ -128,20 +142,25 @@ class Cache:
         return (age if age > 0 else 0.0), left
 
     def get_all(self, keys: list[bytes]) -> list[bytes] | None:
-        """The entries (stamp + value) of ``keys`` if every one is cached and
-        alive, else None and nothing changed; when found, each is marked used.
+        """The values of ``keys`` if every one is cached and alive, else None
+        and nothing changed; when found, each is marked used.
 
-        For a batch of reads at one instant (the RESP door's pipelined GETs):
-        one clock reading, and every step a ``map`` or builtin running in C
-        with no Python code per key (bench/profile, GET hot -P16: a Python
-        loop here was ~5% of the time).
+        For a batch of reads at one instant (the RESP door's pipelined GETs,
+        MGET): one clock reading, and every step a ``map`` or builtin running
+        in C with no Python code per key (a Python loop here showed in the
+        profile of pipelined GET hits).  A value is copied out of its entry,
+        except in a batch of more than ``COPIED`` keys: there a value over
+        ``BY_REFERENCE`` bytes is a ``memoryview`` into the entry, so a huge
+        MGET neither copies all its values in one turn nor holds them twice.
         """
         entries = self._entries
         found = list(map(entries.get, keys))
         if not found or None in found or min(found) < alive_after(self._clock.seconds()):
             return None
         _consume(map(entries.move_to_end, keys))
-        return found
+        if len(found) > COPIED and max(map(len, found)) > BY_REFERENCE + STAMP:
+            return [_view_of(e) if len(e) > BY_REFERENCE + STAMP else e[STAMP:] for e in found]
+        return list(map(_value_of, found))
 
     def put(self, key: bytes, value: bytes) -> None:
         """Store ``value``; its ttl starts now.  When full, an expired entry
@@ -171,7 +190,7 @@ class Cache:
         ):
             # no store has expired, so no entry has: evict the LRU one
             # (a cache with entries has records: stored[0] exists)
-            evicted, _ = entries.popitem(last=False)
+            evicted, _ = entries.popitem(False)
             self._metrics.cache_evictions += 1
             if stored[0] == evicted:
                 # its record is stale now, and it is cheapest to drop at the
@@ -276,3 +295,11 @@ class Cache:
 
 #: runs an iterator to its end in C, keeping nothing
 _consume = deque(maxlen=0).extend
+
+#: the value in an entry, copied
+_value_of = itemgetter(slice(STAMP, None))
+
+
+def _view_of(entry: bytes) -> memoryview:
+    """The value in an entry, uncopied (it keeps the entry alive)."""
+    return memoryview(entry)[STAMP:]

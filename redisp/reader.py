@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from operator import itemgetter
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -42,12 +41,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from redisp.backing import Backing
-from redisp.cache import STAMP, Cache
+from redisp.cache import Cache
 from redisp.gate import Gate, Owner
 from redisp.metrics import Metrics
-
-#: a cache entry's value (C code: no Python call per entry)
-_value_of = itemgetter(slice(STAMP, None))
 
 #: (value or None when absent, True when answered from the cache)
 Lookup = tuple[bytes | None, bool]
@@ -137,11 +133,10 @@ class CachedReader:
             return None
         if not self._fresh:
             self._freshen()
-        entries = self._cache.get_all(keys)
-        if entries is None:
-            return None
-        self._metrics.cache_hits += len(entries)
-        return list(map(_value_of, entries))
+        values = self._cache.get_all(keys)
+        if values is not None:
+            self._metrics.cache_hits += len(values)
+        return values
 
     def get_many(self, keys: list[bytes], owner: Owner | None = None) -> list | Deferred:
         """Values (or None) for ``keys``, as one request through the gate.

@@ -1,11 +1,37 @@
-"""The cache: global TTL from insertion, LRU by read or store, capacity in keys."""
+"""The cache: global TTL from insertion, LRU by read or store, capacity in keys.
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+Every test runs on both of the cache's containers: the C ``LruDict`` (when
+built) and the ``OrderedDict`` it falls back to.
+"""
+
+from collections import OrderedDict
+
+import pytest
 from twisted.internet.task import Clock
 
+import redisp.cache
 from redisp.cache import Cache
 from redisp.metrics import Metrics
+
+try:
+    from redisp._lru import LruDict
+except ImportError:
+    LruDict = None
+
+
+@pytest.fixture(autouse=True, scope="module", params=["LruDict", "OrderedDict"])
+def container(request):
+    """Module-scoped (not monkeypatch) so that hypothesis tests may use it."""
+    if request.param == "LruDict":
+        if LruDict is None:
+            pytest.skip("redisp._lru was not built (no C compiler)")
+        kind = LruDict
+    else:
+        kind = OrderedDict
+    built = redisp.cache._Entries
+    redisp.cache._Entries = kind
+    yield kind
+    redisp.cache._Entries = built
 
 
 def make(capacity=3, ttl=10.0):
@@ -115,88 +141,38 @@ def test_empty_value_is_cached():
     assert cache.get(b"k") == b""
 
 
-operations = st.lists(
-    st.tuples(
-        st.sampled_from(["get", "put", "put", "tick", "discard", "sweep"]),
-        st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"f"]),
-        st.integers(0, 3),
-    ),
-    max_size=80,
-)
-
-
-@settings(max_examples=500, deadline=None)
-@given(capacity=st.integers(0, 5), ops=operations)
-def test_cache_agrees_with_a_reference_model(capacity, ops):
-    """A plain list-based LRU with explicit expiry times gives the same answers:
-    when full, the entry that expired first goes, else the least recently used."""
-    ttl = 4
-    cache, clock, metrics = make(capacity=capacity, ttl=ttl)
-    model: list[tuple[bytes, bytes, float, int]] = []  # LRU first; (key, value, expiry, stored)
-    expirations = evictions = 0
-    for n, (op, key, amount) in enumerate(ops):
-        # every store at its own time: among entries that expired at the very
-        # same instant the cache may drop any one (all are expired), where the
-        # model would have to guess which
-        clock.advance(0.001)
-        now = clock.seconds()
-        if op == "tick":
-            clock.advance(amount)
-            continue
-        found = [e for e in model if e[0] == key]
-        if op == "get":
-            expected = None
-            if found:
-                model.remove(found[0])
-                if found[0][2] > now:
-                    model.append(found[0])
-                    expected = found[0][1]
-                else:
-                    expirations += 1
-            assert cache.get(key) == expected
-        elif op == "discard":
-            assert cache.discard(key) == bool(found)
-            if found:
-                model.remove(found[0])
-        elif op == "sweep":
-            expired = [e for e in model if e[2] <= now]
-            assert cache.sweep() == len(expired)
-            expirations += len(expired)
-            model = [e for e in model if e[2] > now]
-        else:
-            value = b"%d" % n
-            cache.put(key, value)
-            if capacity == 0:
-                continue
-            if found:
-                model.remove(found[0])
-            elif len(model) >= capacity:
-                expired = [e for e in model if e[2] <= now]
-                if expired:
-                    # the first stored among them: equal expiry times tie in store order
-                    model.remove(min(expired, key=lambda e: (e[2], e[3])))
-                    expirations += 1
-                else:
-                    model.pop(0)
-                    evictions += 1
-            model.append((key, value, now + ttl, n))
-        assert len(cache) == len(model)
-        assert (metrics.cache_expirations, metrics.cache_evictions) == (expirations, evictions)
-    assert len(cache._stored) <= 4 * max(len(model), 1) + 2048  # stale records stay bounded
-
-
 def test_get_all_answers_only_when_every_key_is_alive():
     cache, clock, metrics = make(capacity=3, ttl=10)
     cache.put(b"a", b"1")
     clock.advance(5)
     cache.put(b"b", b"2")
-    assert [e[8:] for e in cache.get_all([b"a", b"b", b"a"])] == [b"1", b"2", b"1"]
+    assert cache.get_all([b"a", b"b", b"a"]) == [b"1", b"2", b"1"]
     assert cache.get_all([b"a", b"x"]) is None
     assert cache.get_all([]) is None
     clock.advance(5)  # a expires exactly now: stored at 0 with ttl 10
     assert cache.get_all([b"b", b"a"]) is None
     assert len(cache) == 2 and metrics.cache_expirations == 0  # nothing dropped
     assert cache.get(b"a") is None and metrics.cache_expirations == 1
+
+
+def test_get_all_hands_out_large_values_of_a_large_batch_uncopied():
+    """An MGET of many large values must not copy them all in one turn."""
+    from redisp.cache import BY_REFERENCE, COPIED
+
+    cache, _, _ = make(capacity=3)
+    big = b"b" * (BY_REFERENCE + 1)
+    cache.put(b"big", big)
+    cache.put(b"edge", b"e" * BY_REFERENCE)
+    cache.put(b"small", b"s")
+    few = cache.get_all([b"big", b"small"] * (COPIED // 2))
+    assert few == [big, b"s"] * (COPIED // 2)
+    assert all(type(v) is bytes for v in few)
+    many = cache.get_all([b"big", b"edge", b"small"] * COPIED)
+    assert many == [big, b"e" * BY_REFERENCE, b"s"] * COPIED
+    assert [type(v) for v in many[:3]] == [memoryview, bytes, bytes]
+    assert many[0].obj is cache._entries.get(b"big")  # a view of the entry itself
+    only_small = cache.get_all([b"edge", b"small"] * COPIED)
+    assert all(type(v) is bytes for v in only_small)
 
 
 def test_get_all_marks_every_key_used():

@@ -1,0 +1,7 @@
+"""Build hook for the optional C part: redisp.cache uses redisp._lru when it
+was built, and falls back to OrderedDict (more memory per entry) when not.
+Everything else is declared in setup.cfg."""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("redisp._lru", ["redisp/_lru.c"], optional=True)])
