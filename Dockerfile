@@ -14,7 +14,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
 USER redisp
 # Inside the container the doors listen on every interface; publish the ports you need.
 # MALLOC_MMAP_THRESHOLD_: glibc hands large freed tables back to the system (the cache's
-# dict grows by doubling); 202 -> 185 bytes per cached entry at 1M keys (bench/run memory).
+# table grows by doubling; see bench/NOTES-perf.md for bytes per entry).
 # REDISP_PROTECTED_MODE=no: clients reach redisp through the container's network,
 # never from its loopback, so protected mode would refuse them all (the official
 # Redis image does the same). Publish the ports on 127.0.0.1 only, or set

@@ -52,7 +52,7 @@ def scenarios(keys: int, small: int) -> list[tuple[str, str, str, list[Target]]]
             ("redisp c=1", "webdis", "min_ratio", 0.45),
         ]),
         ("memory", f"memory, {keys} cached keys of 16 B + 100 B values", "B/entry", [
-            ("redisp", None, "max_value", 200.0),
+            ("redisp", None, "max_value", 150.0),
         ]),
         ("scale", f"RESP GET hit -P 16, random keys: {keys} vs {small} distinct", "ops/s", [
             (f"redisp keys={small}", None, None, None),

@@ -26,6 +26,11 @@ ensure_venv() {
   if [[ ! -x "$VENV/bin/python" ]]; then
     "$BASE_PY" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$BASE_PY" -m venv "$VENV"; }
   fi
+  # redisp._lru (the cache's C table) is built when a compiler and Python's
+  # headers are there; without them redisp falls back to OrderedDict
+  if ! command -v cc >/dev/null || ! "$BASE_PY" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    apt_install gcc libc6-dev python3-dev || say "no C compiler or Python headers: redisp._lru not built (OrderedDict fallback)"
+  fi
   say "installing redisp${extras:+[$extras]} into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$VENV/bin/python" -m pip install -q -e "$REPO${extras:+[$extras]}" \
