@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from redisp.batching import Done, GetBatcher
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
+from redisp.resp import encode_command
 from redisp.tls import client_endpoint, describe, tcp_transport
 
 log = Logger()
@@ -132,9 +133,7 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         for arg in args:
             if arg.__class__ is not bytes:
                 return super()._build_command(*args, **kwargs)
-        return b"*%d\r\n" % len(args) + b"".join(
-            [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
-        )
+        return encode_command(args)
 
     def connectionLost(self, why: Any) -> None:
         fail_with_tls_reason(self, why)

@@ -45,6 +45,8 @@ from twisted.python.failure import Failure
 from redisp.backing import BackingError, BackingUnavailable, first_line
 from redisp.config import RedisURL
 from redisp.frames import ErrorReply, FrameError, decode
+from redisp.relay import RelayProtocol
+from redisp.tls import client_endpoint
 
 __all__ = ["SLOTS", "Address", "key_slot", "SlotMap", "ClusterMapError", "ClusterTopology",
            "REFRESH_SECONDS", "UNSETTLED_SECONDS"]
@@ -502,8 +504,6 @@ class ClusterTopology:
 
     def _ask(self, address: Address) -> Deferred:
         """The map as one node sees it, on a connection of its own."""
-        from redisp.relay import RelayProtocol  # relay imports nothing of ours; keep it lazy
-
         url = self.node_url(address)
         protocol = RelayProtocol(self.clock, self.timeout, url)
         self._connections.add(protocol)
@@ -609,8 +609,6 @@ class ClusterTopology:
             self.refresh().addErrback(lambda _: None)
 
     def _connect_tcp(self, protocol: Any, url: RedisURL) -> Deferred:
-        from redisp.tls import client_endpoint
-
         return client_endpoint(self.reactor, url, self.timeout).connect(_OneProtocol(protocol))
 
 

@@ -68,8 +68,8 @@ from redisp.backing import BackingError, BackingUnavailable
 from redisp.cluster_map import Address, SlotMap, key_slot
 from redisp.command_table import CommandInfo, getkeys_request
 from redisp.frames import ErrorReply, FrameScanner, decode
-from redisp.relay import Done, RelayPool, RelayProtocol, encode_command
-from redisp.resp import bulk, parse_integer
+from redisp.relay import Done, RelayPool, RelayProtocol
+from redisp.resp import bulk, encode_command, parse_integer
 
 __all__ = ["ClusterRouter", "ClusterPin", "CROSSSLOT", "MAX_REDIRECTS", "SCAN_BASE",
            "scan_cursor", "scan_position", "split_parts", "merge"]

@@ -49,7 +49,6 @@ from redisp.forwarding import Pending, as_deferred
 from redisp.frames import decode
 from redisp.gate import Owner
 from redisp.metrics import Metrics
-from redisp.relay import encode_command
 from redisp.replies import LARGE, Chunked, bulk_reply, values_array
 from redisp.resp import (
     EMPTY_ARRAY,
@@ -59,6 +58,7 @@ from redisp.resp import (
     Encoder,
     array,
     bulk,
+    encode_command,
     encoder_for,
     error,
     integer,

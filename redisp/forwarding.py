@@ -80,8 +80,8 @@ from redisp.command_table import (
 from redisp.config import Config
 from redisp.frames import ErrorReply, decode
 from redisp.metrics import Metrics
-from redisp.relay import CONFIRMED, RelayPool, RelayProtocol, encode_command
-from redisp.resp import error, parse_integer
+from redisp.relay import CONFIRMED, RelayPool, RelayProtocol
+from redisp.resp import encode_command, error, parse_integer
 
 log = Logger()
 

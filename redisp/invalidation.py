@@ -59,7 +59,7 @@ from redisp.backing import fail_with_tls_reason, first_line, reconnecting
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
-from redisp.tls import tcp_transport
+from redisp.tls import ClientTLS, tcp_transport
 
 log = Logger()
 
@@ -426,8 +426,6 @@ def _connect(url: RedisURL, timeout: float) -> socket.socket:
     sock = socket.create_connection((url.host, url.port), timeout=timeout)
     if not url.tls:
         return sock
-    from redisp.tls import ClientTLS
-
     client = url.tls_client if url.tls_client is not None else ClientTLS()
     try:
         return client.stdlib_context().wrap_socket(sock, server_hostname=url.host)

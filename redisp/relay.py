@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -92,9 +92,10 @@ from redisp.frames import (
     decode,
     frame_kind,
 )
+from redisp.resp import encode_command
 from redisp.tls import client_endpoint, describe
 
-__all__ = ["Done", "RelayProtocol", "RelayPool", "encode_command", "CONFIRMED"]
+__all__ = ["Done", "RelayProtocol", "RelayPool", "CONFIRMED"]
 
 log = Logger()
 
@@ -111,12 +112,6 @@ _NAME_KIND = {b"subscribe": 0, b"unsubscribe": 0, b"psubscribe": 1, b"punsubscri
               b"ssubscribe": 2, b"sunsubscribe": 2}
 _PUBSUB_KINDS = CONFIRMED | {b"message", b"pmessage", b"smessage"}
 _DIGITS = frozenset(b"0123456789")
-
-
-def encode_command(argv: Sequence[bytes]) -> bytes:
-    """One request as clients send it, for calls made from argv."""
-    return b"*%d\r\n" % len(argv) + b"".join(
-        [b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in argv])
 
 
 def _first_word(frame: bytes) -> bytes | None:

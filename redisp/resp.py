@@ -30,12 +30,13 @@ parse the same way:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 __all__ = [
     "ProtocolError", "RequestParser", "LogLimiter", "parse_integer", "split_inline",
     "Encoder", "RESP2", "RESP3", "encoder_for",
     "OK", "PONG", "CRLF", "EMPTY_ARRAY",
-    "bulk", "simple", "error", "integer", "array",
+    "bulk", "simple", "error", "integer", "array", "encode_command",
 ]
 
 
@@ -645,6 +646,13 @@ def integer(value: int) -> bytes:
 def array(items: list[bytes]) -> bytes:
     """An array of already encoded replies."""
     return b"*%d\r\n" % len(items) + b"".join(items)
+
+
+def encode_command(argv: Sequence[bytes]) -> bytes:
+    """A command as clients send it: how redisp writes its own calls to Redis,
+    on the txredisapi connection and on the relay, sentinel and cluster ones."""
+    return b"*%d\r\n" % len(argv) + b"".join(
+        [b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in argv])
 
 
 class Encoder:

@@ -49,7 +49,8 @@ from zope.interface import implementer
 from redisp.backing import BackingError, first_line
 from redisp.config import RedisURL
 from redisp.frames import ErrorReply, FrameError, FrameScanner, decode
-from redisp.relay import RelayProtocol, encode_command
+from redisp.relay import RelayProtocol
+from redisp.resp import encode_command
 from redisp.tls import client_endpoint
 
 log = Logger()

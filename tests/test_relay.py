@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 
 from redisp.backing import BackingError, BackingTimeout, BackingUnavailable
 from redisp.config import RedisURL, parse_redis_url
-from redisp.relay import RelayPool, RelayProtocol, encode_command
+from redisp.relay import RelayPool, RelayProtocol
+from redisp.resp import encode_command
 from tests.raw_redis import encode, replies
 from tests.support import RedisServer, free_port, until
 

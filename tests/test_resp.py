@@ -556,3 +556,13 @@ def test_parser_is_not_idle_inside_a_request():
     parser.feed(b"*2\r\n$3\r")
     assert not parser.idle
 
+
+
+def test_encode_command_writes_a_call_as_clients_send_it():
+    """One encoder for every call redisp makes to Redis (issue 12: the
+    txredisapi connection had a copy of its own)."""
+    from redisp.resp import encode_command
+
+    assert encode_command([b"SET", b"k", b"", b"\r\n"]) == (
+        b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n$2\r\n\r\n\r\n")
+    assert encode_command([]) == b"*0\r\n"

@@ -12,7 +12,8 @@ from twisted.internet.testing import StringTransport
 
 from redisp.backing import BackingUnavailable
 from redisp.config import parse_redis_url
-from redisp.relay import RelayPool, RelayProtocol, encode_command
+from redisp.relay import RelayPool, RelayProtocol
+from redisp.resp import encode_command
 from redisp.sentinel import (
     LEFT_GRACE,
     NotMaster,
