@@ -4,44 +4,26 @@ item 15): a 16 KB inline MGET of 8 000 keys was once accepted past the
 
 from __future__ import annotations
 
-from twisted.internet import task
-from twisted.internet.testing import StringTransport
-
-from redisp.clients import ClientSlots
-from redisp.config import Config
-from redisp.metrics import Metrics
-from redisp.resp_server import RespFactory
-from tests.test_commands import FakeReader
 from tests.test_resp import encode
-from tests.test_resp_server import PEER
+from tests.test_resp_server import Door
 
 
-class CountingReader(FakeReader):
-    """Counts the keys looked up, to prove a refused request ran nothing."""
+class Lookups:
+    """The keys looked up in the real reader's cache, hit or miss, to prove
+    a refused request ran nothing."""
 
-    def __init__(self, values: dict[bytes, bytes]) -> None:
-        super().__init__(values)
-        self.looked_up = 0
+    def __init__(self, door: Door) -> None:
+        self.metrics = door.metrics
 
-    def get(self, key: bytes):
-        self.looked_up += 1
-        return super().get(key)
-
-    def read(self, key: bytes):
-        self.looked_up += 1
-        return super().read(key)
+    @property
+    def looked_up(self) -> int:
+        return self.metrics.cache_hits + self.metrics.cache_misses
 
 
 def connect(**limits: int):
-    clock = task.Clock()
-    metrics = Metrics(started=clock.seconds())
-    reader = CountingReader({b"k": b"v"})
-    config = Config(protected_mode=False, **limits)  # StringTransport's peer is not loopback
-    factory = RespFactory(reader, metrics, ClientSlots(10, metrics), config, clock)
-    proto = factory.buildProtocol(PEER)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport, reader
+    door = Door({b"k": b"v"}, max_clients=10, **limits)
+    proto, transport = door.connect()
+    return proto, transport, Lookups(door)
 
 
 def test_inline_mget_over_max_args_is_refused_before_it_runs():
@@ -49,6 +31,7 @@ def test_inline_mget_over_max_args_is_refused_before_it_runs():
     proto.dataReceived(b"MGET k k k\r\n")
     assert transport.value() == b"*3\r\n$1\r\nv\r\n$1\r\nv\r\n$1\r\nv\r\n"
     looked_up = reader.looked_up
+    assert looked_up == 3
     proto.dataReceived(b"MGET " + b"k " * 8000 + b"\r\n")
     assert transport.value().endswith(b"-ERR Protocol error: too big inline request\r\n")
     assert transport.disconnecting
