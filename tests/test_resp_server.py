@@ -1,4 +1,5 @@
-"""The RESP door's connections on in-memory transports: pipelining and reply
+"""The RESP door's connections on in-memory transports, over the real reader,
+gate and cache with a scripted backing below them: pipelining and reply
 order, protocol errors, the client cap, QUIT, flow control, lost clients."""
 
 from __future__ import annotations
@@ -573,7 +574,8 @@ def test_a_late_reply_to_a_connection_gone_meanwhile_is_dropped(door):
 
 
 def real_door(concurrency: int = 1, **config) -> tuple[Door, FakeBacking]:
-    """A Door over the real reader, gate and cache; the backing is the test's."""
+    """A Door whose backing is test_reader's FakeBacking: every reply, GET or
+    MGET, released by the test."""
     clock = task.Clock()
     metrics = Metrics(started=0)
     backing = FakeBacking()
