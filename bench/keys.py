@@ -6,6 +6,9 @@ so ``-r N`` draws from exactly these keys) and its value is 100 bytes that name 
     python bench/keys.py load N          RESP MSET batches of keys 0..N-1 on stdout,
                                          for ``redis-cli --pipe``
     python bench/keys.py value I         the value of key I on stdout (no newline)
+    python bench/keys.py unlink PREFIX N RESP UNLINK batches of PREFIX%012d, 0..N-1, on
+                                         stdout, for ``redis-cli --pipe`` (whatever
+                                         ``-r N`` may have written under PREFIX)
     python bench/keys.py get PORT N      GET keys 0..N-1 through 127.0.0.1:PORT, pipelined
                                          in batches, checking every reply byte for byte
 
@@ -47,6 +50,16 @@ def load(n: int) -> None:
     out.flush()
 
 
+def unlink(prefix: bytes, n: int) -> None:
+    out = sys.stdout.buffer
+    for start in range(0, n, BATCH):
+        stop = min(n, start + BATCH)
+        parts = [b"*%d\r\n$6\r\nUNLINK\r\n" % (1 + stop - start)]
+        parts.extend(bulk(b"%s%012d" % (prefix, i)) for i in range(start, stop))
+        out.write(b"".join(parts))
+    out.flush()
+
+
 def get(port: int, n: int, timeout: float = 60.0) -> None:
     """GET every key once, BATCH requests in flight; stop at the first wrong byte."""
     sock = socket.create_connection((HOST, port), timeout=timeout)
@@ -82,6 +95,8 @@ def main(argv: list[str]) -> None:
         load(int(argv[1]))
     elif len(argv) == 2 and argv[0] == "value":
         sys.stdout.buffer.write(value(int(argv[1])))
+    elif len(argv) == 3 and argv[0] == "unlink":
+        unlink(argv[1].encode(), int(argv[2]))
     elif len(argv) == 3 and argv[0] == "get":
         get(int(argv[1]), int(argv[2]))
     else:
