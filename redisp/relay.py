@@ -240,6 +240,26 @@ class RelayProtocol(Protocol):
         if deadline < self._timer_at:
             self._arm(deadline)
 
+    def call_many(self, request: bytes, dones: Sequence[Done]) -> None:
+        """``call`` for ``request`` holding ``len(dones)`` commands (a client's
+        packet, as it sent it): each ``done`` gets its command's reply, in
+        order, exactly as if each had been a ``call`` of its own (same
+        deadline, timeouts and failures call by call)."""
+        if self.lost or self._closing:
+            error = BackingUnavailable(f"backing redis unavailable ({self._why_lost})")
+            for done in dones:
+                done(error)
+            return
+        deadline = self.clock.seconds() + self.timeout
+        self._pending.extend([_Call(done, deadline, None) for done in dones])
+        unsent = self._unsent
+        if unsent is None:
+            self.transport.write(request)
+        else:
+            unsent.append(request)
+        if deadline < self._timer_at:
+            self._arm(deadline)
+
     def send(self, request: bytes) -> None:
         """Send a command Redis will not answer (under CLIENT REPLY OFF/SKIP)."""
         if self.lost or self._closing:
@@ -574,6 +594,20 @@ class RelayPool:
                 done(BackingUnavailable(f"backing redis unavailable ({self._down_reason})"))
                 return
         connection.call(request, done, timeout)
+
+    def call_many(self, lane: int, request: bytes, dones: Sequence[Done],
+                  resp3: bool = False) -> None:
+        """``call`` for a packet of ``len(dones)`` commands
+        (``RelayProtocol.call_many``)."""
+        connection = self._lanes[resp3][lane]
+        if connection is None or connection.lost:
+            connection = self._reconnect(lane, resp3)
+            if connection is None:
+                error = BackingUnavailable(f"backing redis unavailable ({self._down_reason})")
+                for done in dones:
+                    done(error)
+                return
+        connection.call_many(request, dones)
 
     def connection(self, lane: int, resp3: bool = False) -> RelayProtocol | None:
         """The lane's connection, if any (for ``send`` and tests)."""
