@@ -1,0 +1,265 @@
+"""A packet of forwarded commands (``Forwarder.forward_packet``) answers
+exactly as the same commands forwarded one by one.
+
+Two proxies side by side -- the real RESP door, forwarder, gate, cache,
+relay pool and relay connections on StringTransports -- one with the packet
+path, one with it turned off, each in front of its own small fake Redis
+(answers computed from what each relay connection was sent).  Hypothesis
+drives both with the same client streams cut at the same places; at the
+end the bytes every client got, the bytes every backing connection was
+sent, the metrics and the cache must be the same.  The gate never holds a
+request back in these runs (a packet waits for all its tokens at once where
+single commands may start one by one: a difference of timing, not of
+answers), so the two see the same events in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from redisp.cache import Cache
+from redisp.clients import ClientSlots
+from redisp.command_table import CommandTable
+from redisp.config import Config
+from redisp.forwarding import Forwarder
+from redisp.frames import decode
+from redisp.gate import Gate
+from redisp.metrics import COUNTERS, Metrics
+from redisp.reader import CachedReader
+from redisp.relay import RelayPool, encode_command
+from redisp.resp import RequestParser
+from redisp.resp_server import RespFactory
+from tests.raw_redis import COMMAND_REPLY_FILE
+
+TABLE = CommandTable.from_command_reply(decode(COMMAND_REPLY_FILE.read_bytes()))
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+KEYS = [b"k%d:%d" % (c, i) for c in range(2) for i in range(3)]
+_ARITY = {b"set": -3, b"get": 2, b"del": -2, b"incr": 2, b"mget": -2, b"expire": -3,
+          b"select": 2, b"multi": 1, b"exec": 1, b"discard": 1}
+
+
+class FakeRedis:
+    """Just enough of Redis for the commands below, per db, with MULTI."""
+
+    def __init__(self) -> None:
+        self.dbs: dict[int, dict[bytes, bytes]] = {0: {k: b"1" for k in KEYS}, 1: {}}
+        self.connections: dict[int, tuple[RequestParser, list]] = {}  # id -> (parser, [db, queue])
+
+    def run(self, state: list, argv: list[bytes]) -> bytes:
+        name = argv[0].lower()
+        arity = _ARITY.get(name)
+        if arity is None:
+            return b"-ERR unknown command '%b'\r\n" % argv[0]
+        if (arity > 0 and len(argv) != arity) or len(argv) < -arity:
+            return b"-ERR wrong number of arguments for '%b' command\r\n" % name
+        if state[1] is not None and name not in (b"exec", b"discard", b"multi"):
+            state[1].append(argv)
+            return b"+QUEUED\r\n"
+        if name == b"multi":
+            if state[1] is not None:
+                return b"-ERR MULTI calls can not be nested\r\n"
+            state[1] = []
+            return b"+OK\r\n"
+        if name in (b"exec", b"discard"):
+            if state[1] is None:
+                return b"-ERR %b without MULTI\r\n" % name.upper()
+            queued, state[1] = state[1], None
+            if name == b"discard":
+                return b"+OK\r\n"
+            return b"*%d\r\n" % len(queued) + b"".join(self.run(state, a) for a in queued)
+        store = self.dbs[state[0]]
+        if name == b"select":
+            if argv[1] not in (b"0", b"1"):
+                return b"-ERR DB index is out of range\r\n"
+            state[0] = int(argv[1])
+            return b"+OK\r\n"
+        if name == b"set":
+            store[argv[1]] = argv[2]
+            return b"+OK\r\n"
+        if name == b"get":
+            value = store.get(argv[1])
+            return b"$-1\r\n" if value is None else b"$%d\r\n%b\r\n" % (len(value), value)
+        if name == b"mget":
+            return b"*%d\r\n" % (len(argv) - 1) + b"".join(
+                self.run(state, [b"get", k]) for k in argv[1:])
+        if name == b"del":
+            return b":%d\r\n" % sum(store.pop(k, None) is not None for k in argv[1:])
+        if name == b"expire":
+            return b":%d\r\n" % (argv[1] in store)
+        value = store.get(argv[1], b"0")  # incr
+        if not value.isdigit():
+            return b"-ERR value is not an integer or out of range\r\n"
+        store[argv[1]] = b"%d" % (int(value) + 1)
+        return b":%b\r\n" % store[argv[1]]
+
+    def answer(self, relay) -> bool:
+        """Answer what ``relay`` was sent since last time; True if anything."""
+        parser, state = self.connections.setdefault(id(relay), (RequestParser(), [0, None]))
+        sent = relay.transport.value()
+        relay.transport.clear()
+        if not sent:
+            return False
+        replies = b"".join(self.run(state, argv) for argv in parser.feed(sent))
+        relay.wire.append(sent)
+        if replies:
+            relay.dataReceived(replies)
+        return True
+
+
+class World:
+    """One proxy (``packets``: with the packet path or not) and its fake Redis."""
+
+    def __init__(self, packets: bool, clients: int, **config) -> None:
+        self.clock = clock = Clock()
+        self.metrics = metrics = Metrics(started=0)
+        self.config = config = replace(Config(), **config)
+        self.redis = redis = FakeRedis()
+        gate = Gate(config.concurrency, clock)
+
+        class Backing:
+            def fetch(self, key: bytes, done) -> None:
+                done(redis.dbs[0].get(key))
+
+            def mget(self, keys: list[bytes]) -> list:
+                return [redis.dbs[0].get(key) for key in keys]
+
+        self.cache = Cache(100, 1000.0, clock, metrics)
+        for key in KEYS:
+            self.cache.put(key, b"1")
+        reader = CachedReader(self.cache, gate, Backing(), metrics)
+        self.relays: list = []
+
+        def connect(protocol):
+            protocol.wire = []
+            protocol.makeConnection(StringTransport())
+            self.relays.append(protocol)
+            return succeed(protocol)
+
+        pool = RelayPool(config.redis, config.redis_timeout, clock, connect=connect, clock=clock)
+        forwarder = Forwarder(config, clock, reader, gate, metrics, pool=pool)
+        forwarder.table = TABLE
+        factory = RespFactory(reader, metrics, ClientSlots(100, metrics), config, clock,
+                              forwarder=forwarder)
+        self.clients = []
+        for _ in range(clients):
+            protocol = factory.buildProtocol(PEER)
+            transport = StringTransport(peerAddress=PEER)
+            protocol.makeConnection(transport)
+            if not packets:
+                protocol._forward_packet = lambda requests, data: False
+            self.clients.append((protocol, transport))
+
+    def turn(self) -> None:
+        while any(c.getTime() <= self.clock.seconds() for c in self.clock.getDelayedCalls()):
+            self.clock.advance(0)
+
+    def send(self, client: int, data: bytes) -> None:
+        self.clients[client][0].dataReceived(data)
+        self.turn()
+
+    def answer(self) -> None:
+        """Redis answers everything sent to it, until nothing more comes."""
+        while any([self.redis.answer(relay) for relay in list(self.relays)]):
+            self.turn()
+
+    def outcome(self) -> tuple:
+        m = self.metrics
+        counters = {name: getattr(m, name) for name in COUNTERS}
+        return (
+            [t.value() for _, t in self.clients],
+            [b"".join(r.wire) for r in self.relays],
+            dict(m.requests), dict(m.forwarded), dict(m.backing_errors), counters,
+            {key: self.cache.get(key) for key in KEYS},
+            self.redis.dbs,
+        )
+
+
+def _command(client: int, simple: bool):
+    """A command; ``simple``: one of those a packet may take."""
+    key = st.sampled_from(KEYS[3 * client:3 * client + 3])
+    value = st.sampled_from([b"1", b"7", b"x", b"a\r\nb"])
+    name = st.sampled_from
+    simple_ones = st.one_of(
+        st.tuples(name([b"SET", b"set", b"Set"]), key, value),
+        st.tuples(name([b"GET", b"get"]), key),
+        st.tuples(st.just(b"DEL"), key, key),
+        st.tuples(st.just(b"INCR"), key),
+        st.tuples(st.just(b"MGET"), key, key),
+        st.tuples(st.just(b"EXPIRE"), key, st.just(b"100")),
+        st.tuples(st.just(b"SET"), key),  # wrong arity
+    )
+    if simple:
+        return simple_ones.map(list)
+    return st.one_of(
+        simple_ones,
+        st.tuples(st.just(b"FOO"), key),  # unknown to the table: flushes the cache
+        st.tuples(st.just(b"KEYS"), st.just(b"*")),  # denied
+        st.just((b"PING",)),
+        st.tuples(st.just(b"ECHO"), value),
+        st.just((b"MULTI",)),
+        st.just((b"EXEC",)),
+        st.just((b"DISCARD",)),
+        st.tuples(st.just(b"SELECT"), st.sampled_from([b"0", b"1"])),
+    ).map(list)
+
+
+@st.composite
+def _script(draw, clients: int):
+    """Steps: (client, packet bytes) sends and None (Redis answers all)."""
+    steps = []
+    for _ in range(draw(st.integers(1, 8))):
+        if draw(st.booleans()):
+            steps.append(None)
+            continue
+        client = draw(st.integers(0, clients - 1))
+        commands = draw(st.lists(_command(client, draw(st.booleans())), min_size=1,
+                                 max_size=20))
+        data = b"".join(
+            b" ".join(argv) + b"\r\n" if b"\r" not in b"".join(argv) and draw(st.booleans())
+            and len(commands) < 3 else encode_command(argv)
+            for argv in commands)
+        cuts = sorted(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=2)))
+        for start, end in zip([0, *cuts], [*cuts, len(data)]):
+            if start < end:
+                steps.append((client, data[start:end]))
+    return steps
+
+
+def _run(script, clients: int, **config) -> None:
+    worlds = [World(packets, clients, **config) for packets in (True, False)]
+    for step in script:
+        for world in worlds:
+            if step is None:
+                world.answer()
+            else:
+                world.send(*step)
+    for world in worlds:
+        world.answer()
+    fast, general = (world.outcome() for world in worlds)
+    assert fast == general
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_packets_answer_as_commands_one_by_one(data):
+    clients = data.draw(st.integers(1, 2))
+    mode = data.draw(st.sampled_from(["all", "all", "read"]))
+    _run(data.draw(_script(clients)), clients, concurrency=1000, forward=mode,
+         deny_commands=("keys",))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_packets_under_a_small_gate_answer_as_commands_one_by_one(data):
+    """Concurrency below a packet's size, or at it: Redis answers between sends."""
+    script = [step for step in data.draw(_script(1)) if step is not None]
+    script = [s for step in script for s in (step, None)]
+    _run(script, 1, concurrency=data.draw(st.sampled_from([1, 2, 4, 16])),
+         deny_commands=("keys",))
