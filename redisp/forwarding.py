@@ -470,8 +470,12 @@ class Forwarder:
         count = len(frames)
         self._packet_pool_done(packet.session, count)
         self._gate.leave(count)
-        outcomes = ({"forwarded": count} if not failed else
-                    {"forwarded": count - failed, "backing_error": failed})
+        if not failed:
+            outcomes = {"forwarded": count}
+        elif failed == count:
+            outcomes = {"backing_error": count}
+        else:
+            outcomes = {"forwarded": count - failed, "backing_error": failed}
         packet.result._settled((b"".join(frames), outcomes))
 
     def _packet_pool_done(self, session: Any, count: int) -> None:

@@ -27,7 +27,7 @@ from twisted.internet.testing import StringTransport
 from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.command_table import CommandTable
-from redisp.config import Config
+from redisp.config import Config, Secret
 from redisp.forwarding import Forwarder
 from redisp.frames import decode
 from redisp.gate import Gate
@@ -263,3 +263,150 @@ def test_packets_under_a_small_gate_answer_as_commands_one_by_one(data):
     script = [s for step in script for s in (step, None)]
     _run(script, 1, concurrency=data.draw(st.sampled_from([1, 2, 4, 16])),
          deny_commands=("keys",))
+
+
+# -- the packet path's own cases, each against the general path ----------------------
+
+SETS = b"".join(encode_command([b"SET", k, b"9"]) for k in KEYS[:3])
+
+
+def _both(**config) -> list[World]:
+    return [World(packets, 1, concurrency=64, **config) for packets in (True, False)]
+
+
+def _same(worlds: list[World]) -> tuple:
+    fast, general = (world.outcome() for world in worlds)
+    assert fast == general
+    return fast
+
+
+def test_a_packet_is_relayed_as_sent_in_one_write_and_answered_in_one():
+    world = World(True, 1, concurrency=64)
+    world.send(0, SETS)
+    (relay,) = world.relays
+    assert relay.transport.value() == SETS  # the client's bytes, one write
+    world.answer()
+    protocol, transport = world.clients[0]
+    assert transport.value() == b"+OK\r\n" * 3
+    assert [world.cache.get(k) for k in KEYS[:3]] == [None] * 3  # dropped on the replies
+    assert world.metrics.write_invalidations == 3
+    assert world.metrics.forwarded["set", "ok"] == 3
+    assert protocol._session.forwarding == 0
+
+
+def test_a_packet_timing_out_halfway_answers_what_came_then_the_timeouts():
+    worlds = _both()
+    for world in worlds:
+        world.send(0, SETS)
+        (relay,) = world.relays
+        relay.transport.clear()
+        relay.dataReceived(b"+OK\r\n")  # the first reply only
+        world.clock.advance(world.config.redis_timeout + 1)
+        world.turn()
+        relay.dataReceived(b"+OK\r\n+OK\r\n")  # late: dropped
+        world.turn()
+    clients = _same(worlds)[0]
+    error = b"-ERR backing redis timed out after %gs\r\n" % worlds[0].config.redis_timeout
+    assert clients == [b"+OK\r\n" + error * 2]
+    # a timed-out write may have been applied: its key is dropped too
+    assert [worlds[0].cache.get(k) for k in KEYS[:3]] == [None] * 3
+
+
+def test_a_packet_on_a_lost_backing_connection_fails_each_command():
+    worlds = _both()
+    for world in worlds:
+        world.send(0, SETS)
+        world.relays[0].connectionLost()
+        world.turn()
+        world.send(0, SETS)  # on a new connection
+        world.answer()
+    clients = _same(worlds)[0]
+    assert clients == [b"-ERR backing redis unavailable (connection lost)\r\n" * 3
+                       + b"+OK\r\n" * 3]
+
+
+def test_a_packet_fails_fast_while_the_backing_is_stalled():
+    worlds = _both()
+    for world in worlds:
+
+        class Stalled:
+            state = "stalled"
+
+            def suspect(self) -> None:
+                pass
+
+        world.clients[0][0].factory.forwarder._backing = Stalled()
+        world.send(0, SETS)
+        world.answer()
+    clients = _same(worlds)[0]
+    assert clients == [b"-ERR backing redis timed out after %gs\r\n"
+                       % worlds[0].config.redis_timeout * 3]
+    assert worlds[0].relays == [] or worlds[0].relays[0].transport.value() == b""
+
+
+def test_a_packet_of_a_client_that_left_is_dropped_at_the_gate():
+    for world in [World(packets, 2, concurrency=3) for packets in (True, False)]:
+        held = encode_command([b"SET", b"k1:0", b"1"]) * 3
+        world.send(1, held)  # the other client holds every token
+        world.send(0, SETS)
+        world.clients[0][0].connectionLost()
+        world.answer()
+        wire = b"".join(b"".join(r.wire) for r in world.relays)
+        assert SETS not in wire  # never sent
+        assert world.clients[1][1].value() == b"+OK\r\n" * 3
+        assert world.metrics.requests["resp", "other"] == 3
+
+
+def test_a_multi_after_a_packet_waits_for_its_replies():
+    worlds = _both()
+    for world in worlds:
+        world.send(0, SETS + encode_command([b"INCR", b"k0:0"]))
+        world.send(0, encode_command([b"MULTI"]))
+        pinned = world.relays[1:]
+        assert all(r.transport.value() == b"" for r in pinned)  # parked
+        world.answer()
+    assert _same(worlds)[0] == [b"+OK\r\n" * 3 + b":10\r\n+OK\r\n"]
+
+
+def test_a_get_behind_a_packet_of_sets_reads_the_write():
+    worlds = _both()
+    for world in worlds:
+        world.send(0, SETS)
+        world.send(0, encode_command([b"GET", KEYS[0]]))  # cached "1" is stale
+        world.answer()
+    assert _same(worlds)[0] == [b"+OK\r\n" * 3 + b"$1\r\n9\r\n"]
+
+
+def test_a_packet_larger_than_the_gate_goes_command_by_command():
+    world = World(True, 1, concurrency=2)
+    world.send(0, SETS)
+    assert world.relays[0].waiting == 2  # one at a time through the gate: 2 of 3 sent
+    world.answer()
+    assert world.clients[0][1].value() == b"+OK\r\n" * 3
+
+
+def test_packets_are_not_taken_by_a_restricted_or_pinned_client():
+    world = World(True, 1, concurrency=64, password=Secret("secret"))
+    world.send(0, SETS)
+    assert world.clients[0][1].value().count(b"-NOAUTH") == 3
+    assert world.relays == []
+    worlds = _both()
+    for world in worlds:
+        world.send(0, encode_command([b"MULTI"]))
+        world.answer()
+        world.send(0, SETS + encode_command([b"EXEC"]))
+        assert world.relays[0].transport.value() == SETS + encode_command([b"EXEC"])  # the pin
+        world.answer()
+    assert _same(worlds)[0] == [b"+OK\r\n" + b"+QUEUED\r\n" * 3 + b"*3\r\n" + b"+OK\r\n" * 3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.binary(max_size=5), min_size=1, max_size=4), min_size=1,
+                max_size=4), st.sampled_from([b"", b"PING\r\n", b"*1\r\n$04\r\nPING\r\n",
+                                              b"*2\r\n$3\r\nGET"]))
+def test_whole_takes_exactly_canonical_packets(commands, tail):
+    data = b"".join(encode_command(argv) for argv in commands)
+    assert RequestParser().whole(data) == commands == RequestParser().feed(data)
+    parser = RequestParser()
+    assert parser.whole(data + tail) is None if tail else parser.whole(data) == commands
+    assert parser.idle
