@@ -444,29 +444,31 @@ class Forwarder:
         """Every reply of the packet came: ``_answered`` for each, in order,
         with one settling."""
         frames.append(last)
-        requests = packet.requests
-        invalidations = packet.invalidations
         counts = self._metrics.forwarded
-        failed = 0
-        for i, frame in enumerate(frames):
-            argv = requests[i]
-            label = packet.infos[i].label
+        invalidate = self._reader.invalidate
+        dropped = failed = 0
+        for i, (argv, invalidation, entry, frame) in enumerate(
+                zip(packet.requests, packet.invalidations, packet.infos, frames)):
             if frame.__class__ is bytes:
-                if invalidations[i]:
-                    self._invalidate(argv, invalidations[i])
-                if frame[:1] in (b"-", b"!"):
-                    counts[label, ERROR_OUTCOME] += 1
-                else:
-                    counts[label, OK_OUTCOME] += 1
+                if invalidation:
+                    if invalidation is FLUSH:
+                        self._invalidate(argv, invalidation)
+                    else:  # argv indexes (_invalidate, inlined)
+                        for at in invalidation:
+                            invalidate(argv[at])
+                        dropped += len(invalidation)
+                counts[entry.error if frame[:1] in (b"-", b"!") else entry.ok] += 1
                 continue
             failed += 1
             if frame.kind == "timeout":
                 # (a timed-out write may still be applied: drop its keys too)
-                self._invalidate(argv, invalidations[i])
+                self._invalidate(argv, invalidation)
                 if frame.__class__ is BackingTimeout and self._backing is not None:
                     self._backing.suspect()
-            counts[label, FAILED_OUTCOME] += 1
+            counts[entry.label, FAILED_OUTCOME] += 1
             frames[i] = error("ERR " + str(frame))
+        if dropped:
+            self._metrics.write_invalidations += dropped
         count = len(frames)
         self._packet_pool_done(packet.session, count)
         self._gate.leave(count)
@@ -771,12 +773,14 @@ class Forwarder:
 class _Simple:
     """What a packet of forwarded commands needs of one command name."""
 
-    __slots__ = ("info", "label", "fixed")
+    __slots__ = ("info", "label", "fixed", "ok", "error")
 
     def __init__(self, info: CommandInfo, label: str, fixed: list[int] | None) -> None:
         self.info = info
         self.label = label  # its metrics label
         self.fixed = fixed  # its invalidation whatever the argv (of the right arity)
+        self.ok = (label, OK_OUTCOME)  # its keys in ``Metrics.forwarded``, built once
+        self.error = (label, ERROR_OUTCOME)
 
 
 class _Packet:

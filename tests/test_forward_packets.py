@@ -405,8 +405,12 @@ def test_packets_are_not_taken_by_a_restricted_or_pinned_client():
                 max_size=4), st.sampled_from([b"", b"PING\r\n", b"*1\r\n$04\r\nPING\r\n",
                                               b"*2\r\n$3\r\nGET"]))
 def test_whole_takes_exactly_canonical_packets(commands, tail):
+    """What ``feed`` returns, for the packets it takes; None (``feed`` then
+    parses) for a CRLF inside a value, or anything not whole and canonical."""
     data = b"".join(encode_command(argv) for argv in commands)
-    assert RequestParser().whole(data) == commands == RequestParser().feed(data)
+    whole = RequestParser().whole(data)
+    assert whole == commands == RequestParser().feed(data) or (
+        whole is None and any(b"\r" in arg for argv in commands for arg in argv))
     parser = RequestParser()
-    assert parser.whole(data + tail) is None if tail else parser.whole(data) == commands
+    assert parser.whole(data + tail) is None if tail else parser.whole(data) == whole
     assert parser.idle
