@@ -47,6 +47,19 @@ a protocol-changing HELLO (the two protocols use different pool
 connections, so they may run out of order), and subscriptions made inside
 MULTI (relay.py does not see them: the pin is let go after EXEC).
 
+A packet of commands (``forward_packet``): when every command of what a
+client wrote in one read is one that would take the shared route above --
+known to the table, not refused, neither pinning nor blocking, its written
+keys known without asking the backing, the client unpinned, one server --
+the packet goes as a whole: one gate entry for its commands, the client's
+bytes relayed as it sent them (``RequestParser.whole`` proved them
+canonical: what ``encode_command`` would send), one relay call with a
+pending call per command, and one reply once the last frame has come, the
+writes' keys dropped first.  What the client, Redis, the cache and the
+metrics see is what the command-by-command route gives
+(tests/test_forward_packets.py checks it on random packets and cuts); only
+the gate differs: the packet waits until it has a token for each command.
+
 In front of a Redis Cluster a router (cluster_routing.py) is the pool: a
 shared command goes to ``router.route`` with its argv and table entry, a
 pinned one to ``ClusterPin.call_keyed``, and they choose the node; the
