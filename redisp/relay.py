@@ -92,6 +92,7 @@ from redisp.frames import (
     decode,
     frame_kind,
 )
+from redisp.sending import can_send_now, send_now
 from redisp.tls import client_endpoint, describe
 
 __all__ = ["Done", "RelayProtocol", "RelayPool", "encode_command", "CONFIRMED"]
@@ -205,6 +206,7 @@ class RelayProtocol(Protocol):
         self._blind = False  # send() before the connection was up
         self._close_on_connect = False  # closed before connecting, with send()s to deliver
         self.ever_ready = False
+        self._direct = False  # plain TCP: call_many sends at once (sending.py)
 
     # -- calls ---------------------------------------------------------------------
 
@@ -254,7 +256,13 @@ class RelayProtocol(Protocol):
         self._pending.extend([_Call(done, deadline, None) for done in dones])
         unsent = self._unsent
         if unsent is None:
-            self.transport.write(request)
+            # at once rather than on the next reactor turn (sending.py): the
+            # gate lets few packets out at a time, so each turn saved on the
+            # way to Redis is throughput (bench/NOTES-perf.md, issue 12)
+            if self._direct:
+                send_now(self.transport, request)
+            else:
+                self.transport.write(request)
         else:
             unsent.append(request)
         if deadline < self._timer_at:
@@ -308,6 +316,7 @@ class RelayProtocol(Protocol):
             return
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)  # pipelined requests must not wait for Nagle
+            self._direct = can_send_now(self.transport)
         setup = self._setup_commands()
         self._setup_left = len(setup)
         deadline = self.clock.seconds() + self.timeout
