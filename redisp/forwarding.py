@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -441,22 +442,17 @@ class Forwarder:
             self._gate.leave(count)
             packet.result._settled((b"", {"other": count}))
             return
-        frames: list[Any] = []
-        dones: list[Any] = [frames.append] * (count - 1)
-        dones.append(lambda frame: self._packet_answered(packet, frames, frame))
         if self._stalled():
             # SPEC §9: fail fast while the backing is stalled (see _call)
-            error = BackingTimeout(
-                f"backing redis timed out after {self.config.redis_timeout:g}s")
-            for done in dones:
-                done(error)
+            self._packet_answered(packet, [BackingTimeout(
+                f"backing redis timed out after {self.config.redis_timeout:g}s")] * count)
             return
-        self.pool.call_many(session.lane, packet.data, dones, resp3=packet.resp3)
+        self.pool.call_many(session.lane, packet.data, count,
+                            partial(self._packet_answered, packet), resp3=packet.resp3)
 
-    def _packet_answered(self, packet: _Packet, frames: list[Any], last: Any) -> None:
+    def _packet_answered(self, packet: _Packet, frames: list[Any]) -> None:
         """Every reply of the packet came: ``_answered`` for each, in order,
         with one settling."""
-        frames.append(last)
         counts = self._metrics.forwarded
         invalidate = self._reader.invalidate
         dropped = failed = 0

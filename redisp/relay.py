@@ -155,6 +155,29 @@ class _Call:
         self.frames: list[bytes] | None = None  # confirmations received so far
 
 
+class _Batch(_Call):
+    """The pending calls of a packet of ``left`` commands, as one: ``done``
+    gets the list of their replies (or of BackingErrors from where it failed)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, done: Callable[[list], None], deadline: float, count: int) -> None:
+        super().__init__(done, deadline, None)  # type: ignore[arg-type]
+        self.left = count
+        self.frames = []
+
+    def failed(self, error: BackingError) -> list:
+        return self.frames + [error] * self.left  # type: ignore[operator]
+
+
+def _fail(call: _Call, done: Done, error: BackingError) -> None:
+    """``done`` of ``call`` (taken from it) with ``error``, whatever kind of call."""
+    if call.__class__ is _Call:
+        done(error)
+    else:
+        done(call.failed(error))  # type: ignore[attr-defined, arg-type]
+
+
 class RelayProtocol(Protocol):
     """One backing connection relaying reply frames as bytes, pipelined.
 
@@ -207,6 +230,7 @@ class RelayProtocol(Protocol):
         self._close_on_connect = False  # closed before connecting, with send()s to deliver
         self.ever_ready = False
         self._direct = False  # plain TCP: call_many sends at once (sending.py)
+        self._batched = 0  # commands of _Batch calls beyond one each (``waiting``)
 
     # -- calls ---------------------------------------------------------------------
 
@@ -218,7 +242,7 @@ class RelayProtocol(Protocol):
     @property
     def waiting(self) -> int:
         """Calls sent (or to be sent) whose reply has not come yet."""
-        return len(self._pending)
+        return len(self._pending) + self._batched
 
     def call(self, request: bytes, done: Done, timeout: float | None = None,
              confirms: bytes | None = None, expect: int | None = 1) -> None:
@@ -242,18 +266,18 @@ class RelayProtocol(Protocol):
         if deadline < self._timer_at:
             self._arm(deadline)
 
-    def call_many(self, request: bytes, dones: Sequence[Done]) -> None:
-        """``call`` for ``request`` holding ``len(dones)`` commands (a client's
-        packet, as it sent it): each ``done`` gets its command's reply, in
-        order, exactly as if each had been a ``call`` of its own (same
-        deadline, timeouts and failures call by call)."""
+    def call_many(self, request: bytes, count: int, done: Callable[[list], None]) -> None:
+        """``call`` for ``request`` holding ``count`` commands (a client's
+        packet, as it sent it): ``done`` gets the list of their ``count``
+        replies, in order, as ``count`` calls would have had them (one
+        deadline, as calls made at once; a timeout or a loss fails those
+        not answered yet, and their late replies are dropped)."""
         if self.lost or self._closing:
-            error = BackingUnavailable(f"backing redis unavailable ({self._why_lost})")
-            for done in dones:
-                done(error)
+            done([BackingUnavailable(f"backing redis unavailable ({self._why_lost})")] * count)
             return
         deadline = self.clock.seconds() + self.timeout
-        self._pending.extend([_Call(done, deadline, None) for done in dones])
+        self._pending.append(_Batch(done, deadline, count))
+        self._batched += count - 1
         unsent = self._unsent
         if unsent is None:
             # at once rather than on the next reactor turn (sending.py): the
@@ -295,7 +319,8 @@ class RelayProtocol(Protocol):
             for call in self._pending:
                 done, call.done = call.done, None
                 if done is not None:
-                    done(BackingUnavailable("backing redis unavailable (connection closed)"))
+                    _fail(call, done,
+                          BackingUnavailable("backing redis unavailable (connection closed)"))
         else:
             self._lose("connection closed")
 
@@ -392,6 +417,7 @@ class RelayProtocol(Protocol):
         self._timer_at = math.inf
         self._unsent = None
         pending, self._pending = self._pending, deque()
+        self._batched = 0
         # the owner hears first, so that callbacks find its state up to date
         if self.on_lost is not None:
             self.on_lost(self)
@@ -400,7 +426,7 @@ class RelayProtocol(Protocol):
             done = call.done
             if done is not None and done is not self._setup:
                 call.done = None
-                done(error)
+                _fail(call, done, error)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
@@ -432,9 +458,21 @@ class RelayProtocol(Protocol):
             if not pending:
                 self._abort("a reply nobody asked for (CLIENT REPLY OFF without send()?)")
                 return
-            done = pending.popleft().done
-            if done is not None:
-                done(frame)
+            call = pending[0]
+            if call.__class__ is _Call:
+                pending.popleft()
+                if call.done is not None:
+                    call.done(frame)
+                continue
+            # a packet's: its replies are handed over together
+            call.frames.append(frame)  # type: ignore[union-attr]
+            left = call.left = call.left - 1  # type: ignore[attr-defined]
+            if left:
+                self._batched -= 1
+                continue
+            pending.popleft()
+            if call.done is not None:
+                call.done(call.frames)  # type: ignore[arg-type]
 
     def _routed(self, frame: bytes, kind: int) -> bool:
         """Push frames (and subscription confirmations) go their own way;
@@ -535,7 +573,7 @@ class RelayProtocol(Protocol):
         for call in due:
             done, call.done = call.done, None
             if done is not None:  # (an earlier callback may have closed us)
-                done(error)
+                _fail(call, done, error)
 
 
 class RelayPool:
@@ -604,19 +642,17 @@ class RelayPool:
                 return
         connection.call(request, done, timeout)
 
-    def call_many(self, lane: int, request: bytes, dones: Sequence[Done],
-                  resp3: bool = False) -> None:
-        """``call`` for a packet of ``len(dones)`` commands
-        (``RelayProtocol.call_many``)."""
+    def call_many(self, lane: int, request: bytes, count: int,
+                  done: Callable[[list], None], resp3: bool = False) -> None:
+        """``call`` for a packet of ``count`` commands (``RelayProtocol.call_many``)."""
         connection = self._lanes[resp3][lane]
         if connection is None or connection.lost:
             connection = self._reconnect(lane, resp3)
             if connection is None:
-                error = BackingUnavailable(f"backing redis unavailable ({self._down_reason})")
-                for done in dones:
-                    done(error)
+                done([BackingUnavailable(f"backing redis unavailable ({self._down_reason})")]
+                     * count)
                 return
-        connection.call_many(request, dones)
+        connection.call_many(request, count, done)
 
     def connection(self, lane: int, resp3: bool = False) -> RelayProtocol | None:
         """The lane's connection, if any (for ``send`` and tests)."""

@@ -33,7 +33,7 @@ from redisp.frames import decode
 from redisp.gate import Gate
 from redisp.metrics import COUNTERS, Metrics
 from redisp.reader import CachedReader
-from redisp.relay import RelayPool, encode_command
+from redisp.relay import RelayPool, RelayProtocol, encode_command
 from redisp.resp import RequestParser
 from redisp.resp_server import RespFactory
 from tests.raw_redis import COMMAND_REPLY_FILE
@@ -414,3 +414,24 @@ def test_whole_takes_exactly_canonical_packets(commands, tail):
     parser = RequestParser()
     assert parser.whole(data + tail) is None if tail else parser.whole(data) == whole
     assert parser.idle
+
+
+def test_a_relay_packet_call_counts_its_commands_and_keeps_the_fifo_after_a_timeout():
+    clock = Clock()
+    relay = RelayProtocol(clock, 1.0)
+    relay.makeConnection(StringTransport())
+    got: list = []
+    relay.call_many(SETS, 3, got.append)
+    relay.call(b"*1\r\n$4\r\nPING\r\n", got.append)
+    assert relay.waiting == 4
+    relay.dataReceived(b"+OK\r\n")
+    assert relay.waiting == 3 and got == []
+    clock.advance(2)  # the packet's two other commands and the PING time out
+    assert [type(r).__name__ for r in got[0]] == ["bytes", "BackingTimeout", "BackingTimeout"]
+    assert got[1].kind == "timeout"
+    relay.dataReceived(b"+OK\r\n+OK\r\n+PONG\r\n")  # late: dropped, each in its place
+    assert relay.waiting == 0 and len(got) == 2
+    relay.call_many(SETS, 3, got.append)
+    relay.dataReceived(b"+OK\r\n:1\r\n")
+    relay.connectionLost()
+    assert got[2][:2] == [b"+OK\r\n", b":1\r\n"] and got[2][2].kind == "unavailable"
