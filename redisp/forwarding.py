@@ -394,13 +394,13 @@ class Forwarder:
                 entry = self._classify(argv[0], table)
             if entry is None:
                 return None
-            info = entry.info
-            if not info.arity_ok(argv):
+            arity = entry.arity  # (CommandInfo.arity_ok, inlined)
+            if len(argv) != arity if arity >= 0 else len(argv) < -arity:
                 invalidation: Any = []  # Redis refuses it
             elif entry.fixed is not None:
                 invalidation = entry.fixed
             else:
-                invalidation = info.invalidation(argv)
+                invalidation = entry.info.invalidation(argv)
                 if invalidation is None:
                     return None  # movable keys: only the backing can say
             infos.append(entry)
@@ -782,10 +782,11 @@ class Forwarder:
 class _Simple:
     """What a packet of forwarded commands needs of one command name."""
 
-    __slots__ = ("info", "label", "fixed", "ok", "error")
+    __slots__ = ("info", "arity", "label", "fixed", "ok", "error")
 
     def __init__(self, info: CommandInfo, label: str, fixed: list[int] | None) -> None:
         self.info = info
+        self.arity = info.arity
         self.label = label  # its metrics label
         self.fixed = fixed  # its invalidation whatever the argv (of the right arity)
         self.ok = (label, OK_OUTCOME)  # its keys in ``Metrics.forwarded``, built once
