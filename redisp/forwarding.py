@@ -53,9 +53,9 @@ known to the table, not refused, neither pinning nor blocking, its written
 keys known without asking the backing, the client unpinned, one server --
 the packet goes as a whole: one gate entry for its commands, the client's
 bytes relayed as it sent them (``RequestParser.whole`` proved them
-canonical: what ``encode_command`` would send), one relay call with a
-pending call per command, and one reply once the last frame has come, the
-writes' keys dropped first.  What the client, Redis, the cache and the
+canonical: what ``encode_command`` would send), one relay call for its
+commands, and one reply once the last frame has come, the writes' keys
+dropped first.  What the client, Redis, the cache and the
 metrics see is what the command-by-command route gives
 (tests/test_forward_packets.py checks it on random packets and cuts); only
 the gate differs: the packet waits until it has a token for each command.
@@ -373,12 +373,11 @@ class Forwarder:
         ``data`` is the packet as the client sent it, in canonical form
         (``RequestParser.whole``), hence byte for byte what ``encode_command``
         would send for ``requests``: it is relayed as it came.  One gate
-        entry, one relay call (a pending call per command, as ``forward``
-        makes), one reply: the frames joined, settled once the last has come,
-        after the writes' keys were dropped (each applied as ``_answered``
-        applies it).  The reply is ``(bytes, {outcome: count})``.  The
-        general path costs ~20 Python calls per command (bench/NOTES-perf.md,
-        "Issue 12: a packet of forwarded commands"); this one a few.
+        entry, one relay call (``RelayProtocol.call_many``), one reply: the
+        frames joined, settled once the last has come, after the writes' keys
+        were dropped (each applied as ``_answered`` applies it).  The reply
+        is ``(bytes, {outcome: count})``.  Why: bench/NOTES-perf.md, "Issue
+        12: a packet of forwarded commands".
         """
         table = self.table
         count = len(requests)

@@ -30,6 +30,11 @@ wait and follow the set-up.  If the set-up is refused (wrong password, a
 Redis without HELLO), every call fails as unavailable and the connection
 closes.
 
+A client's packet of commands, sent as it came, is one ``call_many``: one
+pending entry for its commands, whose replies are handed over together,
+with one deadline (as calls made at once have); a timeout or a loss fails
+the commands not answered yet, and their late replies are dropped in place.
+
 Push frames are not replies.  They go to ``on_push``, in stream order:
 
 * RESP3 ``>`` frames (also behind an attribute): pub/sub messages,
