@@ -8,10 +8,14 @@ redisp's own CPU per forwarded SET (and, for comparison, per cached GET hit),
 excluding the kernel: the A/B figure behind the forwarding path's changes
 (bench/NOTES-perf.md).
 Run: .venv/bin/python bench/forward_micro.py
+(``ONLY=set`` skips the GET hits; ``REPEAT=1`` times one repeat instead of
+the best of 15: for instruction counts under callgrind, the difference
+between two ``ROUNDS`` values.)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +42,9 @@ from redisp.resp_server import RespFactory  # noqa: E402
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)  # loopback: let in by protected mode
 REPLY_FILE = Path(__file__).resolve().parent.parent / "tests/data/command-reply-7.0.resp"
 
-CLIENTS, PIPELINE, ROUNDS = 50, 16, int(__import__("os").environ.get("ROUNDS", 20))
+CLIENTS, PIPELINE, ROUNDS = 50, 16, int(os.environ.get("ROUNDS", 20))
+REPEAT = int(os.environ.get("REPEAT", 15))
+ONLY = os.environ.get("ONLY", "")
 VALUE = b"v" * 3
 
 
@@ -74,7 +80,7 @@ def main() -> None:
 
     def run(packets: list[bytes], expected: bytes, answer: bool) -> float:
         best = float("inf")
-        for _ in range(15):
+        for _ in range(REPEAT):
             started = time.process_time()
             for _ in range(ROUNDS):
                 for (protocol, _), packet in zip(clients, packets):
@@ -105,6 +111,9 @@ def main() -> None:
         for c in range(CLIENTS)
     ]
     set_us = run(sets, b"+OK\r\n" * PIPELINE, True) * 1e6
+    if ONLY == "set":
+        print(f"forwarded SET: {set_us:.2f} us of Python a request")
+        return
     # warm the cache, then time hits (forwarding on: the same session state as above)
     for key in range(CLIENTS * PIPELINE):
         cache.put(b"key:%012d" % key, VALUE)

@@ -196,6 +196,51 @@ def execute(session: Session, argv: list[bytes]) -> Reply:
     return command.handler(session, argv)
 
 
+def execute_packet(session: Session, requests: list[list[bytes]], data: bytes) -> Pending | None:
+    """``execute`` for a whole packet (``data``, canonical: ``RequestParser.
+    whole``) when ``execute`` would forward every request of it, in one
+    ``Forwarder.forward_packet``; None, with nothing done, otherwise.
+
+    The same route as ``execute``'s, decided for the packet: an unrestricted,
+    unpinned client; each command unknown here or ``forwarded``, or
+    ``cached`` once the session is no longer plain (a forwarded command
+    before it in the packet, or one still in flight).
+    """
+    forwarder = session.forwarder
+    if forwarder is None or session.restricted or session.pin is not None:
+        return None
+    plain = not session.forwarding  # (unrestricted: authenticated)
+    routes = _PACKET_ROUTES
+    for argv in requests:
+        route = routes.get(argv[0])
+        if route is None:
+            route = _packet_route(argv[0])
+        if route != _FORWARDED and (route != _CACHED or plain):
+            return None
+        plain = False
+    result = forwarder.forward_packet(session, requests, data)
+    if result is not None:
+        session.last = requests[-1]  # CLIENT LIST's cmd=
+    return result
+
+
+_FORWARDED = "forwarded"
+_CACHED = "cached"
+#: a command's name as sent -> its route for ``execute_packet`` (bounded:
+#: clients choose the spelling)
+_PACKET_ROUTES: dict[bytes, str] = {}
+
+
+def _packet_route(name: bytes) -> str:
+    command = COMMANDS.get(name)
+    if command is None:
+        command = COMMANDS.get(name.lower())
+    route = _FORWARDED if command is None or command.route == "forwarded" else command.route
+    if len(_PACKET_ROUTES) < 1024:
+        _PACKET_ROUTES[name] = route
+    return route
+
+
 # -- authentication and permissions (SPEC §8, auth.py) ---------------------------------
 
 

@@ -47,6 +47,19 @@ a protocol-changing HELLO (the two protocols use different pool
 connections, so they may run out of order), and subscriptions made inside
 MULTI (relay.py does not see them: the pin is let go after EXEC).
 
+A packet of commands (``forward_packet``): when every command of what a
+client wrote in one read is one that would take the shared route above --
+known to the table, not refused, neither pinning nor blocking, its written
+keys known without asking the backing, the client unpinned, one server --
+the packet goes as a whole: one gate entry for its commands, the client's
+bytes relayed as it sent them (``RequestParser.whole`` proved them
+canonical: what ``encode_command`` would send), one relay call for its
+commands, and one reply once the last frame has come, the writes' keys
+dropped first.  What the client, Redis, the cache and the
+metrics see is what the command-by-command route gives
+(tests/test_forward_packets.py checks it on random packets and cuts); only
+the gate differs: the packet waits until it has a token for each command.
+
 In front of a Redis Cluster a router (cluster_routing.py) is the pool: a
 shared command goes to ``router.route`` with its argv and table entry, a
 pinned one to ``ClusterPin.call_keyed``, and they choose the node; the
@@ -63,6 +76,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -107,6 +121,10 @@ _CONFIRMS = {b"subscribe": b"subscribe", b"psubscribe": b"psubscribe",
              b"punsubscribe": b"punsubscribe", b"sunsubscribe": b"sunsubscribe",
              b"monitor": b"monitor"}
 _NULLS = (b"*-1\r\n", b"_\r\n")
+#: never in a packet of forwarded commands: they change the connection
+#: (SELECT n pins; RESET, HELLO, AUTH, QUIT are redisp's own anyway)
+_NOT_SIMPLE = frozenset((b"select", b"client", b"command", b"reset", b"hello", b"auth",
+                         b"quit", b"exec", b"discard", b"unwatch"))
 #: at most this many spellings of command names keep their metrics label (``_count``)
 _MAX_LABELS = 1024
 #: a pinned connection would pass max_clients (Redis's own wording)
@@ -218,6 +236,9 @@ class Forwarder:
         #: a command's name as sent -> its metrics label, for the names the
         #: table knows (emptied when the table is read again)
         self._labels: dict[bytes, str] = {}
+        #: a command's name as sent -> how a packet of forwarded commands
+        #: takes it (``_Simple``), or None when it never can (emptied with _labels)
+        self._simple: dict[bytes, _Simple | None] = {}
         self._loading = False
         self._table_waiters: list[Callable[[CommandTable | BackingError], None]] = []
 
@@ -256,6 +277,7 @@ class Forwarder:
             else:
                 self.table = result
                 self._labels = {}
+                self._simple = {}
         waiters, self._table_waiters = self._table_waiters, []
         for waiter in waiters:
             waiter(result)
@@ -338,6 +360,145 @@ class Forwarder:
             self._send(session, pin, argv, info, result, resp3, blocks)
         else:
             self._gate.enter(self._admitted, session, pin, argv, info, result, resp3, blocks)
+
+    # -- a packet of forwarded commands ------------------------------------------------
+
+    def forward_packet(self, session: Any, requests: list[list[bytes]],
+                       data: bytes) -> Pending | None:
+        """``forward`` for a whole packet of commands at once, or None (and
+        nothing done) unless each of them would take the plain shared route:
+        known to the table, not refused, not pinning or blocking, its keys
+        known without asking the backing, the client unpinned, one server.
+
+        ``data`` is the packet as the client sent it, in canonical form
+        (``RequestParser.whole``), hence byte for byte what ``encode_command``
+        would send for ``requests``: it is relayed as it came.  One gate
+        entry, one relay call (``RelayProtocol.call_many``), one reply: the
+        frames joined, settled once the last has come, after the writes' keys
+        were dropped (each applied as ``_answered`` applies it).  The reply
+        is ``(bytes, {outcome: count})``.  Why: bench/NOTES-perf.md, "Issue
+        12: a packet of forwarded commands".
+        """
+        table = self.table
+        count = len(requests)
+        if (table is None or self._router is not None or session.pin is not None
+                or session.gone or count > self._gate.concurrency):
+            return None
+        simple = self._simple
+        infos: list[_Simple] = []
+        invalidations: list[Any] = []
+        for argv in requests:
+            entry = simple.get(argv[0], False)
+            if entry is False:
+                entry = self._classify(argv[0], table)
+            if entry is None:
+                return None
+            arity = entry.arity  # (CommandInfo.arity_ok, inlined)
+            if len(argv) != arity if arity >= 0 else len(argv) < -arity:
+                invalidation: Any = []  # Redis refuses it
+            elif entry.fixed is not None:
+                invalidation = entry.fixed
+            else:
+                invalidation = entry.info.invalidation(argv)
+                if invalidation is None:
+                    return None  # movable keys: only the backing can say
+            infos.append(entry)
+            invalidations.append(invalidation)
+        session.forwarding += count
+        pooled = self._pooled
+        pooled[session] = pooled.get(session, 0) + count
+        result = Pending()
+        packet = _Packet(session, requests, infos, invalidations, data, result,
+                         session.encoder.version == 3)
+        self._gate.enter_many(count, self._packet_admitted, packet)
+        return result
+
+    def _classify(self, name: bytes, table: CommandTable) -> _Simple | None:
+        lowered = name.lower()
+        info = table.commands.get(lowered)
+        entry = None
+        if (info is not None and not info.subcommands and not info.blocking
+                and lowered not in _PINNING and lowered not in _NOT_SIMPLE
+                and self.refusal([name], info) is None):
+            fixed = None
+            single = info.single_key
+            if (single and single < abs(info.arity) and not info.script
+                    and not info.keyspace_wide):
+                # one key at a fixed place: what it invalidates depends on
+                # nothing else (for an argv of the right arity)
+                fixed = info.invalidation([name] + [b"k"] * (abs(info.arity) - 1))
+            entry = _Simple(info, lowered.decode("latin-1"), fixed)
+        if len(self._simple) < _MAX_LABELS:  # (clients choose the spelling)
+            self._simple[name] = entry
+        return entry
+
+    def _packet_admitted(self, packet: _Packet) -> None:
+        session = packet.session
+        count = len(packet.requests)
+        if session.gone:
+            # SPEC §4: work for a client that has left is dropped at the gate
+            self._packet_pool_done(session, count)
+            self._gate.leave(count)
+            packet.result._settled((b"", {"other": count}))
+            return
+        if self._stalled():
+            # SPEC §9: fail fast while the backing is stalled (see _call)
+            self._packet_answered(packet, [BackingTimeout(
+                f"backing redis timed out after {self.config.redis_timeout:g}s")] * count)
+            return
+        self.pool.call_many(session.lane, packet.data, count,
+                            partial(self._packet_answered, packet), resp3=packet.resp3)
+
+    def _packet_answered(self, packet: _Packet, frames: list[Any]) -> None:
+        """Every reply of the packet came: ``_answered`` for each, in order,
+        with one settling."""
+        counts = self._metrics.forwarded
+        invalidate = self._reader.invalidate
+        dropped = failed = 0
+        for i, (argv, invalidation, entry, frame) in enumerate(
+                zip(packet.requests, packet.invalidations, packet.infos, frames)):
+            if frame.__class__ is bytes:
+                if invalidation:
+                    if invalidation is FLUSH:
+                        self._invalidate(argv, invalidation)
+                    else:  # argv indexes (_invalidate, inlined)
+                        for at in invalidation:
+                            invalidate(argv[at])
+                        dropped += len(invalidation)
+                counts[entry.error if frame[:1] in (b"-", b"!") else entry.ok] += 1
+                continue
+            failed += 1
+            if frame.kind == "timeout":
+                # (a timed-out write may still be applied: drop its keys too)
+                self._invalidate(argv, invalidation)
+                if frame.__class__ is BackingTimeout and self._backing is not None:
+                    self._backing.suspect()
+            counts[entry.label, FAILED_OUTCOME] += 1
+            frames[i] = error("ERR " + str(frame))
+        if dropped:
+            self._metrics.write_invalidations += dropped
+        count = len(frames)
+        self._packet_pool_done(packet.session, count)
+        self._gate.leave(count)
+        if not failed:
+            outcomes = {"forwarded": count}
+        elif failed == count:
+            outcomes = {"backing_error": count}
+        else:
+            outcomes = {"forwarded": count - failed, "backing_error": failed}
+        packet.result._settled((b"".join(frames), outcomes))
+
+    def _packet_pool_done(self, session: Any, count: int) -> None:
+        """``_pool_done`` for ``count`` commands at once."""
+        session.forwarding -= count
+        left = self._pooled[session] - count
+        if left:
+            self._pooled[session] = left
+        else:
+            del self._pooled[session]
+            pin = session.pin
+            if pin is not None:
+                _unpark(pin)
 
     def _pin(self, session: Any, resp3: bool) -> Pin:
         pin = Pin(self._default_db)
@@ -615,6 +776,37 @@ class Forwarder:
         (an open MULTI, a BLPOP, subscriptions)."""
         session.gone = True
         self._unpin(session)
+
+
+class _Simple:
+    """What a packet of forwarded commands needs of one command name."""
+
+    __slots__ = ("info", "arity", "label", "fixed", "ok", "error")
+
+    def __init__(self, info: CommandInfo, label: str, fixed: list[int] | None) -> None:
+        self.info = info
+        self.arity = info.arity
+        self.label = label  # its metrics label
+        self.fixed = fixed  # its invalidation whatever the argv (of the right arity)
+        self.ok = (label, OK_OUTCOME)  # its keys in ``Metrics.forwarded``, built once
+        self.error = (label, ERROR_OUTCOME)
+
+
+class _Packet:
+    """A client's packet of forwarded commands, between the gate and the replies."""
+
+    __slots__ = ("session", "requests", "infos", "invalidations", "data", "result", "resp3")
+
+    def __init__(self, session: Any, requests: list[list[bytes]], infos: list[_Simple],
+                 invalidations: list[Any], data: bytes, result: Pending,
+                 resp3: bool) -> None:
+        self.session = session
+        self.requests = requests
+        self.infos = infos
+        self.invalidations = invalidations
+        self.data = data
+        self.result = result
+        self.resp3 = resp3
 
 
 class _AskedKeys:

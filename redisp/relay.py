@@ -30,6 +30,11 @@ wait and follow the set-up.  If the set-up is refused (wrong password, a
 Redis without HELLO), every call fails as unavailable and the connection
 closes.
 
+A client's packet of commands, sent as it came, is one ``call_many``: one
+pending entry for its commands, whose replies are handed over together,
+with one deadline (as calls made at once have); a timeout or a loss fails
+the commands not answered yet, and their late replies are dropped in place.
+
 Push frames are not replies.  They go to ``on_push``, in stream order:
 
 * RESP3 ``>`` frames (also behind an attribute): pub/sub messages,
@@ -93,6 +98,7 @@ from redisp.frames import (
     frame_kind,
 )
 from redisp.resp import encode_command
+from redisp.sending import can_send_now, send_now
 from redisp.tls import client_endpoint, describe
 
 __all__ = ["Done", "RelayProtocol", "RelayPool", "CONFIRMED"]
@@ -149,6 +155,29 @@ class _Call:
         self.frames: list[bytes] | None = None  # confirmations received so far
 
 
+class _Batch(_Call):
+    """The pending calls of a packet of ``left`` commands, as one: ``done``
+    gets the list of their replies (or of BackingErrors from where it failed)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, done: Callable[[list], None], deadline: float, count: int) -> None:
+        super().__init__(done, deadline, None)  # type: ignore[arg-type]
+        self.left = count
+        self.frames = []
+
+    def failed(self, error: BackingError) -> list:
+        return self.frames + [error] * self.left  # type: ignore[operator]
+
+
+def _fail(call: _Call, done: Done, error: BackingError) -> None:
+    """``done`` of ``call`` (taken from it) with ``error``, whatever kind of call."""
+    if call.__class__ is _Call:
+        done(error)
+    else:
+        done(call.failed(error))  # type: ignore[attr-defined, arg-type]
+
+
 class RelayProtocol(Protocol):
     """One backing connection relaying reply frames as bytes, pipelined.
 
@@ -200,6 +229,8 @@ class RelayProtocol(Protocol):
         self._blind = False  # send() before the connection was up
         self._close_on_connect = False  # closed before connecting, with send()s to deliver
         self.ever_ready = False
+        self._direct = False  # plain TCP: call_many sends at once (sending.py)
+        self._batched = 0  # commands of _Batch calls beyond one each (``waiting``)
 
     # -- calls ---------------------------------------------------------------------
 
@@ -211,7 +242,7 @@ class RelayProtocol(Protocol):
     @property
     def waiting(self) -> int:
         """Calls sent (or to be sent) whose reply has not come yet."""
-        return len(self._pending)
+        return len(self._pending) + self._batched
 
     def call(self, request: bytes, done: Done, timeout: float | None = None,
              confirms: bytes | None = None, expect: int | None = 1) -> None:
@@ -230,6 +261,32 @@ class RelayProtocol(Protocol):
         unsent = self._unsent
         if unsent is None:
             self.transport.write(request)
+        else:
+            unsent.append(request)
+        if deadline < self._timer_at:
+            self._arm(deadline)
+
+    def call_many(self, request: bytes, count: int, done: Callable[[list], None]) -> None:
+        """``call`` for ``request`` holding ``count`` commands (a client's
+        packet, as it sent it): ``done`` gets the list of their ``count``
+        replies, in order, as ``count`` calls would have had them (one
+        deadline, as calls made at once; a timeout or a loss fails those
+        not answered yet, and their late replies are dropped)."""
+        if self.lost or self._closing:
+            done([BackingUnavailable(f"backing redis unavailable ({self._why_lost})")] * count)
+            return
+        deadline = self.clock.seconds() + self.timeout
+        self._pending.append(_Batch(done, deadline, count))
+        self._batched += count - 1
+        unsent = self._unsent
+        if unsent is None:
+            # at once rather than on the next reactor turn (sending.py): the
+            # gate lets few packets out at a time, so each turn saved on the
+            # way to Redis is throughput (bench/NOTES-perf.md, issue 12)
+            if self._direct:
+                send_now(self.transport, request)
+            else:
+                self.transport.write(request)
         else:
             unsent.append(request)
         if deadline < self._timer_at:
@@ -262,7 +319,8 @@ class RelayProtocol(Protocol):
             for call in self._pending:
                 done, call.done = call.done, None
                 if done is not None:
-                    done(BackingUnavailable("backing redis unavailable (connection closed)"))
+                    _fail(call, done,
+                          BackingUnavailable("backing redis unavailable (connection closed)"))
         else:
             self._lose("connection closed")
 
@@ -283,6 +341,7 @@ class RelayProtocol(Protocol):
             return
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)  # pipelined requests must not wait for Nagle
+            self._direct = can_send_now(self.transport)
         setup = self._setup_commands()
         self._setup_left = len(setup)
         deadline = self.clock.seconds() + self.timeout
@@ -358,6 +417,7 @@ class RelayProtocol(Protocol):
         self._timer_at = math.inf
         self._unsent = None
         pending, self._pending = self._pending, deque()
+        self._batched = 0
         # the owner hears first, so that callbacks find its state up to date
         if self.on_lost is not None:
             self.on_lost(self)
@@ -366,7 +426,7 @@ class RelayProtocol(Protocol):
             done = call.done
             if done is not None and done is not self._setup:
                 call.done = None
-                done(error)
+                _fail(call, done, error)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
@@ -398,9 +458,21 @@ class RelayProtocol(Protocol):
             if not pending:
                 self._abort("a reply nobody asked for (CLIENT REPLY OFF without send()?)")
                 return
-            done = pending.popleft().done
-            if done is not None:
-                done(frame)
+            call = pending[0]
+            if call.__class__ is _Call:
+                pending.popleft()
+                if call.done is not None:
+                    call.done(frame)
+                continue
+            # a packet's: its replies are handed over together
+            call.frames.append(frame)  # type: ignore[union-attr]
+            left = call.left = call.left - 1  # type: ignore[attr-defined]
+            if left:
+                self._batched -= 1
+                continue
+            pending.popleft()
+            if call.done is not None:
+                call.done(call.frames)  # type: ignore[arg-type]
 
     def _routed(self, frame: bytes, kind: int) -> bool:
         """Push frames (and subscription confirmations) go their own way;
@@ -501,7 +573,7 @@ class RelayProtocol(Protocol):
         for call in due:
             done, call.done = call.done, None
             if done is not None:  # (an earlier callback may have closed us)
-                done(error)
+                _fail(call, done, error)
 
 
 class RelayPool:
@@ -569,6 +641,18 @@ class RelayPool:
                 done(BackingUnavailable(f"backing redis unavailable ({self._down_reason})"))
                 return
         connection.call(request, done, timeout)
+
+    def call_many(self, lane: int, request: bytes, count: int,
+                  done: Callable[[list], None], resp3: bool = False) -> None:
+        """``call`` for a packet of ``count`` commands (``RelayProtocol.call_many``)."""
+        connection = self._lanes[resp3][lane]
+        if connection is None or connection.lost:
+            connection = self._reconnect(lane, resp3)
+            if connection is None:
+                done([BackingUnavailable(f"backing redis unavailable ({self._down_reason})")]
+                     * count)
+                return
+        connection.call_many(request, count, done)
 
     def connection(self, lane: int, resp3: bool = False) -> RelayProtocol | None:
         """The lane's connection, if any (for ``send`` and tests)."""

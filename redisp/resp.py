@@ -467,6 +467,21 @@ class RequestParser:
         """True between requests: nothing buffered, no request half read."""
         return not (self._parts or self._remaining or self._failed or self._stuck)
 
+    def whole(self, data: bytes) -> Parsed | None:
+        """The requests, if ``data`` is exactly whole multibulk requests in
+        canonical form (what clients send), else None (then ``feed(data)``).
+        Only while the parser is ``idle``, which it stays.
+
+        What ``feed`` would return (``_parse_split`` takes only what
+        ``_parse`` would), plus a proof that ``data`` is those requests
+        encoded as ``encode_command`` would: the RESP door relays such a
+        packet of forwarded commands as it came (forwarding.py).
+        """
+        if data[:1] != b"*":
+            return None
+        out, pos = self._parse_split(data)
+        return out if pos == len(data) and out else None
+
     def only_gets(self, data: bytes) -> list[bytes] | None:
         """The keys, if ``data`` is exactly whole ``GET key`` requests in
         canonical multibulk form (what clients send), else None (then

@@ -51,7 +51,16 @@ from zope.interface import implementer
 from redisp.auth import DENIED, Authenticator
 from redisp.client_list import ClientRegistry
 from redisp.clients import ClientSlots
-from redisp.commands import HIT, MISS, OTHER, PROTOCOL_ERROR, Session, execute, get_answer
+from redisp.commands import (
+    HIT,
+    MISS,
+    OTHER,
+    PROTOCOL_ERROR,
+    Session,
+    execute,
+    execute_packet,
+    get_answer,
+)
 from redisp.config import Config
 from redisp.forwarding import Pending
 from redisp.gate import Owner
@@ -218,7 +227,13 @@ class RespProtocol(Protocol):
             if keys is not None:
                 self._run_gets(keys)
             else:
-                requests = self._parse(data)
+                requests = None
+                if self._session.forwarder is not None and parser.idle:
+                    requests = parser.whole(data)
+                    if requests is not None and self._forward_packet(requests, data):
+                        requests = ()
+                if requests is None:
+                    requests = self._parse(data)
                 ran = self._run(requests)
                 if ran < len(requests) and not self._closing:
                     self._hold(requests[ran:])
@@ -436,6 +451,30 @@ class RespProtocol(Protocol):
                 self._closing = self._detour = True
                 break
         return ran
+
+    def _forward_packet(self, requests: list, data: bytes) -> bool:
+        """A packet of commands that are all forwarded, sent as one
+        (``commands.execute_packet``) into one reply slot; False when it
+        is not such a packet (nothing done: run it request by request)."""
+        try:
+            result = execute_packet(self._session, requests, data)
+        except Exception:  # as _run answers a request that raised
+            log.failure("internal error forwarding a packet of RESP commands")
+            self._metrics.requests[DOOR, OTHER] += len(requests)
+            self._queue(INTERNAL_ERROR_REPLY * len(requests))
+            return True
+        if result is None:
+            return False
+        slot: list[bytes | Chunked | None] = [None]
+        self._pending.append(slot)
+        result.when(partial(self._forwarded_packet, slot))
+        return True
+
+    def _forwarded_packet(self, slot: list, result: tuple[bytes, dict[str, int]]) -> None:
+        requests = self._metrics.requests
+        for outcome, count in result[1].items():
+            requests[DOOR, outcome] += count
+        self._fill(slot, result[0])
 
     def push(self, frame: bytes, owed: int = 0) -> None:
         """A frame Redis sent unasked (pub/sub message, MONITOR line,

@@ -20,14 +20,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "redisp"
 
 #: lowest first; each module imports only from its own layer and those before it
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["redisp", "config", "metrics", "resp", "frames", "clients"]),
+    ("foundations", ["redisp", "config", "metrics", "resp", "frames", "clients", "sending"]),
     ("connections", ["tls", "batching", "backing", "relay", "sentinel", "cluster_map",
                      "command_table"]),
     ("core", ["_lru", "cache", "gate", "reader", "invalidation", "cluster_backing",
               "cluster_tracking"]),
     ("routing", ["auth", "client_list", "replies", "forwarding", "cluster_routing",
                  "commands"]),
-    ("doors", ["sending", "resp_server", "web"]),
+    ("doors", ["resp_server", "web"]),
     ("wiring", ["service", "tap", "probe"]),
 ]
 
