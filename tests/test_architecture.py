@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
               "cluster_tracking"]),
     ("routing", ["auth", "client_list", "replies", "forwarding", "cluster_routing",
                  "commands"]),
-    ("doors", ["sending", "resp_server", "web"]),
+    ("doors", ["sending", "resp_server", "http_channel", "web"]),
     ("wiring", ["service", "tap", "probe"]),
 ]
 
