@@ -2,8 +2,9 @@
 
 Bytes go in through ``dataReceived`` on an in-memory transport and the raw
 response bytes are parsed back, so every test covers what a client sees:
-status line, headers, Content-Length, HEAD, persistence.  The reader and the
-backing are small fakes; the clock is a ``task.Clock``.
+status line, headers, Content-Length, HEAD, persistence.  Under the door are
+the real reader, gate and cache; only Redis is scripted (``ScriptedRedis``),
+and the health check's ping; the clock is a ``task.Clock``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
@@ -29,10 +30,14 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from redisp.backing import BackingReplyError, BackingTimeout, BackingUnavailable
+from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config
+from redisp.gate import Gate
 from redisp.metrics import Metrics
+from redisp.reader import CachedReader
 from redisp.web import BadKey, build_site, key_from_query
+from tests.door_support import ScriptedRedis
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -40,31 +45,9 @@ ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 # fakes and plumbing
 
 
-class FakeReader:
-    """Answers from ``answers`` (a Lookup, a Deferred, or an exception to raise)."""
-
-    def __init__(self):
-        self.answers: dict[bytes, object] = {}
-        self.calls: list[bytes] = []
-
-    def get(self, key):
-        self.calls.append(key)
-        answer = self.answers.get(key, (None, False))
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    def read(self, key):
-        """CachedReader.read: only a hit (answered at once) is an answer."""
-        answer = self.answers.get(key)
-        if isinstance(answer, tuple) and answer[1] and answer[0] is not None:
-            self.calls.append(key)
-            return answer
-        return None
-
-
-class FakeBacking:
-    """``ping()`` hands out Deferreds the test fires."""
+class Pings:
+    """The backing as ``/healthz`` sees it: ``ping()`` hands out Deferreds
+    the test fires."""
 
     def __init__(self):
         self.pings: list[Deferred] = []
@@ -111,11 +94,13 @@ def parse(data: bytes, head: bool = False) -> list[Response]:
 @dataclass
 class Proxy:
     site: object
-    reader: FakeReader
-    backing: FakeBacking
+    reader: CachedReader
+    redis: ScriptedRedis
+    backing: Pings
     metrics: Metrics
     slots: ClientSlots
     clock: Clock
+    cache: Cache
     connections: list = field(default_factory=list)
 
     def connect(self):
@@ -138,6 +123,15 @@ class Proxy:
     def counted(self, outcome: str) -> int:
         return self.metrics.requests["http", outcome]
 
+    def cached(self, key: bytes, value: bytes) -> None:
+        """``key`` is in Redis and in the cache already: a GET of it is a hit."""
+        self.redis.values[key] = value
+        self.cache.put(key, value)
+
+    def lookups(self) -> int:
+        """How often the door asked below it: cache hits, misses, and Redis."""
+        return self.metrics.cache_hits + self.metrics.cache_misses + len(self.redis.calls)
+
 
 def request(target: bytes, method: bytes = b"GET", body: bytes = b"") -> bytes:
     length = b"Content-Length: %d\r\n" % len(body) if body else b""
@@ -154,10 +148,13 @@ def make_proxy(max_clients: int = 100, access_log: bool = False, **settings) -> 
     clock.advance(1_700_000_000)
     metrics = Metrics(started=clock.seconds())
     slots = ClientSlots(max_clients, metrics)
-    reader, backing = FakeReader(), FakeBacking()
+    redis = ScriptedRedis({}, clock)
+    cache = Cache(1000, 60.0, clock, metrics)
+    reader = CachedReader(cache, Gate(1, clock), redis, metrics)
+    backing = Pings()
     config = Config(access_log=access_log, **settings)
     site = build_site(reader, backing, metrics, slots, config, reactor=clock)
-    return Proxy(site, reader, backing, metrics, slots, clock)
+    return Proxy(site, reader, redis, backing, metrics, slots, clock, cache)
 
 
 @pytest.fixture
@@ -183,7 +180,7 @@ def lose(protocol) -> None:
 
 def test_hit_is_answered_synchronously_with_the_raw_value(proxy):
     """A hit comes straight back from the reader: 200, octet-stream, X-Cache: HIT."""
-    proxy.reader.answers[b"k"] = (b"value", True)
+    proxy.cached(b"k", b"value")
     r = proxy.get(b"/get?key=k")
     assert (r.status, r.body) == (200, b"value")
     assert r.header(b"Content-Type") == b"application/octet-stream"
@@ -196,12 +193,16 @@ def test_hit_is_answered_synchronously_with_the_raw_value(proxy):
 @pytest.mark.parametrize("hit, x_cache, outcome", [(False, b"MISS", "miss"), (True, b"HIT", "hit")])
 def test_deferred_lookup_answers_when_it_fires(proxy, hit, x_cache, outcome):
     """A miss (or a hit queued behind the gate) is answered when its Deferred fires."""
-    d = Deferred()
-    proxy.reader.answers[b"k"] = d
+    proxy.redis.later.update([b"k", b"slow"])
+    if hit:  # a miss of another client holds the gate; the hit waits behind it
+        proxy.cached(b"k", b"fetched")
+        proxy.connect()[0].dataReceived(request(b"/get?key=slow"))
+    else:
+        proxy.redis.values[b"k"] = b"fetched"
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
     assert transport.value() == b""
-    d.callback((b"fetched", hit))
+    proxy.redis.answer(b"slow" if hit else b"k", b"fetched")
     (r,) = parse(transport.value())
     assert (r.status, r.body, r.header(b"X-Cache")) == (200, b"fetched", x_cache)
     assert r.header(b"Content-Type") == b"application/octet-stream"
@@ -210,24 +211,26 @@ def test_deferred_lookup_answers_when_it_fires(proxy, hit, x_cache, outcome):
 
 def test_binary_value_comes_back_byte_for_byte(proxy):
     value = bytes(range(256)) + b"\r\n\r\nHTTP/1.1 200 OK\r\n"
-    proxy.reader.answers[b"bin"] = (value, True)
+    proxy.cached(b"bin", value)
     assert proxy.get(b"/get?key=bin").body == value
 
 
 def test_empty_value_is_a_200_with_empty_body(proxy):
     """An empty string is a value, not an absence."""
-    proxy.reader.answers[b"e"] = (b"", True)
+    proxy.cached(b"e", b"")
     r = proxy.get(b"/get?key=e")
     assert (r.status, r.body, r.header(b"Content-Length")) == (200, b"", b"0")
 
 
 @pytest.mark.parametrize("deferred", [False, True])
 def test_absent_key_is_404(proxy, deferred):
-    proxy.reader.answers[b"gone"] = Deferred() if deferred else (None, False)
+    if deferred:
+        proxy.redis.later.add(b"gone")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=gone"))
     if deferred:
-        proxy.reader.answers[b"gone"].callback((None, False))
+        assert transport.value() == b""
+        proxy.redis.answer(b"gone", None)
     (r,) = parse(transport.value())
     assert (r.status, r.body) == (404, b"not found\n")
     assert r.header(b"X-Cache") is None
@@ -240,12 +243,15 @@ def test_absent_key_is_404(proxy, deferred):
 @pytest.mark.parametrize("deferred", [False, True])
 def test_head_sends_the_get_headers_without_a_body(proxy, deferred):
     value = b"twelve bytes"
-    d = Deferred()
-    proxy.reader.answers[b"k"] = d if deferred else (value, True)
+    if deferred:
+        proxy.redis.later.add(b"k")
+        proxy.redis.values[b"k"] = value
+    else:
+        proxy.cached(b"k", value)
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k", b"HEAD"))
     if deferred:
-        d.callback((value, False))
+        proxy.redis.answer(b"k", value)
     (r,) = parse(transport.value(), head=True)
     assert transport.value().endswith(b"\r\n\r\n")  # nothing after the headers
     assert r.status == 200
@@ -275,17 +281,17 @@ def test_bad_key_parameter_is_400_with_one_line_reason(proxy, target, reason):
     assert r.status == 400
     assert r.body.startswith(reason) and r.body.endswith(b"\n") and r.body.count(b"\n") == 1
     assert r.header(b"Content-Type").startswith(b"text/plain")
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     assert proxy.counted("bad_request") == 1
 
 
 @pytest.mark.parametrize("method", [b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"FOO"])
 def test_other_methods_on_get_are_405_with_allow_never_501(proxy, method):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     r = proxy.get(b"/get?key=k", method)
     assert r.status == 405
     assert r.header(b"Allow") == b"GET, HEAD"
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     assert proxy.counted("bad_request") == 1
 
 
@@ -295,12 +301,12 @@ def test_post_body_is_not_parsed_or_used(proxy):
     raw = (b"POST /get HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded"
            b"\r\nContent-Length: %d\r\n\r\n" % len(form)) + form
     (r,) = proxy.send(raw)
-    assert r.status == 405 and proxy.reader.calls == []
+    assert r.status == 405 and proxy.lookups() == 0
 
 
 def test_large_request_body_is_discarded_and_the_connection_goes_on(proxy):
     """Bodies are dropped as they arrive (never buffered); the next request is served."""
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     body = b"x" * 300_000
     protocol, transport = proxy.connect()
     raw = request(b"/get?key=k", b"POST", body) + request(b"/get?key=k")
@@ -330,9 +336,9 @@ def test_large_request_body_is_discarded_and_the_connection_goes_on(proxy):
     (b"/get?k%65y=k", b"k"),
 ])
 def test_key_is_percent_decoded_to_bytes(proxy, target, key):
-    proxy.reader.answers[key] = (b"v", True)
+    proxy.redis.values[key] = b"v"
     assert proxy.get(target).status == 200
-    assert proxy.reader.calls == [key]
+    assert proxy.redis.calls == [(b"GET", key)]
 
 
 @given(st.binary(min_size=1, max_size=64))
@@ -362,11 +368,10 @@ def test_key_from_query_reasons():
     (BackingTimeout(), 504, b"backing redis timed out\n"),
 ])
 def test_backing_errors_map_to_502_503_504(proxy, logged, error, status, text):
-    d = Deferred()
-    proxy.reader.answers[b"k"] = d
+    proxy.redis.later.add(b"k")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
-    d.errback(error)
+    proxy.redis.fail(b"k", error)
     (r,) = parse(transport.value())
     assert (r.status, r.body) == (status, text)
     assert r.header(b"X-Cache") is None
@@ -375,36 +380,48 @@ def test_backing_errors_map_to_502_503_504(proxy, logged, error, status, text):
 
 
 def test_multi_line_redis_error_is_one_line(proxy):
-    proxy.reader.answers[b"k"] = fail(BackingReplyError("ERR one\r\ntwo"))
+    proxy.redis.failures[b"k"] = BackingReplyError("ERR one\r\ntwo")
     assert proxy.get(b"/get?key=k").body == b"ERR one two\n"
 
 
 def test_unexpected_failure_is_500_and_logged(proxy, logged):
-    d = Deferred()
-    proxy.reader.answers[b"k"] = d
+    proxy.redis.later.add(b"k")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
-    d.errback(ZeroDivisionError("bug"))
+    proxy.redis.fail(b"k", ZeroDivisionError("bug"))
     (r,) = parse(transport.value())
     assert (r.status, r.body) == (500, b"internal error\n")
     assert [f.type for f in failures(logged)] == [ZeroDivisionError]
     assert proxy.counted("other") == 1
 
 
-def test_reader_raising_synchronously_is_500_and_logged(proxy, logged):
-    proxy.reader.answers[b"k"] = RuntimeError("bug")
+def broken_below(proxy, monkeypatch, answer) -> None:
+    """A bug in the layers under the door: the reader's ``get`` raises
+    ``answer`` (an exception) or hands back ``answer`` instead of a Lookup."""
+
+    def get(key, owner=None):
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(proxy.reader, "get", get)
+
+
+def test_reader_raising_synchronously_is_500_and_logged(proxy, logged, monkeypatch):
+    broken_below(proxy, monkeypatch, RuntimeError("bug"))
     r = proxy.get(b"/get?key=k")
     assert r.status == 500
     assert [f.type for f in failures(logged)] == [RuntimeError]
     # the connection is still usable
-    proxy.reader.answers[b"k"] = (b"v", True)
+    monkeypatch.undo()
+    proxy.cached(b"k", b"v")
     assert proxy.get(b"/get?key=k").status == 200
 
 
-def test_bad_lookup_shape_is_500_not_a_hang(proxy, logged):
+def test_bad_lookup_shape_is_500_not_a_hang(proxy, logged, monkeypatch):
     """Even a broken reader result ends the request (here: not a tuple)."""
     d = Deferred()
-    proxy.reader.answers[b"k"] = d
+    broken_below(proxy, monkeypatch, d)
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
     d.callback(b"not a lookup")
@@ -413,10 +430,10 @@ def test_bad_lookup_shape_is_500_not_a_hang(proxy, logged):
     assert len(failures(logged)) == 1
 
 
-def test_a_response_that_fails_to_compose_is_a_clean_500(proxy, logged):
+def test_a_response_that_fails_to_compose_is_a_clean_500(proxy, logged, monkeypatch):
     """A response goes out whole or not at all, so a failure while building
     it (a bug: a str value) still gets a proper 500, not a cut 200."""
-    proxy.reader.answers[b"k"] = ("text, not bytes", True)
+    broken_below(proxy, monkeypatch, ("text, not bytes", True))
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
     (r,) = parse(transport.value())
@@ -426,7 +443,7 @@ def test_a_response_that_fails_to_compose_is_a_clean_500(proxy, logged):
 
 
 def test_http_1_0_is_answered_and_closed(proxy):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     protocol.dataReceived(b"GET /get?key=k HTTP/1.0\r\n\r\n")
     (r,) = parse(transport.value())
@@ -436,7 +453,7 @@ def test_http_1_0_is_answered_and_closed(proxy):
 
 def test_front_door_renders_as_a_plain_resource(proxy):
     """FrontDoor is a usable IResource (e.g. under a stock Site): it never returns bytes."""
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     dummy = DummyRequest([b"get"])
     dummy.path, dummy.uri = b"/get", b"/get?key=k"
     dummy.startedWriting = False
@@ -450,19 +467,18 @@ def test_front_door_renders_as_a_plain_resource(proxy):
 
 @pytest.mark.parametrize("outcome", ["value", "absent", "backing_error", "bug"])
 def test_client_gone_while_pending_gets_no_write_and_no_error(proxy, logged, outcome):
-    d = Deferred()
-    proxy.reader.answers[b"k"] = d
+    proxy.redis.later.add(b"k")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
     lose(protocol)
     if outcome == "value":
-        d.callback((b"v", False))
+        proxy.redis.answer(b"k", b"v")
     elif outcome == "absent":
-        d.callback((None, False))
+        proxy.redis.answer(b"k", None)
     elif outcome == "backing_error":
-        d.errback(BackingTimeout("timed out"))
+        proxy.redis.fail(b"k", BackingTimeout("timed out"))
     else:
-        d.errback(ZeroDivisionError("bug"))
+        proxy.redis.fail(b"k", ZeroDivisionError("bug"))
     assert transport.value() == b""
     logged_types = [f.type for f in failures(logged)]
     assert logged_types == ([ZeroDivisionError] if outcome == "bug" else [])
@@ -522,7 +538,7 @@ def test_healthz_head(proxy):
 
 
 def test_metrics_is_prometheus_text(proxy):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     proxy.get(b"/get?key=k")
     proxy.get(b"/get")
     r = proxy.get(b"/metrics")
@@ -546,10 +562,10 @@ def test_other_methods_on_healthz_and_metrics_are_405(proxy, path):
 ])
 @pytest.mark.parametrize("method", [b"GET", b"POST"])
 def test_unknown_paths_are_404(proxy, target, method):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     r = proxy.get(target, method)
     assert (r.status, r.body) == (404, b"not found\n")
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     assert sum(proxy.metrics.requests.values()) == 0
 
 
@@ -557,19 +573,18 @@ def test_unknown_paths_are_404(proxy, target, method):
 
 
 def test_pipelined_requests_answer_in_order(proxy):
-    slow = Deferred()
-    proxy.reader.answers[b"slow"] = slow
-    proxy.reader.answers[b"fast"] = (b"F", True)
+    proxy.redis.later.add(b"slow")
+    proxy.cached(b"fast", b"F")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=slow") + request(b"/get?key=fast"))
     assert transport.value() == b""
-    slow.callback((b"S", False))
+    proxy.redis.answer(b"slow", b"S")
     bodies = [r.body for r in parse(transport.value())]
     assert bodies == [b"S", b"F"]
 
 
 def test_connection_is_persistent(proxy):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     for _ in range(3):
         protocol.dataReceived(request(b"/get?key=k"))
@@ -578,7 +593,7 @@ def test_connection_is_persistent(proxy):
 
 
 def test_date_header_follows_the_clock(proxy):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     first = proxy.get(b"/get?key=k").header(b"Date")
     assert first == b"Tue, 14 Nov 2023 22:13:20 GMT"
     assert proxy.get(b"/get?key=k").header(b"Date") == first
@@ -591,7 +606,7 @@ def test_date_header_follows_the_clock(proxy):
 
 def test_past_max_clients_the_connection_gets_503_and_is_closed():
     proxy = make_proxy(max_clients=1)
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     first, first_transport = proxy.connect()
     refused, refused_transport = proxy.connect()
     (r,) = parse(refused_transport.value())
@@ -601,7 +616,7 @@ def test_past_max_clients_the_connection_gets_503_and_is_closed():
     assert refused_transport.disconnecting
     refused.dataReceived(request(b"/get?key=k"))  # ignored
     lose(refused)
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     assert proxy.metrics.connected_clients == 1
 
     first.dataReceived(request(b"/get?key=k"))
@@ -610,7 +625,7 @@ def test_past_max_clients_the_connection_gets_503_and_is_closed():
 
 def test_slot_is_released_once_when_the_connection_closes():
     proxy = make_proxy(max_clients=1)
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     first, _ = proxy.connect()
     assert proxy.metrics.connected_clients == 1
     lose(first)
@@ -623,7 +638,7 @@ def test_slot_is_released_once_when_the_connection_closes():
 
 def test_slot_is_released_when_a_pending_request_is_cut():
     proxy = make_proxy(max_clients=1)
-    proxy.reader.answers[b"k"] = Deferred()
+    proxy.redis.later.add(b"k")
     protocol, _ = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
     lose(protocol)
@@ -652,7 +667,7 @@ def access_lines(events: list[dict]) -> list[dict]:
 def test_access_log_is_off_by_default(logged):
     proxy = make_proxy()
     proxy.site.doStart()
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     proxy.get(b"/get?key=k")
     lose(proxy.connections[0])
     assert proxy.clock.getDelayedCalls() == []  # no once-a-second log timestamp timer
@@ -663,7 +678,7 @@ def test_access_log_is_off_by_default(logged):
 def test_access_log_when_asked_for(logged):
     proxy = make_proxy(access_log=True)
     proxy.site.doStart()
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     proxy.get(b"/get?key=k")
     proxy.site.doStop()
     assert len(access_lines(logged)) == 1
@@ -682,7 +697,7 @@ class CountingTransport(StringTransport):
 def test_the_local_address_is_asked_once_per_connection(proxy):
     """twisted.web wants it for every request; a TCP transport answers each
     time with a getsockname system call, for an address that never changes."""
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol = proxy.site.buildProtocol(ADDR)
     transport = CountingTransport()
     protocol.makeConnection(transport)
@@ -713,7 +728,7 @@ def routed(proxy) -> list[bytes]:
 
 
 def test_a_plain_hit_skips_twisted_web_and_answers_the_same_bytes(proxy):
-    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    proxy.cached(b"k", b"v" * 100)
     seen = routed(proxy)
     protocol, fast = proxy.connect()
     protocol.dataReceived(PLAIN)
@@ -728,7 +743,7 @@ def test_a_plain_hit_skips_twisted_web_and_answers_the_same_bytes(proxy):
 
 
 def test_plain_hits_keep_the_connection_and_answer_each_in_turn(proxy):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     for _ in range(3):
         protocol.dataReceived(PLAIN)
@@ -753,7 +768,7 @@ def test_plain_hits_keep_the_connection_and_answer_each_in_turn(proxy):
 ], ids=["head", "http/1.0", "close", "body", "expect", "pipelined", "folded", "bad-name",
         "nul", "bad-key", "two-keys", "other-path", "bare-lf"])
 def test_anything_but_a_plain_get_goes_through_twisted_web(proxy, raw):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     seen = routed(proxy)
     protocol, transport = proxy.connect()
     protocol.dataReceived(raw)
@@ -763,32 +778,30 @@ def test_anything_but_a_plain_get_goes_through_twisted_web(proxy, raw):
 
 
 def test_a_plain_get_that_misses_goes_through_twisted_web(proxy):
-    d = Deferred()
-    proxy.reader.answers[b"k"] = d
+    proxy.redis.later.add(b"k")
     seen = routed(proxy)
     protocol, transport = proxy.connect()
     protocol.dataReceived(PLAIN)
     assert seen == [b"/get?key=k"]
-    d.callback((b"v", False))
+    proxy.redis.answer(b"k", b"v")
     (r,) = parse(transport.value())
     assert (r.status, r.header(b"X-Cache"), r.body) == (200, b"MISS", b"v")
 
 
 def test_a_plain_hit_behind_a_request_in_progress_waits_its_turn(proxy):
-    d = Deferred()
-    proxy.reader.answers[b"slow"] = d
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.redis.later.add(b"slow")
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=slow"))
     protocol.dataReceived(PLAIN)
     assert transport.value() == b""
-    d.callback((b"s", False))
+    proxy.redis.answer(b"slow", b"s")
     assert [r.body for r in parse(transport.value())] == [b"s", b"v"]
 
 
 def test_with_the_access_log_on_every_request_goes_through_twisted_web(logged):
     proxy = make_proxy(access_log=True)
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     seen = routed(proxy)
     protocol, _ = proxy.connect()
     protocol.dataReceived(PLAIN)
@@ -815,7 +828,7 @@ def test_a_request_line_too_long_is_414_then_closed(proxy, chunk):
         protocol.dataReceived(raw[i:i + (chunk or len(raw))])
     r = refused(transport)
     assert (r.status, r.reason, r.body) == (414, b"URI Too Long", b"request line too long\n")
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     assert proxy.counted("bad_request") == 1
 
 
@@ -825,18 +838,18 @@ def test_a_request_line_too_long_is_414_then_closed(proxy, chunk):
     b"Accept: x\r\n" * 501,
 ], ids=["one-long-line", "total-size", "too-many"])
 def test_headers_too_large_are_431_then_closed(proxy, headers):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     protocol.dataReceived(b"GET /get?key=k HTTP/1.1\r\nHost: h\r\n" + headers + b"\r\n")
     r = refused(transport)
     assert (r.status, r.reason) == (431, b"Request Header Fields Too Large")
     assert r.body == b"request headers too large\n"
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     assert proxy.counted("hit") == 0
 
 
 def test_headers_at_the_limits_are_accepted(proxy):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     (r,) = proxy.send(b"GET /get?key=k HTTP/1.1\r\n" + b"Accept: x\r\n" * 500 + b"\r\n")
     assert r.status == 200
 
@@ -844,7 +857,7 @@ def test_headers_at_the_limits_are_accepted(proxy):
 def test_a_plain_get_past_a_head_limit_is_refused_not_answered(proxy):
     """The fast path takes nothing that twisted.web would refuse: lines
     within MAX_LENGTH each but over totalHeadersSize together."""
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     raw = (b"GET /get?key=k&pad=" + b"p" * 9000 + b" HTTP/1.1\r\nHost: " + b"h" * 9000
            + b"\r\n\r\n")
     protocol, transport = proxy.connect()
@@ -860,7 +873,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_request_timeout():
     """Each byte used to restart twisted.web's idle timer; the deadline now
     runs from the request's first byte."""
     proxy = make_proxy(request_timeout=10)
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     raw = request(b"/get?key=k") * 2
     for i in range(10):
@@ -885,7 +898,7 @@ def test_a_body_trickled_past_request_timeout_is_cut():
 
 def test_requests_finished_in_time_each_get_their_own_request_timeout():
     proxy = make_proxy(request_timeout=10)
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     raw = request(b"/get?key=k")
     for _ in range(5):
@@ -898,7 +911,7 @@ def test_requests_finished_in_time_each_get_their_own_request_timeout():
 
 
 def test_an_idle_connection_stays_open_without_client_timeout_and_costs_no_timer(proxy):
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
     proxy.clock.advance(1_000_000)
@@ -918,7 +931,7 @@ def test_request_timeout_zero_never_cuts():
 def test_requests_postpone_client_timeout_without_moving_a_timer():
     """Plain hits only note the time: the one timer is re-armed when it fires."""
     proxy = make_proxy(client_timeout=5)
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     protocol, transport = proxy.connect()
     (timer,) = proxy.clock.getDelayedCalls()
     due = timer.getTime()
@@ -936,13 +949,12 @@ def test_requests_postpone_client_timeout_without_moving_a_timer():
 
 def test_client_timeout_does_not_cut_a_request_being_answered():
     proxy = make_proxy(client_timeout=5)
-    d = Deferred()
-    proxy.reader.answers[b"k"] = d
+    proxy.redis.later.add(b"k")
     protocol, transport = proxy.connect()
     protocol.dataReceived(request(b"/get?key=k"))
     proxy.clock.advance(60)
     assert not transport.disconnecting
-    d.callback((b"v", False))
+    proxy.redis.answer(b"k", b"v")
     proxy.clock.advance(4.99)
     assert not transport.disconnecting and parse(transport.value())[0].status == 200
     proxy.clock.advance(5)
@@ -1018,7 +1030,7 @@ def slow_reader(proxy, room: int = 300):
 def test_pipelined_requests_wait_while_the_client_does_not_read(proxy):
     """twisted.web answered every request already read whatever the client
     read; now a full transport stops both reading and answering."""
-    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    proxy.cached(b"k", b"v" * 100)
     protocol, transport = slow_reader(proxy)
     protocol.dataReceived(request(b"/get?key=k") * 50)
     answered = len(parse(transport.value()))
@@ -1031,7 +1043,7 @@ def test_pipelined_requests_wait_while_the_client_does_not_read(proxy):
 
 
 def test_plain_gets_wait_while_the_client_does_not_read(proxy):
-    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    proxy.cached(b"k", b"v" * 100)
     seen = routed(proxy)
     protocol, transport = slow_reader(proxy)
     for _ in range(3):
@@ -1046,7 +1058,7 @@ def test_plain_gets_wait_while_the_client_does_not_read(proxy):
 
 def test_a_pipelining_client_past_max_client_buffer_is_disconnected(logged):
     proxy = make_proxy(max_client_buffer=1000)
-    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    proxy.cached(b"k", b"v" * 100)
     protocol, transport = slow_reader(proxy, room=10_000)
     protocol.dataReceived(request(b"/get?key=k") * 50)
     assert transport.disconnected  # aborted: what is buffered is dropped
@@ -1057,7 +1069,7 @@ def test_a_pipelining_client_past_max_client_buffer_is_disconnected(logged):
 
 def test_plain_gets_past_max_client_buffer_are_disconnected(logged):
     proxy = make_proxy(max_client_buffer=1000)
-    proxy.reader.answers[b"k"] = (b"v" * 100, True)
+    proxy.cached(b"k", b"v" * 100)
     seen = routed(proxy)
     protocol, transport = slow_reader(proxy, room=10_000)
     for _ in range(50):
@@ -1070,7 +1082,7 @@ def test_plain_gets_past_max_client_buffer_are_disconnected(logged):
 
 def test_one_response_larger_than_max_client_buffer_disconnects(logged):
     proxy = make_proxy(max_client_buffer=100_000)
-    proxy.reader.answers[b"k"] = (b"v" * 200_000, True)
+    proxy.cached(b"k", b"v" * 200_000)
     protocol, transport = slow_reader(proxy, room=65536)  # a TCP transport's
     protocol.dataReceived(PLAIN)
     assert transport.disconnected
@@ -1078,7 +1090,7 @@ def test_one_response_larger_than_max_client_buffer_disconnects(logged):
 
 def test_clients_cut_off_for_max_client_buffer_are_logged_once_a_minute(logged):
     proxy = make_proxy(max_client_buffer=1000)
-    proxy.reader.answers[b"k"] = (b"v" * 2000, True)
+    proxy.cached(b"k", b"v" * 2000)
     for _ in range(3):
         slow_reader(proxy)[0].dataReceived(PLAIN)
     proxy.clock.advance(60)
@@ -1120,12 +1132,12 @@ def with_header(raw: bytes, header: bytes) -> bytes:
         "post", "plain", "plain-wrong"])
 def test_without_valid_credentials_every_path_but_healthz_is_401(raw):
     proxy = secured_proxy()
-    proxy.reader.answers[b"k"] = (b"secret value", True)
+    proxy.cached(b"k", b"secret value")
     (r,) = proxy.send(raw)
     assert r.status == 401
     assert r.header(b"WWW-Authenticate") == CHALLENGE
     assert b"secret value" not in r.body
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     assert proxy.counted("bad_request") == 1
     tried = b"Authorization" in raw
     assert proxy.metrics.auth_failures == (1 if tried else 0)
@@ -1140,7 +1152,7 @@ def test_without_valid_credentials_every_path_but_healthz_is_401(raw):
 @pytest.mark.parametrize("plain", [True, False], ids=["plain-path", "twisted-web"])
 def test_a_password_or_a_users_credentials_let_the_request_in(header, plain):
     proxy = secured_proxy()
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     seen = routed(proxy)
     raw = with_header(PLAIN if plain else request(b"/get?key=k", b"HEAD"), header)
     (r,) = proxy.send(raw, head=not plain)
@@ -1162,7 +1174,7 @@ def test_a_connection_let_in_once_is_checked_again_for_other_credentials():
     """The plain path remembers the Authorization value it last let in on
     this connection; anything else is checked anew."""
     proxy = secured_proxy()
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     seen = routed(proxy)
     protocol, transport = proxy.connect()
     good = with_header(PLAIN, BEARER)
@@ -1179,7 +1191,7 @@ def test_a_connection_let_in_once_is_checked_again_for_other_credentials():
 @pytest.mark.parametrize("host", ["127.0.0.2", "10.1.2.3"])
 def test_protected_mode_answers_a_remote_client_403_and_closes(host):
     proxy = make_proxy()
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     addr = IPv4Address("TCP", host, 5555)
     protocol = proxy.site.buildProtocol(addr)
     transport = StringTransport(peerAddress=addr)
@@ -1190,7 +1202,7 @@ def test_protected_mode_answers_a_remote_client_403_and_closes(host):
     (r,) = parse(transport.value())
     assert r.status == 403 and b"protected mode" in r.body
     assert r.header(b"Connection") == b"close" and transport.disconnecting
-    assert proxy.reader.calls == []
+    assert proxy.lookups() == 0
     protocol.dataReceived(PLAIN)
     assert len(parse(transport.value())) == 1
 
@@ -1214,7 +1226,7 @@ def test_protected_mode_drops_a_remote_client_that_sends_nothing():
 @pytest.mark.parametrize("settings", [{"protected_mode": False}, "secured"])
 def test_protected_mode_off_or_a_password_serves_remote_clients(settings):
     proxy = secured_proxy() if settings == "secured" else make_proxy(**settings)
-    proxy.reader.answers[b"k"] = (b"v", True)
+    proxy.cached(b"k", b"v")
     addr = IPv4Address("TCP", "10.1.2.3", 5555)
     protocol = proxy.site.buildProtocol(addr)
     transport = StringTransport(peerAddress=addr)
