@@ -27,8 +27,8 @@ from redisp.gate import Gate
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
 from redisp.web import build_site
+from tests.http_support import Response
 from tests.test_reader import FakeBacking
-from tests.test_web import Response
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 TTL = 60.0
