@@ -115,7 +115,7 @@ def test_client_service_proxy_has_a_lostNotification_to_silence():
     service.stopService()
 
 
-# -- twisted.web: HTTPChannel's parser state (web.py) ------------------------------------------
+# -- twisted.web: HTTPChannel's parser state (http_channel.py) ---------------------------------
 
 @pytest.mark.parametrize("name", [
     "_buffer",  # LineReceiver's: bytes received and not yet parsed
