@@ -91,6 +91,8 @@ class Application(Interface):
 
     def count(self, outcome: str) -> None: ...
 
+
+#: the Content-Type of every text answer, the door's own and the application's
 TEXT = b"text/plain; charset=utf-8"
 
 
@@ -150,7 +152,6 @@ def compose(
     if not head and content_type is not None:
         parts.append(body)
     return b"".join(parts)
-
 
 
 #: one whole ``GET /get?... HTTP/1.1`` request, headers and all, nothing after
@@ -239,7 +240,7 @@ class Request(server.Request):
         x_cache: bytes | None,
         extra: list[bytes] | None = None,
     ) -> None:
-        """The whole response in one ``write``, then finish (see ``respond``).
+        """The whole response in one ``write``, then finish (see ``web.respond``).
 
         Status line, headers and body are composed here: ``http.Request.write``
         would set each header through the ``Headers`` object (name encoding

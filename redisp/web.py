@@ -124,11 +124,11 @@ def respond(
     """Send a whole response with an exact Content-Length, then finish.
 
     ``extra``: more header lines (``Name: value``, or several joined by
-    CRLF), after those twisted.web has set.  ``content_type`` None: a 304, which has neither content
-    headers nor a body.  For HEAD the body is left out and Content-Length
-    stays that of the GET answer.  redisp's own requests send it in one
-    piece (``Request.send``, http_channel.py); any other IRequest (FrontDoor under a stock
-    Site) the generic way.
+    CRLF), after those twisted.web has set.  ``content_type`` None: a 304,
+    which has neither content headers nor a body.  For HEAD the body is left
+    out and Content-Length stays that of the GET answer.  redisp's own
+    requests send it in one piece (``http_channel.Request.send``); any other
+    IRequest (FrontDoor under a stock Site) the generic way.
     """
     if request.__class__ is Request:
         request.send(code, body, content_type, x_cache, extra)
