@@ -7,7 +7,11 @@ bytes in through ``dataReceived``, the raw response bytes parsed back.
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
@@ -269,6 +273,36 @@ def test_with_the_access_log_on_every_request_goes_through_twisted_web(logged):
     protocol, _ = proxy.connect()
     protocol.dataReceived(PLAIN)
     assert seen == [b"/get?key=k"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    key=st.binary(min_size=1, max_size=20),
+    value=st.binary(max_size=200),
+    extra=st.sampled_from([b"", b"Accept: */*\r\n", b"If-None-Match: *\r\n",
+                           b"Connection: keep-alive\r\n"]),
+    cuts=st.lists(st.integers(1, 10_000), min_size=1, max_size=6),
+)
+def test_a_plain_get_cut_anywhere_is_answered_as_it_is_whole(key, value, extra, cuts):
+    """The plain-GET path's promise, on every chunking: a request that
+    arrives in pieces is not plain (twisted.web parses it) and gets the same
+    bytes, and the same count, as the same request whole (the fast path)."""
+    proxy = make_proxy()
+    proxy.cached(key, value)
+    raw = (b"GET /get?" + urlencode({"key": key}).encode() + b" HTTP/1.1\r\n"
+           b"Host: h\r\n" + extra + b"\r\n")
+    seen = routed(proxy)
+    protocol, whole = proxy.connect()
+    protocol.dataReceived(raw)
+    assert seen == []
+    protocol, pieces = proxy.connect()
+    at = sorted({cut % (len(raw) - 1) + 1 for cut in cuts})
+    for start, end in zip([0, *at], [*at, len(raw)], strict=True):
+        protocol.dataReceived(raw[start:end])
+    assert len(seen) == 1
+    assert pieces.value() == whole.value()
+    assert proxy.counted("hit") == 2
+    assert not whole.disconnecting and not pieces.disconnecting
 
 
 # limits on the request head (SPEC §2): 414 and 431, then the close
