@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
               "cluster_tracking"]),
     ("routing", ["auth", "client_list", "replies", "forwarding", "cluster_routing",
                  "commands"]),
-    ("doors", ["resp_server", "web"]),
+    ("doors", ["resp_server", "http_channel", "web"]),
     ("wiring", ["service", "tap", "probe"]),
 ]
 

@@ -115,7 +115,7 @@ def test_client_service_proxy_has_a_lostNotification_to_silence():
     service.stopService()
 
 
-# -- twisted.web: HTTPChannel's parser state (web.py) ------------------------------------------
+# -- twisted.web: HTTPChannel's parser state (http_channel.py) ---------------------------------
 
 @pytest.mark.parametrize("name", [
     "_buffer",  # LineReceiver's: bytes received and not yet parsed
@@ -131,11 +131,11 @@ def test_client_service_proxy_has_a_lostNotification_to_silence():
 def test_http_channel_internal(name):
     channel = HTTPChannel()
     channel.makeConnection(StringTransport())
-    assert hasattr(channel, name), _needed(f"HTTPChannel.{name}", "web._Channel")
+    assert hasattr(channel, name), _needed(f"HTTPChannel.{name}", "http_channel._Channel")
 
 
 def test_http_channel_counts_headers_before_refusing_them():
-    """web._Channel tells 431 from 400 by these counters, read in the
+    """http_channel._Channel tells 431 from 400 by these counters, read in the
     ``_respondToBadRequestAndDisconnect`` Twisted calls for a refused head."""
     refused = []
 
@@ -149,7 +149,7 @@ def test_http_channel_counts_headers_before_refusing_them():
     channel.makeConnection(StringTransport())
     channel.dataReceived(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n")  # C is read at D
     assert refused == [(3, 0)], _needed("HTTPChannel's header counters",
-                                        "web._Channel._respondToBadRequestAndDisconnect")
+                                        "http_channel._Channel._respondToBadRequestAndDisconnect")
 
 
 # -- txredisapi (backing.py) -------------------------------------------------------------------

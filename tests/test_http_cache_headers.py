@@ -27,8 +27,8 @@ from redisp.gate import Gate
 from redisp.metrics import Metrics
 from redisp.reader import CachedReader
 from redisp.web import build_site
+from tests.http_support import Response, routed
 from tests.test_reader import FakeBacking
-from tests.test_web import Response
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 TTL = 60.0
@@ -266,21 +266,10 @@ def both_paths(door: Door, key: bytes, headers: list[bytes]) -> tuple[bytes, byt
     """The response to the same request by the plain-GET path and (with a
     header that only twisted.web takes) by twisted.web's, and how many went
     through twisted.web."""
-    routed = []
-    front = door.site.resource
-    original = front.route
-
-    def route(request):
-        routed.append(request.uri)
-        original(request)
-
-    front.route = route
-    try:
-        fast = door.send(get(key, *headers))
-        slow = door.send(get(key, *headers, b"X-Slow: 1"))
-    finally:
-        front.route = original
-    return fast, slow, len(routed)
+    seen = routed(door)
+    fast = door.send(get(key, *headers))
+    slow = door.send(get(key, *headers, b"X-Slow: 1"))
+    return fast, slow, len(seen)
 
 
 PASSWORD = Secret("pw")

@@ -50,7 +50,8 @@ _instrumented = (
     if atheris else contextlib.nullcontext()
 )
 with _instrumented:
-    from redisp.web import BadKey, build_site, key_from_query, plain_get
+    from redisp.http_channel import plain_get
+    from redisp.web import BadKey, build_site, key_from_query
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 
