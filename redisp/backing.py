@@ -167,6 +167,74 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             raise
         return reply.addCallback(self.handle_reply)
 
+    def execute_many(self, commands: list[tuple[bytes, ...]]) -> Deferred:
+        """Send several commands in one write; one Deferred for all their replies.
+
+        A command sent alone costs a Deferred, a callback chain and a reply
+        queue slot of its own; here one ``_Replies`` stands in the reply
+        queue for each command and fires once with the list of replies in
+        order (an error reply as a ``BackingReplyError`` in its place).  The
+        connection failing fails the lot; cancelling it (a timeout) leaves
+        the stand-ins in the queue to swallow the late replies, as
+        ``execute_command``'s cancelled slot does.
+        """
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        parts = []
+        append = parts.append
+        for command in commands:  # _build_command's, inlined: one call a command less
+            append(b"*%d\r\n" % len(command))
+            for arg in command:
+                if arg.__class__ is not bytes:
+                    return self._execute_many_slowly(commands)
+                append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        data = b"".join(parts)
+        return self._write_many(data, len(commands))
+
+    def _write_many(self, data: bytes, count: int) -> Deferred:
+        if self.replyQueue.pending:  # never with a reply per command sent; stay in order anyway
+            raise txredisapi.ConnectionError("reply queue out of step")
+        replies = _Replies(count)
+        try:
+            self.transport.write(data)
+        except BaseException:  # the byte stream is in an unknown state
+            self.transport.abortConnection()
+            raise
+        self.replyQueue.waiting.extend([replies] * count)
+        return replies.deferred
+
+
+    def _execute_many_slowly(self, commands: list[tuple[bytes, ...]]) -> Deferred:
+        """``execute_many`` with arguments that are not all bytes: txredisapi encodes them."""
+        build = super()._build_command
+        return self._write_many(b"".join([build(*command) for command in commands]),
+                                len(commands))
+
+
+class _Replies:
+    """The reply-queue slot of every command of one ``execute_many``."""
+
+    __slots__ = ("deferred", "replies", "count")
+
+    def __init__(self, count: int) -> None:
+        self.deferred: Deferred = Deferred()
+        self.replies: list[Any] = []
+        self.count = count
+
+    def callback(self, reply: Any) -> None:
+        deferred = self.deferred
+        if deferred.called:  # timed out (cancelled) or failed: a late reply, swallowed
+            return
+        if reply.__class__ is not bytes and isinstance(reply, Exception):
+            if not isinstance(reply, txredisapi.ResponseError):  # the connection failed
+                deferred.errback(Failure(reply))
+                return
+            reply = BackingReplyError(str(reply))
+        replies = self.replies
+        replies.append(reply)
+        if len(replies) == self.count:
+            deferred.callback(replies)
+
 
 class TLSConnectionError(txredisapi.ConnectionError):
     """The connection was closed by TLS (a certificate refused after the
@@ -376,6 +444,31 @@ class Backing:
         d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
         return d
 
+    def call_many(self, commands: list[tuple[bytes, ...]]) -> Deferred:
+        """Send several commands in one write, under one timeout and one
+        latency observation; fires with their replies in order, an error
+        reply as a ``BackingReplyError`` in its place (not counted in
+        ``backing_errors``: the caller decides what it is); fails as a whole
+        with a BackingError subclass, as ``call`` does, never hangs."""
+        protocol = self._live
+        if protocol is not None:
+            try:
+                d = protocol.execute_many(commands)
+            except Exception:  # not connected any more, or out of memory
+                return fail(self._translate(Failure(), protocol))
+        elif self._refusal is not None:
+            kind, text = self._refusal
+            error = kind(text)
+            self._metrics.backing_errors[error.kind] += 1
+            return fail(error)
+        else:  # no connection yet, or it was lost and is being made again
+            d = self._service.whenConnected(failAfterFailures=1)
+            d.addCallbacks(_send_many_when_connected, self._no_connection, (commands,))
+        started = self._clock.seconds()
+        d.addTimeout(self.timeout, self._clock)
+        d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
+        return d
+
     @staticmethod
     def _send_when_connected(protocol: Any, args: tuple[bytes, ...]) -> Deferred:
         return protocol.execute_command(*args)
@@ -563,6 +656,10 @@ class Backing:
                 return
             self._troubled = True
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
+
+
+def _send_many_when_connected(protocol: Any, commands: list[tuple[bytes, ...]]) -> Deferred:
+    return protocol.execute_many(commands)
 
 
 def _setup_step(protocol: Any, command: tuple[bytes, ...]) -> Deferred:

@@ -61,6 +61,9 @@ from redisp.metrics import Metrics
 
 log = Logger()
 
+#: one command sent in a turn: its slot, its keys, and their ``done``s
+_Sent = tuple[int, list[bytes], list[Done]]
+
 #: redirections (MOVED, ASK, TRYAGAIN, a retry on a slot's new master)
 #: followed for one key before it fails: a slot that moves more often than
 #: this while one GET is in flight is a cluster being resharded in a loop
@@ -231,11 +234,48 @@ class ClusterBacking:
             else:
                 group[0].append(key)
                 group[1].append(done)
+        # per master: the commands of the turn, and what each is for
+        batches: dict[Address | None, tuple[list[tuple[bytes, ...]], list[_Sent]]] = {}
+        master = current.master
         for slot, (slot_keys, slot_dones) in groups.items():
+            address = master(slot)
+            batch = batches.get(address)
+            if batch is None:
+                batch = batches[address] = ([], [])
+            commands, sent = batch
+            if len(slot_keys) == 1 and not mget:  # the usual case: a slot, a key
+                commands.append((b"GET", slot_keys[0]))
+                sent.append((slot, slot_keys, slot_dones))
+                continue
             for start in range(0, len(slot_keys), MAX_BATCH):
-                self._send(slot, slot_keys[start:start + MAX_BATCH],
-                           slot_dones[start:start + MAX_BATCH], mget, current.master(slot), 0,
-                           False)
+                chunk = slot_keys[start:start + MAX_BATCH]
+                commands.append((b"GET", chunk[0]) if len(chunk) == 1 and not mget
+                                else (b"MGET", *chunk))
+                sent.append((slot, chunk, slot_dones[start:start + MAX_BATCH]))
+        for address, (commands, sent) in batches.items():
+            if address is None or len(commands) == 1:
+                for slot, chunk, chunk_dones in sent:
+                    self._send(slot, chunk, chunk_dones, mget, address, 0, False)
+                continue
+            for start in range(0, len(commands), MAX_BATCH):
+                self.node(address).call_many(commands[start:start + MAX_BATCH]).addBoth(
+                    self._answered_many, sent[start:start + MAX_BATCH], mget, address)
+
+    def _answered_many(self, result: Any, sent: list[_Sent], mget: bool,
+                       address: Address) -> None:
+        """The replies to one master's commands of a turn (``call_many``)."""
+        if result.__class__ is Failure:  # the whole batch: timeout, connection …
+            for slot, keys, dones in sent:
+                self._failed(result, slot, keys, dones, mget, address, 0)
+            return
+        for (slot, keys, dones), reply in zip(sent, result):
+            if reply.__class__ is BackingReplyError:
+                self._metrics.backing_errors[reply.kind] += 1  # as Backing.call counts it
+                self._failed(Failure(reply), slot, keys, dones, mget, address, 0)
+            elif reply.__class__ is list:
+                self._answered(reply, slot, keys, dones, mget, address, 0)
+            else:
+                dones[0](reply)
 
     def _send(self, slot: int, keys: list[bytes], dones: list[Done], mget: bool,
               address: Address | None, hops: int, asking: bool) -> None:

@@ -28,6 +28,7 @@ class FakeNode:
         self.address = address
         self.sent: list[tuple[bytes, ...]] = []
         self.pending: list[Deferred] = []
+        self.batches: list[list[tuple[bytes, ...]]] = []  # the commands of each call_many
         self.up = True
         self.state = "up"
         self.started = self.stopped = False
@@ -38,6 +39,32 @@ class FakeNode:
         d = Deferred()
         self.pending.append(d)
         return d
+
+    def call_many(self, commands):
+        """As Backing.call_many: the commands are recorded (and answered) one
+        by one; an error reply takes its place in the list, any other failure
+        fails the lot."""
+        self.batches.append(list(commands))
+        result = Deferred()
+        replies: list = [None] * len(commands)
+        left = [len(commands)]
+
+        def got(value, index):
+            if result.called:
+                return
+            if isinstance(value, Failure):
+                if not value.check(BackingReplyError):
+                    result.errback(value)
+                    return
+                value = value.value
+            replies[index] = value
+            left[0] -= 1
+            if not left[0]:
+                result.callback(replies)
+
+        for index, command in enumerate(commands):
+            self.call(*command).addBoth(got, index)
+        return result
 
     def ping(self):
         return self.call(b"PING")
