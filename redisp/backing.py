@@ -136,6 +136,40 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
         )
 
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        """txredisapi's (hiredis) loop, less the steps this connection never
+        needs (conversion, MULTI bookkeeping, two calls through the reply
+        queue): each reply goes straight to its waiter, and the replies of
+        an ``execute_many`` batch straight into its list, with no call per
+        reply (a batch of GETs has one a key)."""
+        reader = self._reader
+        if data:
+            reader.feed(data)
+        queue = self.replyQueue
+        waiting = queue.waiting
+        reply = reader.gets()
+        while reply is not False:
+            if not waiting:  # nobody waits (never, with a reply per command): txredisapi keeps it
+                queue.put(reply)
+            elif waiting[0].__class__ is not _Replies:
+                waiting.pop(0).callback(reply)
+            else:
+                batch = waiting[0]
+                replies, count = batch.replies, batch.count
+                while True:
+                    if reply.__class__ is txredisapi.ResponseError:
+                        reply = BackingReplyError(str(reply))
+                    replies.append(reply)
+                    if len(replies) == count:
+                        break
+                    reply = reader.gets()
+                    if reply is False:  # the rest in a later read
+                        return
+                waiting.pop(0)
+                if not batch.deferred.called:  # else timed out: the late replies are dropped
+                    batch.deferred.callback(replies)
+            reply = reader.gets()
+
     def connectionLost(self, why: Any) -> None:
         fail_with_tls_reason(self, why)
         super().connectionLost(why)
@@ -172,10 +206,10 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
 
         A command sent alone costs a Deferred, a callback chain and a reply
         queue slot of its own; here one ``_Replies`` stands in the reply
-        queue for each command and fires once with the list of replies in
+        queue for them all and fires once with the list of their replies in
         order (an error reply as a ``BackingReplyError`` in its place).  The
         connection failing fails the lot; cancelling it (a timeout) leaves
-        the stand-ins in the queue to swallow the late replies, as
+        the slot in the queue to swallow the late replies, as
         ``execute_command``'s cancelled slot does.
         """
         if not self.connected:
@@ -183,13 +217,18 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         parts = []
         append = parts.append
         for command in commands:  # _build_command's, inlined: one call a command less
+            if len(command) == 2:  # GET key, the usual: one formatting
+                name, key = command
+                if name.__class__ is not bytes or key.__class__ is not bytes:
+                    return self._execute_many_slowly(commands)
+                append(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(key), key))
+                continue
             append(b"*%d\r\n" % len(command))
             for arg in command:
                 if arg.__class__ is not bytes:
                     return self._execute_many_slowly(commands)
                 append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-        data = b"".join(parts)
-        return self._write_many(data, len(commands))
+        return self._write_many(b"".join(parts), len(commands))
 
     def _write_many(self, data: bytes, count: int) -> Deferred:
         if self.replyQueue.pending:  # never with a reply per command sent; stay in order anyway
@@ -200,9 +239,8 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         except BaseException:  # the byte stream is in an unknown state
             self.transport.abortConnection()
             raise
-        self.replyQueue.waiting.extend([replies] * count)
+        self.replyQueue.waiting.append(replies)
         return replies.deferred
-
 
     def _execute_many_slowly(self, commands: list[tuple[bytes, ...]]) -> Deferred:
         """``execute_many`` with arguments that are not all bytes: txredisapi encodes them."""
@@ -212,7 +250,9 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
 
 
 class _Replies:
-    """The reply-queue slot of every command of one ``execute_many``."""
+    """The one reply-queue slot of the commands of an ``execute_many``:
+    ``dataReceived`` fills ``replies`` and fires ``deferred`` (unless it
+    was cancelled: then the replies are only counted off)."""
 
     __slots__ = ("deferred", "replies", "count")
 
@@ -222,18 +262,12 @@ class _Replies:
         self.count = count
 
     def callback(self, reply: Any) -> None:
-        deferred = self.deferred
-        if deferred.called:  # timed out (cancelled) or failed: a late reply, swallowed
-            return
-        if reply.__class__ is not bytes and isinstance(reply, Exception):
-            if not isinstance(reply, txredisapi.ResponseError):  # the connection failed
-                deferred.errback(Failure(reply))
-                return
-            reply = BackingReplyError(str(reply))
-        replies = self.replies
-        replies.append(reply)
-        if len(replies) == self.count:
-            deferred.callback(replies)
+        """Through the reply queue comes only the connection's failure
+        (txredisapi's ``connectionLost``, ``fail_with_tls_reason``)."""
+        if not self.deferred.called:
+            if not isinstance(reply, Exception):
+                reply = txredisapi.ConnectionError("reply queue out of step")
+            self.deferred.errback(Failure(reply))
 
 
 class TLSConnectionError(txredisapi.ConnectionError):
