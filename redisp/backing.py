@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from redisp.batching import Done, GetBatcher
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
+from redisp.sending import can_send_now, send_now
 from redisp.tls import client_endpoint, describe, tcp_transport
 
 log = Logger()
@@ -121,6 +122,10 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
     MULTI, which txredisapi's version handles, are not used on this
     connection.
     """
+
+    #: whether ``execute_many`` may hand its bytes to the socket at once
+    #: (sending.py), found on its first use: None until then
+    _direct: bool | None = None
 
     def __init__(self) -> None:
         super().__init__(charset=None, convertNumbers=False)
@@ -201,8 +206,9 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             raise
         return reply.addCallback(self.handle_reply)
 
-    def execute_many(self, commands: list[tuple[bytes, ...]]) -> Deferred:
-        """Send several commands in one write; one Deferred for all their replies.
+    def execute_many(self, commands: list[bytes]) -> Deferred:
+        """Send several encoded commands (``encode_command``) in one write;
+        one Deferred for all their replies.
 
         A command sent alone costs a Deferred, a callback chain and a reply
         queue slot of its own; here one ``_Replies`` stands in the reply
@@ -210,43 +216,31 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         order (an error reply as a ``BackingReplyError`` in its place).  The
         connection failing fails the lot; cancelling it (a timeout) leaves
         the slot in the queue to swallow the late replies, as
-        ``execute_command``'s cancelled slot does.
+        ``execute_command``'s cancelled slot does.  The bytes go to the
+        socket at once when it is a plain TCP one (sending.py): the write
+        would otherwise wait for the next reactor turn and cost two
+        ``epoll_ctl``.
         """
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
-        parts = []
-        append = parts.append
-        for command in commands:  # _build_command's, inlined: one call a command less
-            if len(command) == 2:  # GET key, the usual: one formatting
-                name, key = command
-                if name.__class__ is not bytes or key.__class__ is not bytes:
-                    return self._execute_many_slowly(commands)
-                append(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(key), key))
-                continue
-            append(b"*%d\r\n" % len(command))
-            for arg in command:
-                if arg.__class__ is not bytes:
-                    return self._execute_many_slowly(commands)
-                append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-        return self._write_many(b"".join(parts), len(commands))
-
-    def _write_many(self, data: bytes, count: int) -> Deferred:
         if self.replyQueue.pending:  # never with a reply per command sent; stay in order anyway
             raise txredisapi.ConnectionError("reply queue out of step")
-        replies = _Replies(count)
+        data = b"".join(commands)
+        replies = _Replies(len(commands))
+        transport = self.transport
+        direct = self._direct
+        if direct is None:
+            direct = self._direct = can_send_now(transport)
         try:
-            self.transport.write(data)
+            if direct:
+                send_now(transport, data)
+            else:
+                transport.write(data)
         except BaseException:  # the byte stream is in an unknown state
-            self.transport.abortConnection()
+            transport.abortConnection()
             raise
         self.replyQueue.waiting.append(replies)
         return replies.deferred
-
-    def _execute_many_slowly(self, commands: list[tuple[bytes, ...]]) -> Deferred:
-        """``execute_many`` with arguments that are not all bytes: txredisapi encodes them."""
-        build = super()._build_command
-        return self._write_many(b"".join([build(*command) for command in commands]),
-                                len(commands))
 
 
 class _Replies:
@@ -478,12 +472,13 @@ class Backing:
         d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
         return d
 
-    def call_many(self, commands: list[tuple[bytes, ...]]) -> Deferred:
-        """Send several commands in one write, under one timeout and one
-        latency observation; fires with their replies in order, an error
-        reply as a ``BackingReplyError`` in its place (not counted in
-        ``backing_errors``: the caller decides what it is); fails as a whole
-        with a BackingError subclass, as ``call`` does, never hangs."""
+    def call_many(self, commands: list[bytes]) -> Deferred:
+        """Send several encoded commands (``encode_command``) in one write,
+        under one timeout and one latency observation; fires with their
+        replies in order, an error reply as a ``BackingReplyError`` in its
+        place (not counted in ``backing_errors``: the caller decides what it
+        is); fails as a whole with a BackingError subclass, as ``call``
+        does, never hangs."""
         protocol = self._live
         if protocol is not None:
             try:
@@ -692,7 +687,12 @@ class Backing:
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
 
 
-def _send_many_when_connected(protocol: Any, commands: list[tuple[bytes, ...]]) -> Deferred:
+def encode_command(*args: bytes) -> bytes:
+    """One command as Redis reads it (a RESP array of bulk strings)."""
+    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
+
+
+def _send_many_when_connected(protocol: Any, commands: list[bytes]) -> Deferred:
     return protocol.execute_many(commands)
 
 

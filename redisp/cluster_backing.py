@@ -45,6 +45,7 @@ from a node that has since lost the slot is answered but never stored.
 
 from __future__ import annotations
 
+from binascii import crc_hqx
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import Backing, BackingError, BackingReplyError, BackingUnavailable
+from redisp.backing import (
+    Backing,
+    BackingError,
+    BackingReplyError,
+    BackingUnavailable,
+    encode_command,
+)
 from redisp.batching import MAX_BATCH, Done
 from redisp.cluster_map import Address, ClusterTopology, SlotMap, key_slot
 from redisp.config import RedisURL
@@ -61,8 +68,8 @@ from redisp.metrics import Metrics
 
 log = Logger()
 
-#: one command sent in a turn: its slot, its keys, and their ``done``s
-_Sent = tuple[int, list[bytes], list[Done]]
+#: GET <key>, encoded (``% (len(key), key)``)
+_GET = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n"
 
 #: redirections (MOVED, ASK, TRYAGAIN, a retry on a slot's new master)
 #: followed for one key before it fails: a slot that moves more often than
@@ -225,57 +232,86 @@ class ClusterBacking:
             d.addCallbacks(lambda _: self._route(keys, dones, mget), _fail_all, None, None,
                            (dones,))
             return
-        groups: dict[int, tuple[list[bytes], list[Done]]] = {}
+        # one pass: each key to its slot's entry, each new slot's entry to
+        # its master's batch.  A key a slot is the usual case, so an entry
+        # holds a lone key and its done as they are (one list a key, no
+        # more), and becomes lists only when a second key of its slot comes
+        owner = current.master
+        slots: dict[int, list] = {}
+        batches: dict[Address | None, list[list]] = {}
         for key, done in zip(keys, dones):
-            slot = key_slot(key)
-            group = groups.get(slot)
-            if group is None:
-                groups[slot] = ([key], [done])
+            slot = crc_hqx(key, 0) & 0x3FFF if b"{" not in key else key_slot(key)
+            sent = slots.get(slot)
+            if sent is None:
+                sent = slots[slot] = [slot, key, done]
+                address = owner(slot)
+                batch = batches.get(address)
+                if batch is None:
+                    batches[address] = [sent]
+                else:
+                    batch.append(sent)
+            elif sent[1].__class__ is bytes:
+                sent[1] = [sent[1], key]
+                sent[2] = [sent[2], done]
             else:
-                group[0].append(key)
-                group[1].append(done)
-        # per master: the commands of the turn, and what each is for
-        batches: dict[Address | None, tuple[list[tuple[bytes, ...]], list[_Sent]]] = {}
-        master = current.master
-        for slot, (slot_keys, slot_dones) in groups.items():
-            address = master(slot)
-            batch = batches.get(address)
-            if batch is None:
-                batch = batches[address] = ([], [])
-            commands, sent = batch
-            if len(slot_keys) == 1 and not mget:  # the usual case: a slot, a key
-                commands.append((b"GET", slot_keys[0]))
-                sent.append((slot, slot_keys, slot_dones))
+                sent[1].append(key)
+                sent[2].append(done)
+        for address, batch in batches.items():
+            if address is None or (len(batch) == 1 and batch[0][1].__class__ is bytes):
+                for slot, slot_keys, slot_dones in batch:
+                    if slot_keys.__class__ is bytes:
+                        slot_keys, slot_dones = [slot_keys], [slot_dones]
+                    for start in range(0, len(slot_keys), MAX_BATCH):
+                        self._send(slot, slot_keys[start:start + MAX_BATCH],
+                                   slot_dones[start:start + MAX_BATCH], mget, address, 0, False)
                 continue
-            for start in range(0, len(slot_keys), MAX_BATCH):
-                chunk = slot_keys[start:start + MAX_BATCH]
-                commands.append((b"GET", chunk[0]) if len(chunk) == 1 and not mget
-                                else (b"MGET", *chunk))
-                sent.append((slot, chunk, slot_dones[start:start + MAX_BATCH]))
-        for address, (commands, sent) in batches.items():
-            if address is None or len(commands) == 1:
-                for slot, chunk, chunk_dones in sent:
-                    self._send(slot, chunk, chunk_dones, mget, address, 0, False)
-                continue
+            commands: list[bytes] = []
+            split: list[list] = []
+            for sent in batch:
+                slot, slot_keys, slot_dones = sent
+                if slot_keys.__class__ is bytes:
+                    if mget:
+                        commands.append(encode_command(b"MGET", slot_keys))
+                        split.append([slot, [slot_keys], [slot_dones]])
+                    else:
+                        commands.append(_GET % (len(slot_keys), slot_keys))
+                        split.append(sent)
+                    continue
+                for start in range(0, len(slot_keys), MAX_BATCH):
+                    chunk = slot_keys[start:start + MAX_BATCH]
+                    chunk_dones = slot_dones[start:start + MAX_BATCH]
+                    if len(chunk) == 1 and not mget:
+                        commands.append(_GET % (len(chunk[0]), chunk[0]))
+                        split.append([slot, chunk[0], chunk_dones[0]])
+                    else:
+                        commands.append(encode_command(b"MGET", *chunk))
+                        split.append([slot, chunk, chunk_dones])
+            node = self.node(address)
             for start in range(0, len(commands), MAX_BATCH):
-                self.node(address).call_many(commands[start:start + MAX_BATCH]).addBoth(
-                    self._answered_many, sent[start:start + MAX_BATCH], mget, address)
+                node.call_many(commands[start:start + MAX_BATCH]).addBoth(
+                    self._answered_many, split[start:start + MAX_BATCH], mget, address)
 
-    def _answered_many(self, result: Any, sent: list[_Sent], mget: bool,
+    def _answered_many(self, result: Any, split: list[list], mget: bool,
                        address: Address) -> None:
-        """The replies to one master's commands of a turn (``call_many``)."""
+        """The replies to one master's commands of a turn (``call_many``);
+        an entry of ``split`` is ``[slot, key, done]`` for a lone GET, else
+        ``[slot, keys, dones]``."""
         if result.__class__ is Failure:  # the whole batch: timeout, connection …
-            for slot, keys, dones in sent:
+            for slot, keys, dones in split:
+                if keys.__class__ is bytes:
+                    keys, dones = [keys], [dones]
                 self._failed(result, slot, keys, dones, mget, address, 0)
             return
-        for (slot, keys, dones), reply in zip(sent, result):
+        for (slot, keys, dones), reply in zip(split, result):
             if reply.__class__ is BackingReplyError:
                 self._metrics.backing_errors[reply.kind] += 1  # as Backing.call counts it
+                if keys.__class__ is bytes:
+                    keys, dones = [keys], [dones]
                 self._failed(Failure(reply), slot, keys, dones, mget, address, 0)
-            elif reply.__class__ is list:
-                self._answered(reply, slot, keys, dones, mget, address, 0)
+            elif keys.__class__ is bytes:  # a lone GET: the value, or None
+                dones(reply)
             else:
-                dones[0](reply)
+                self._answered(reply, slot, keys, dones, mget, address, 0)
 
     def _send(self, slot: int, keys: list[bytes], dones: list[Done], mget: bool,
               address: Address | None, hops: int, asking: bool) -> None:

@@ -15,6 +15,7 @@ from redisp.backing import (
     BackingReplyError,
     BackingTimeout,
     BackingUnavailable,
+    encode_command,
 )
 from tests.test_backing_timeouts import (
     PONG,
@@ -28,6 +29,10 @@ from tests.test_backing_timeouts import (
 )
 
 WRONGTYPE = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+
+
+def gets(*keys: bytes) -> list[bytes]:
+    return [encode_command(b"GET", key) for key in keys]
 
 
 class Observed:
@@ -47,8 +52,8 @@ def test_every_command_leaves_in_one_write_and_the_replies_come_back_in_order():
     writes: list[bytes] = []
     write = conn.write
     conn.write = lambda data: (writes.append(data), write(data))
-    d = backing.call_many([(b"GET", b"a"), (b"GET", b"b"), (b"MGET", b"c", b"d"),
-                           (b"GET", b"list")])
+    d = backing.call_many([*gets(b"a", b"b"), encode_command(b"MGET", b"c", b"d"),
+                           *gets(b"list")])
     assert writes == [command(b"GET", b"a") + command(b"GET", b"b")
                       + command(b"MGET", b"c", b"d") + command(b"GET", b"list")]
     conn.reply(bulk(b"1") + b"$-1\r\n")
@@ -67,31 +72,31 @@ def test_every_command_leaves_in_one_write_and_the_replies_come_back_in_order():
 def test_a_batch_times_out_as_a_whole_its_late_replies_are_swallowed():
     backing, endpoint, clock, metrics = up()
     conn = endpoint.last
-    d = backing.call_many([(b"GET", b"a"), (b"GET", b"b"), (b"GET", b"c")])
+    d = backing.call_many(gets(b"a", b"b", b"c"))
     conn.reply(bulk(b"1"))
     clock.advance(TIMEOUT)
     error = outcome(d).value
     assert isinstance(error, BackingTimeout) and "timed out after 2s" in str(error)
     assert backing.state == "stalled" and metrics.backing_errors == {"timeout": 1}
-    assert isinstance(outcome(backing.call_many([(b"GET", b"x")])).value, BackingTimeout)
+    assert isinstance(outcome(backing.call_many(gets(b"x"))).value, BackingTimeout)
     assert conn.sent().endswith(b"\r\n" + command(b"PING"))
     conn.reply(bulk(b"2") + bulk(b"3"))  # the late replies, then the probe's
     conn.reply(PONG)
     assert backing.up
-    after = backing.call_many([(b"GET", b"d"), (b"GET", b"e")])
+    after = backing.call_many(gets(b"d", b"e"))
     conn.reply(bulk(b"4") + bulk(b"5"))
     assert outcome(after) == [b"4", b"5"], "later calls get their own replies"
 
 
 def test_a_connection_lost_mid_batch_fails_the_lot_as_unavailable():
     backing, endpoint, clock, metrics = up()
-    d = backing.call_many([(b"GET", b"a"), (b"GET", b"b")])
+    d = backing.call_many(gets(b"a", b"b"))
     endpoint.last.reply(bulk(b"1"))
     endpoint.last.lose()
     error = outcome(d).value
     assert isinstance(error, BackingUnavailable) and "Lost connection" in str(error)
     assert metrics.backing_errors == {"unavailable": 1}
-    waiting = backing.call_many([(b"GET", b"c"), (b"GET", b"d")])
+    waiting = backing.call_many(gets(b"c", b"d"))
     assert outcome(waiting) is None
     clock.advance(RETRY_AT_MOST)
     endpoint.last.sent()
@@ -105,7 +110,7 @@ def test_a_batch_made_before_the_connection_is_ready_waits_for_it():
     backing, endpoint, clock, _ = make()
     backing.start()
     endpoint.last.sent()
-    d = backing.call_many([(b"GET", b"a"), (b"GET", b"b")])
+    d = backing.call_many(gets(b"a", b"b"))
     assert endpoint.last.value() == b""
     endpoint.last.reply(PONG)
     assert endpoint.last.sent() == command(b"GET", b"a") + command(b"GET", b"b")
@@ -117,7 +122,7 @@ def test_a_backing_refusing_connections_fails_a_batch_at_once():
     backing, endpoint, clock, metrics = make()
     endpoint.refuse = True
     backing.start()
-    error = outcome(backing.call_many([(b"GET", b"a"), (b"GET", b"b")])).value
+    error = outcome(backing.call_many(gets(b"a", b"b"))).value
     assert isinstance(error, BackingUnavailable) and "refused" in str(error)
     assert metrics.backing_errors == {"unavailable": 1}
 
@@ -125,17 +130,15 @@ def test_a_backing_refusing_connections_fails_a_batch_at_once():
 def test_a_batch_that_never_connects_times_out():
     backing, endpoint, clock, metrics = make()
     backing.start()
-    d = backing.call_many([(b"GET", b"a"), (b"GET", b"b")])
+    d = backing.call_many(gets(b"a", b"b"))
     clock.advance(TIMEOUT)
     assert isinstance(outcome(d).value, BackingTimeout)
 
 
-def test_arguments_that_are_not_bytes_are_encoded_as_txredisapi_does():
-    backing, endpoint, clock, _ = up()
-    d = backing.call_many([("GET", "é"), (b"GET", b"b")])
-    assert endpoint.last.sent() == command(b"GET", "é".encode()) + command(b"GET", b"b")
-    endpoint.last.reply(bulk(b"1") + bulk(b"2"))
-    assert outcome(d) == [b"1", b"2"]
+def test_commands_are_encoded_as_redis_reads_them():
+    assert encode_command(b"GET", b"k") == command(b"GET", b"k")
+    assert encode_command(b"MGET", b"a", b"\r\n") == \
+        b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$2\r\n\r\n\r\n"
 
 
 def test_running_out_of_memory_while_writing_a_batch_drops_the_connection():
@@ -147,7 +150,7 @@ def test_running_out_of_memory_while_writing_a_batch_drops_the_connection():
         raise MemoryError()
 
     conn.write = no_memory
-    error = outcome(backing.call_many([(b"GET", b"b"), (b"GET", b"c")])).value
+    error = outcome(backing.call_many(gets(b"b", b"c"))).value
     assert isinstance(error, BackingInternalError)
     assert conn.closed, "the byte stream is in an unknown state"
     clock.advance(0)
@@ -157,7 +160,7 @@ def test_running_out_of_memory_while_writing_a_batch_drops_the_connection():
 def test_single_calls_and_batches_share_the_connection_in_order():
     backing, endpoint, clock, _ = up()
     a = backing.call(b"GET", b"a")
-    many = backing.call_many([(b"GET", b"b"), (b"GET", b"c")])
+    many = backing.call_many(gets(b"b", b"c"))
     d = backing.call(b"GET", b"d")
     assert isinstance(many, Deferred)
     endpoint.last.reply(bulk(b"1") + bulk(b"2") + bulk(b"3") + bulk(b"4"))

@@ -41,10 +41,11 @@ class FakeNode:
         return d
 
     def call_many(self, commands):
-        """As Backing.call_many: the commands are recorded (and answered) one
-        by one; an error reply takes its place in the list, any other failure
-        fails the lot."""
-        self.batches.append(list(commands))
+        """As Backing.call_many: the commands (decoded) are recorded and
+        answered one by one; an error reply takes its place in the list, any
+        other failure fails the lot."""
+        commands = [decode_command(c) for c in commands]
+        self.batches.append(commands)
         result = Deferred()
         replies: list = [None] * len(commands)
         left = [len(commands)]
@@ -85,6 +86,14 @@ class FakeNode:
 
     def suspect(self):
         self.suspected += 1
+
+
+def decode_command(data: bytes) -> tuple[bytes, ...]:
+    """The arguments of one ``encode_command`` (no CR LF in them here)."""
+    parts = data.split(b"\r\n")
+    count = int(parts[0][1:])
+    assert len(parts) == 2 * count + 2 and parts[-1] == b"", data
+    return tuple(parts[2:2 * count + 1:2])
 
 
 class FakeTopology:
