@@ -257,7 +257,9 @@ class ClusterBacking:
                 sent[1].append(key)
                 sent[2].append(done)
         for address, batch in batches.items():
-            if address is None or (len(batch) == 1 and batch[0][1].__class__ is bytes):
+            if address is None or (len(batch) == 1 and (batch[0][1].__class__ is bytes
+                                                        or len(batch[0][1]) <= MAX_BATCH)):
+                # one command for this master (or none to send it to): as it is
                 for slot, slot_keys, slot_dones in batch:
                     if slot_keys.__class__ is bytes:
                         slot_keys, slot_dones = [slot_keys], [slot_dones]
