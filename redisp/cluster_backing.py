@@ -10,12 +10,20 @@ and go.
 Batching.  The misses of one reactor turn are grouped by slot, not only by
 master: Redis Cluster refuses an MGET whose keys hash to different slots
 (``-CROSSSLOT``, even when one node serves them all).  So each slot's keys
-leave as one MGET (one GET for a lone key), and the commands for one master
-are all written in the same turn, pipelined on its connection.  With keys
-spread over the 16384 slots a turn rarely has two keys of one slot, so in
-practice these are pipelined GETs; keys sharing a ``{hashtag}`` still share
-an MGET.  As for one server, a nil in an MGET is asked again with GET
-(WRONGTYPE is GET's answer, not MGET's).
+leave as one MGET (one GET for a lone key).  With keys spread over the
+16384 slots a turn rarely has two keys of one slot, so in practice these
+are GETs; keys sharing a ``{hashtag}`` still share an MGET.  The commands of
+the turn for one master leave as one batch (``Backing.call_many``): one
+write, one timeout and one latency observation for the lot, the replies
+gathered into one list, so a GET costs about what a key of an MGET costs,
+where a ``Backing.call`` each (a Deferred, a timeout, a reply-queue slot)
+cost several times the single server's miss.  Each command of a batch keeps
+its own outcome: an error reply (MOVED, ASK, TRYAGAIN, CLUSTERDOWN,
+WRONGTYPE) is that command's, handled as below; a batch that times out or
+loses its connection fails each of its keys as a lone GET would.  A master
+with a single command in the turn gets it as a plain ``call``.  As for one
+server, a nil in an MGET is asked again with GET (WRONGTYPE is GET's
+answer, not MGET's).
 
 Redirections never reach a client.  ``MOVED``: the slot goes to the named
 master at once (``ClusterTopology.moved``, which also has the whole map read
