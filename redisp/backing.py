@@ -207,7 +207,7 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         return reply.addCallback(self.handle_reply)
 
     def execute_many(self, commands: list[bytes]) -> Deferred:
-        """Send several encoded commands (``encode_command``) in one write;
+        """Send several encoded commands (``relay.encode_command``) in one write;
         one Deferred for all their replies.
 
         A command sent alone costs a Deferred, a callback chain and a reply
@@ -473,7 +473,7 @@ class Backing:
         return d
 
     def call_many(self, commands: list[bytes]) -> Deferred:
-        """Send several encoded commands (``encode_command``) in one write,
+        """Send several encoded commands (``relay.encode_command``) in one write,
         under one timeout and one latency observation; fires with their
         replies in order, an error reply as a ``BackingReplyError`` in its
         place (not counted in ``backing_errors``: the caller decides what it
@@ -685,11 +685,6 @@ class Backing:
                 return
             self._troubled = True
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
-
-
-def encode_command(*args: bytes) -> bytes:
-    """One command as Redis reads it (a RESP array of bulk strings)."""
-    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
 
 
 def _send_many_when_connected(protocol: Any, commands: list[bytes]) -> Deferred:

@@ -62,17 +62,12 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import (
-    Backing,
-    BackingError,
-    BackingReplyError,
-    BackingUnavailable,
-    encode_command,
-)
+from redisp.backing import Backing, BackingError, BackingReplyError, BackingUnavailable
 from redisp.batching import MAX_BATCH, Done
 from redisp.cluster_map import Address, ClusterTopology, SlotMap, key_slot
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
+from redisp.relay import encode_command
 
 log = Logger()
 
@@ -281,7 +276,7 @@ class ClusterBacking:
                 slot, slot_keys, slot_dones = sent
                 if slot_keys.__class__ is bytes:
                     if mget:
-                        commands.append(encode_command(b"MGET", slot_keys))
+                        commands.append(encode_command((b"MGET", slot_keys)))
                         split.append([slot, [slot_keys], [slot_dones]])
                     else:
                         commands.append(_GET % (len(slot_keys), slot_keys))
@@ -294,7 +289,7 @@ class ClusterBacking:
                         commands.append(_GET % (len(chunk[0]), chunk[0]))
                         split.append([slot, chunk[0], chunk_dones[0]])
                     else:
-                        commands.append(encode_command(b"MGET", *chunk))
+                        commands.append(encode_command((b"MGET", *chunk)))
                         split.append([slot, chunk, chunk_dones])
             node = self.node(address)
             for start in range(0, len(commands), MAX_BATCH):
