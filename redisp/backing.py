@@ -49,6 +49,7 @@ from redisp.batching import Done, GetBatcher
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
 from redisp.resp import encode_command
+from redisp.sending import can_send_now, send_now
 from redisp.tls import client_endpoint, describe, tcp_transport
 
 log = Logger()
@@ -123,6 +124,10 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
     connection.
     """
 
+    #: whether ``execute_many`` may hand its bytes to the socket at once
+    #: (sending.py), found on its first use: None until then
+    _direct: bool | None = None
+
     def __init__(self) -> None:
         super().__init__(charset=None, convertNumbers=False)
 
@@ -134,6 +139,40 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             if arg.__class__ is not bytes:
                 return super()._build_command(*args, **kwargs)
         return encode_command(args)
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> None:
+        """txredisapi's (hiredis) loop, less the steps this connection never
+        needs (conversion, MULTI bookkeeping, two calls through the reply
+        queue): each reply goes straight to its waiter, and the replies of
+        an ``execute_many`` batch straight into its list, with no call per
+        reply (a batch of GETs has one a key)."""
+        reader = self._reader
+        if data:
+            reader.feed(data)
+        queue = self.replyQueue
+        waiting = queue.waiting
+        reply = reader.gets()
+        while reply is not False:
+            if not waiting:  # nobody waits (never, with a reply per command): txredisapi keeps it
+                queue.put(reply)
+            elif waiting[0].__class__ is not _Replies:
+                waiting.pop(0).callback(reply)
+            else:
+                batch = waiting[0]
+                replies, count = batch.replies, batch.count
+                while True:
+                    if reply.__class__ is txredisapi.ResponseError:
+                        reply = BackingReplyError(str(reply))
+                    replies.append(reply)
+                    if len(replies) == count:
+                        break
+                    reply = reader.gets()
+                    if reply is False:  # the rest in a later read
+                        return
+                waiting.pop(0)
+                if not batch.deferred.called:  # else timed out: the late replies are dropped
+                    batch.deferred.callback(replies)
+            reply = reader.gets()
 
     def connectionLost(self, why: Any) -> None:
         fail_with_tls_reason(self, why)
@@ -165,6 +204,63 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             self.transport.abortConnection()
             raise
         return reply.addCallback(self.handle_reply)
+
+    def execute_many(self, commands: list[bytes]) -> Deferred:
+        """Send several encoded commands (``relay.encode_command``) in one write;
+        one Deferred for all their replies.
+
+        A command sent alone costs a Deferred, a callback chain and a reply
+        queue slot of its own; here one ``_Replies`` stands in the reply
+        queue for them all and fires once with the list of their replies in
+        order (an error reply as a ``BackingReplyError`` in its place).  The
+        connection failing fails the lot; cancelling it (a timeout) leaves
+        the slot in the queue to swallow the late replies, as
+        ``execute_command``'s cancelled slot does.  The bytes go to the
+        socket at once when it is a plain TCP one (sending.py): the write
+        would otherwise wait for the next reactor turn and cost two
+        ``epoll_ctl``.
+        """
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        if self.replyQueue.pending:  # never with a reply per command sent; stay in order anyway
+            raise txredisapi.ConnectionError("reply queue out of step")
+        data = b"".join(commands)
+        replies = _Replies(len(commands))
+        transport = self.transport
+        direct = self._direct
+        if direct is None:
+            direct = self._direct = can_send_now(transport)
+        try:
+            if direct:
+                send_now(transport, data)
+            else:
+                transport.write(data)
+        except BaseException:  # the byte stream is in an unknown state
+            transport.abortConnection()
+            raise
+        self.replyQueue.waiting.append(replies)
+        return replies.deferred
+
+
+class _Replies:
+    """The one reply-queue slot of the commands of an ``execute_many``:
+    ``dataReceived`` fills ``replies`` and fires ``deferred`` (unless it
+    was cancelled: then the replies are only counted off)."""
+
+    __slots__ = ("deferred", "replies", "count")
+
+    def __init__(self, count: int) -> None:
+        self.deferred: Deferred = Deferred()
+        self.replies: list[Any] = []
+        self.count = count
+
+    def callback(self, reply: Any) -> None:
+        """Through the reply queue comes only the connection's failure
+        (txredisapi's ``connectionLost``, ``fail_with_tls_reason``)."""
+        if not self.deferred.called:
+            if not isinstance(reply, Exception):
+                reply = txredisapi.ConnectionError("reply queue out of step")
+            self.deferred.errback(Failure(reply))
 
 
 class TLSConnectionError(txredisapi.ConnectionError):
@@ -375,6 +471,32 @@ class Backing:
         d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
         return d
 
+    def call_many(self, commands: list[bytes]) -> Deferred:
+        """Send several encoded commands (``relay.encode_command``) in one write,
+        under one timeout and one latency observation; fires with their
+        replies in order, an error reply as a ``BackingReplyError`` in its
+        place (not counted in ``backing_errors``: the caller decides what it
+        is); fails as a whole with a BackingError subclass, as ``call``
+        does, never hangs."""
+        protocol = self._live
+        if protocol is not None:
+            try:
+                d = protocol.execute_many(commands)
+            except Exception:  # not connected any more, or out of memory
+                return fail(self._translate(Failure(), protocol))
+        elif self._refusal is not None:
+            kind, text = self._refusal
+            error = kind(text)
+            self._metrics.backing_errors[error.kind] += 1
+            return fail(error)
+        else:  # no connection yet, or it was lost and is being made again
+            d = self._service.whenConnected(failAfterFailures=1)
+            d.addCallbacks(_send_many_when_connected, self._no_connection, (commands,))
+        started = self._clock.seconds()
+        d.addTimeout(self.timeout, self._clock)
+        d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
+        return d
+
     @staticmethod
     def _send_when_connected(protocol: Any, args: tuple[bytes, ...]) -> Deferred:
         return protocol.execute_command(*args)
@@ -562,6 +684,10 @@ class Backing:
                 return
             self._troubled = True
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
+
+
+def _send_many_when_connected(protocol: Any, commands: list[bytes]) -> Deferred:
+    return protocol.execute_many(commands)
 
 
 def _setup_step(protocol: Any, command: tuple[bytes, ...]) -> Deferred:

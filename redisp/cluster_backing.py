@@ -10,12 +10,20 @@ and go.
 Batching.  The misses of one reactor turn are grouped by slot, not only by
 master: Redis Cluster refuses an MGET whose keys hash to different slots
 (``-CROSSSLOT``, even when one node serves them all).  So each slot's keys
-leave as one MGET (one GET for a lone key), and the commands for one master
-are all written in the same turn, pipelined on its connection.  With keys
-spread over the 16384 slots a turn rarely has two keys of one slot, so in
-practice these are pipelined GETs; keys sharing a ``{hashtag}`` still share
-an MGET.  As for one server, a nil in an MGET is asked again with GET
-(WRONGTYPE is GET's answer, not MGET's).
+leave as one MGET (one GET for a lone key).  With keys spread over the
+16384 slots a turn rarely has two keys of one slot, so in practice these
+are GETs; keys sharing a ``{hashtag}`` still share an MGET.  The commands of
+the turn for one master leave as one batch (``Backing.call_many``): one
+write, one timeout and one latency observation for the lot, the replies
+gathered into one list, so a GET costs about what a key of an MGET costs,
+where a ``Backing.call`` each (a Deferred, a timeout, a reply-queue slot)
+cost several times the single server's miss.  Each command of a batch keeps
+its own outcome: an error reply (MOVED, ASK, TRYAGAIN, CLUSTERDOWN,
+WRONGTYPE) is that command's, handled as below; a batch that times out or
+loses its connection fails each of its keys as a lone GET would.  A master
+with a single command in the turn gets it as a plain ``call``.  As for one
+server, a nil in an MGET is asked again with GET (WRONGTYPE is GET's
+answer, not MGET's).
 
 Redirections never reach a client.  ``MOVED``: the slot goes to the named
 master at once (``ClusterTopology.moved``, which also has the whole map read
@@ -45,6 +53,7 @@ from a node that has since lost the slot is answered but never stored.
 
 from __future__ import annotations
 
+from binascii import crc_hqx
 from collections.abc import Callable
 from typing import Any
 
@@ -58,8 +67,12 @@ from redisp.batching import MAX_BATCH, Done
 from redisp.cluster_map import Address, ClusterTopology, SlotMap, key_slot
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
+from redisp.resp import encode_command
 
 log = Logger()
+
+#: GET <key>, encoded (``% (len(key), key)``)
+_GET = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n"
 
 #: redirections (MOVED, ASK, TRYAGAIN, a retry on a slot's new master)
 #: followed for one key before it fails: a slot that moves more often than
@@ -222,20 +235,88 @@ class ClusterBacking:
             d.addCallbacks(lambda _: self._route(keys, dones, mget), _fail_all, None, None,
                            (dones,))
             return
-        groups: dict[int, tuple[list[bytes], list[Done]]] = {}
+        # one pass: each key to its slot's entry, each new slot's entry to
+        # its master's batch.  A key a slot is the usual case, so an entry
+        # holds a lone key and its done as they are (one list a key, no
+        # more), and becomes lists only when a second key of its slot comes
+        owner = current.master
+        slots: dict[int, list] = {}
+        batches: dict[Address | None, list[list]] = {}
         for key, done in zip(keys, dones):
-            slot = key_slot(key)
-            group = groups.get(slot)
-            if group is None:
-                groups[slot] = ([key], [done])
+            slot = crc_hqx(key, 0) & 0x3FFF if b"{" not in key else key_slot(key)
+            sent = slots.get(slot)
+            if sent is None:
+                sent = slots[slot] = [slot, key, done]
+                address = owner(slot)
+                batch = batches.get(address)
+                if batch is None:
+                    batches[address] = [sent]
+                else:
+                    batch.append(sent)
+            elif sent[1].__class__ is bytes:
+                sent[1] = [sent[1], key]
+                sent[2] = [sent[2], done]
             else:
-                group[0].append(key)
-                group[1].append(done)
-        for slot, (slot_keys, slot_dones) in groups.items():
-            for start in range(0, len(slot_keys), MAX_BATCH):
-                self._send(slot, slot_keys[start:start + MAX_BATCH],
-                           slot_dones[start:start + MAX_BATCH], mget, current.master(slot), 0,
-                           False)
+                sent[1].append(key)
+                sent[2].append(done)
+        for address, batch in batches.items():
+            if address is None or (len(batch) == 1 and (batch[0][1].__class__ is bytes
+                                                        or len(batch[0][1]) <= MAX_BATCH)):
+                # one command for this master (or none to send it to): as it is
+                for slot, slot_keys, slot_dones in batch:
+                    if slot_keys.__class__ is bytes:
+                        slot_keys, slot_dones = [slot_keys], [slot_dones]
+                    for start in range(0, len(slot_keys), MAX_BATCH):
+                        self._send(slot, slot_keys[start:start + MAX_BATCH],
+                                   slot_dones[start:start + MAX_BATCH], mget, address, 0, False)
+                continue
+            commands: list[bytes] = []
+            split: list[list] = []
+            for sent in batch:
+                slot, slot_keys, slot_dones = sent
+                if slot_keys.__class__ is bytes:
+                    if mget:
+                        commands.append(encode_command((b"MGET", slot_keys)))
+                        split.append([slot, [slot_keys], [slot_dones]])
+                    else:
+                        commands.append(_GET % (len(slot_keys), slot_keys))
+                        split.append(sent)
+                    continue
+                for start in range(0, len(slot_keys), MAX_BATCH):
+                    chunk = slot_keys[start:start + MAX_BATCH]
+                    chunk_dones = slot_dones[start:start + MAX_BATCH]
+                    if len(chunk) == 1 and not mget:
+                        commands.append(_GET % (len(chunk[0]), chunk[0]))
+                        split.append([slot, chunk[0], chunk_dones[0]])
+                    else:
+                        commands.append(encode_command((b"MGET", *chunk)))
+                        split.append([slot, chunk, chunk_dones])
+            node = self.node(address)
+            for start in range(0, len(commands), MAX_BATCH):
+                node.call_many(commands[start:start + MAX_BATCH]).addBoth(
+                    self._answered_many, split[start:start + MAX_BATCH], mget, address)
+
+    def _answered_many(self, result: Any, split: list[list], mget: bool,
+                       address: Address) -> None:
+        """The replies to one master's commands of a turn (``call_many``);
+        an entry of ``split`` is ``[slot, key, done]`` for a lone GET, else
+        ``[slot, keys, dones]``."""
+        if result.__class__ is Failure:  # the whole batch: timeout, connection …
+            for slot, keys, dones in split:
+                if keys.__class__ is bytes:
+                    keys, dones = [keys], [dones]
+                self._failed(result, slot, keys, dones, mget, address, 0)
+            return
+        for (slot, keys, dones), reply in zip(split, result):
+            if reply.__class__ is BackingReplyError:
+                self._metrics.backing_errors[reply.kind] += 1  # as Backing.call counts it
+                if keys.__class__ is bytes:
+                    keys, dones = [keys], [dones]
+                self._failed(Failure(reply), slot, keys, dones, mget, address, 0)
+            elif keys.__class__ is bytes:  # a lone GET: the value, or None
+                dones(reply)
+            else:
+                self._answered(reply, slot, keys, dones, mget, address, 0)
 
     def _send(self, slot: int, keys: list[bytes], dones: list[Done], mget: bool,
               address: Address | None, hops: int, asking: bool) -> None:

@@ -173,3 +173,46 @@ def test_a_slot_migrated_while_served_gives_no_wrong_answer(redis_cluster, start
     # and back, so the cluster is as other tests expect it
     redis_cluster.migrate_slot(slot, source[1])
     assert (yield in_thread(read_all)) == (expected, expected, expected)
+
+
+@inline
+def test_a_pipeline_of_misses_over_many_slots_is_answered_as_one_server_would(
+        redis_cluster, start_proxy):
+    """A turn's misses go to each master as one batch of GETs: values,
+    absent keys and WRONGTYPE each in their place, also when one slot of
+    the batch has moved to another master since redisp read the map."""
+    writer = redis_cluster.cluster_client()
+    keys = [f"batch:{i}".encode() for i in range(60)]
+    for key in keys:
+        writer.set(key, b"v-" + key)
+    writer.delete("batch:absent", "batch:list")
+    writer.rpush("batch:list", "x")
+    p = cluster_proxy(start_proxy, redis_cluster, capacity=0, concurrency=64)
+    yield ready(p)
+    asked = [*keys[:30], b"batch:absent", b"batch:list", *keys[30:]]
+
+    def pipelined():
+        pipe = p.redis_py().pipeline(transaction=False)
+        for key in asked:
+            pipe.get(key)
+        return pipe.execute(raise_on_error=False)
+
+    def check(replies):
+        assert replies[:30] == [b"v-" + k for k in keys[:30]]
+        assert replies[30] is None
+        assert "WRONGTYPE" in str(replies[31])
+        assert replies[32:] == [b"v-" + k for k in keys[30:]]
+
+    check((yield in_thread(pipelined)))
+    moving = keys[7]
+    slot = key_slot(moving)
+    source = redis_cluster.node_for(moving)
+    target = next(m for m in redis_cluster.masters() if m != source)
+    moved = p.proxy.metrics.cluster_moved
+    redis_cluster.migrate_slot(slot, target[1])
+    try:
+        check((yield in_thread(pipelined)))
+        assert p.proxy.metrics.cluster_moved > moved  # redisp's map still had the source
+    finally:
+        redis_cluster.migrate_slot(slot, source[1])
+    check((yield in_thread(pipelined)))

@@ -28,6 +28,7 @@ class FakeNode:
         self.address = address
         self.sent: list[tuple[bytes, ...]] = []
         self.pending: list[Deferred] = []
+        self.batches: list[list[tuple[bytes, ...]]] = []  # the commands of each call_many
         self.up = True
         self.state = "up"
         self.started = self.stopped = False
@@ -38,6 +39,33 @@ class FakeNode:
         d = Deferred()
         self.pending.append(d)
         return d
+
+    def call_many(self, commands):
+        """As Backing.call_many: the commands (decoded) are recorded and
+        answered one by one; an error reply takes its place in the list, any
+        other failure fails the lot."""
+        commands = [decode_command(c) for c in commands]
+        self.batches.append(commands)
+        result = Deferred()
+        replies: list = [None] * len(commands)
+        left = [len(commands)]
+
+        def got(value, index):
+            if result.called:
+                return
+            if isinstance(value, Failure):
+                if not value.check(BackingReplyError):
+                    result.errback(value)
+                    return
+                value = value.value
+            replies[index] = value
+            left[0] -= 1
+            if not left[0]:
+                result.callback(replies)
+
+        for index, command in enumerate(commands):
+            self.call(*command).addBoth(got, index)
+        return result
 
     def ping(self):
         return self.call(b"PING")
@@ -58,6 +86,14 @@ class FakeNode:
 
     def suspect(self):
         self.suspected += 1
+
+
+def decode_command(data: bytes) -> tuple[bytes, ...]:
+    """The arguments of one ``encode_command`` (no CR LF in them here)."""
+    parts = data.split(b"\r\n")
+    count = int(parts[0][1:])
+    assert len(parts) == 2 * count + 2 and parts[-1] == b"", data
+    return tuple(parts[2:2 * count + 1:2])
 
 
 class FakeTopology:
@@ -456,3 +492,119 @@ def test_clusterdown_is_unavailable_and_has_the_map_read_again():
     assert got[0].check(BackingUnavailable)
     assert str(got[0].value) == "backing redis unavailable (CLUSTERDOWN The cluster is down)"
     assert topology.refreshes == 1
+
+
+# -- one master's commands of a turn: one call_many ----------------------------------------
+
+
+def keys_on(address, current, count, prefix="k"):
+    """``count`` keys of ``address``, each in a slot of its own."""
+    found: list[bytes] = []
+    for i in range(100000):
+        key = f"{prefix}{i}".encode()
+        if current.master(key_slot(key)) == address and \
+                key_slot(key) not in {key_slot(k) for k in found}:
+            found.append(key)
+            if len(found) == count:
+                return found
+    raise AssertionError
+
+
+def test_one_masters_commands_of_a_turn_go_as_one_batch_a_lone_one_as_a_call():
+    """Every command for one master in the turn goes in one ``call_many``
+    (one write, one timeout): a GET per slot, an MGET for keys sharing a
+    hashtag; a master with a single command gets a plain ``call``."""
+    clock, topology, backing, nodes = setup()
+    tag = [b"{user1}a", b"{user1}b"]
+    busy = topology.map.master(key_slot(b"user1"))
+    spread = keys_on(busy, topology.map, 3)
+    other = next(a for a in (A, B, C) if a != busy)
+    alone = key_on(other, topology.map)
+    got = {key: fetch(backing, key) for key in [spread[0], *tag, *spread[1:], alone]}
+    clock.advance(0)
+    assert nodes[busy].batches == [[(b"GET", spread[0]), (b"MGET", *tag),
+                                    (b"GET", spread[1]), (b"GET", spread[2])]]
+    assert nodes[other].batches == [] and nodes[other].sent == [(b"GET", alone)]
+    for node in nodes.values():
+        while node.pending:
+            args = node.sent[len(node.sent) - len(node.pending)]
+            node.answer([k.upper() for k in args[1:]] if args[0] == b"MGET" else args[1] * 2)
+    assert all(got[k] == [k * 2] for k in [*spread, alone])
+    assert got[tag[0]] == [tag[0].upper()] and got[tag[1]] == [tag[1].upper()]
+
+
+def test_a_redirection_in_a_batch_is_followed_for_its_keys_only():
+    clock, topology, backing, nodes = setup()
+    a, b = keys_on(A, topology.map, 2)
+    metrics = backing._metrics
+    ra, rb = fetch(backing, a), fetch(backing, b)
+    clock.advance(0)
+    assert nodes[A].batches == [[(b"GET", a), (b"GET", b)]]
+    nodes[A].answer(BackingReplyError(f"MOVED {key_slot(a)} 10.0.0.2:7000"))
+    nodes[A].answer(b"vb")
+    assert rb == [b"vb"] and ra == []
+    assert topology.moves == [(key_slot(a), B)] and nodes[B].sent == [(b"GET", a)]
+    assert metrics.backing_errors == {"reply": 1}  # as a lone GET's MOVED is counted
+    nodes[B].answer(b"va")
+    assert ra == [b"va"]
+
+
+def test_an_error_reply_in_a_batch_is_that_keys_failure():
+    clock, topology, backing, nodes = setup()
+    a, b = keys_on(A, topology.map, 2)
+    ra, rb = fetch(backing, a), fetch(backing, b)
+    clock.advance(0)
+    nodes[A].answer(b"va")
+    nodes[A].answer(BackingReplyError("WRONGTYPE Operation against a key holding the wrong"))
+    assert ra == [b"va"] and rb[0].check(BackingReplyError)
+    assert str(rb[0].value).startswith("WRONGTYPE")
+
+
+def test_clusterdown_in_a_batch_is_unavailable():
+    clock, topology, backing, nodes = setup()
+    a, b = keys_on(A, topology.map, 2)
+    ra, rb = fetch(backing, a), fetch(backing, b)
+    clock.advance(0)
+    for _ in range(2):
+        nodes[A].answer(BackingReplyError("CLUSTERDOWN The cluster is down"))
+    assert ra[0].check(BackingUnavailable) and rb[0].check(BackingUnavailable)
+    errors = backing._metrics.backing_errors
+    assert errors["unavailable"] == 2 and not errors["reply"]
+    assert topology.refreshes == 1
+
+
+def test_a_batch_that_times_out_fails_each_key_as_a_timeout():
+    clock, topology, backing, nodes = setup()
+    keys = keys_on(A, topology.map, 3)
+    got = [fetch(backing, k) for k in keys]
+    clock.advance(0)
+    error = BackingTimeout("backing redis timed out after 1s")
+    nodes[A].answer(error)
+    assert all(g[0].value is error for g in got) and topology.refreshes == 0
+
+
+def test_a_batch_failed_on_a_master_since_replaced_goes_to_the_new_one():
+    clock, topology, backing, nodes = setup()
+    keys = keys_on(A, topology.map, 2)
+    got = [fetch(backing, k) for k in keys]
+    clock.advance(0)
+    promoted_address = ("10.0.0.4", 7000)
+    topology.install(SlotMap.from_ranges({promoted_address: [(0, 5460)], B: [(5461, 10922)],
+                                          C: [(10923, SLOTS - 1)]}))
+    nodes[A].answer(BackingUnavailable("backing redis unavailable (connection lost)"))
+    promoted = nodes[promoted_address]
+    assert sorted(promoted.sent) == sorted([(b"GET", k) for k in keys])
+    promoted.answer(b"1")
+    promoted.answer(b"2")
+    assert sorted(g[0] for g in got) == [b"1", b"2"]
+
+
+def test_a_huge_turn_on_one_master_is_split_into_batches():
+    clock, topology, backing, nodes = setup(SlotMap.from_ranges({A: [(0, SLOTS - 1)]}))
+    keys = [b"k%d" % i for i in range(2000)]
+    slots = len({key_slot(k) for k in keys})
+    for key in keys:
+        fetch(backing, key)
+    clock.advance(0)
+    sizes = [len(batch) for batch in nodes[A].batches]
+    assert sum(sizes) == slots and max(sizes) == MAX_BATCH
