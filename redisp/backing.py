@@ -452,36 +452,25 @@ class Backing:
 
     def call(self, *args: bytes) -> Deferred:
         """Send one command; fails with a BackingError subclass, never hangs."""
-        protocol = self._live
-        if protocol is not None:
-            try:
-                d = protocol.execute_command(*args)
-            except Exception:  # not connected any more, or out of memory
-                return fail(self._translate(Failure(), protocol))
-        elif self._refusal is not None:
-            kind, text = self._refusal
-            error = kind(text)
-            self._metrics.backing_errors[error.kind] += 1
-            return fail(error)
-        else:  # no connection yet, or it was lost and is being made again
-            d = self._service.whenConnected(failAfterFailures=1)
-            d.addCallbacks(self._send_when_connected, self._no_connection, (args,))
-        started = self._clock.seconds()
-        d.addTimeout(self.timeout, self._clock)
-        d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
-        return d
+        return self._send(_execute_command, args)
 
     def call_many(self, commands: list[bytes]) -> Deferred:
-        """Send several encoded commands (``relay.encode_command``) in one write,
+        """Send several encoded commands (``resp.encode_command``) in one write,
         under one timeout and one latency observation; fires with their
         replies in order, an error reply as a ``BackingReplyError`` in its
         place (not counted in ``backing_errors``: the caller decides what it
         is); fails as a whole with a BackingError subclass, as ``call``
         does, never hangs."""
+        return self._send(_execute_many, commands)
+
+    def _send(self, execute: Callable[[Any, Any], Deferred], payload: Any) -> Deferred:
+        """``execute(protocol, payload)`` on the live connection, or once one
+        is made, or a failure at once while calls are refused; under the
+        timeout, observed, errors translated."""
         protocol = self._live
         if protocol is not None:
             try:
-                d = protocol.execute_many(commands)
+                d = execute(protocol, payload)
             except Exception:  # not connected any more, or out of memory
                 return fail(self._translate(Failure(), protocol))
         elif self._refusal is not None:
@@ -491,15 +480,11 @@ class Backing:
             return fail(error)
         else:  # no connection yet, or it was lost and is being made again
             d = self._service.whenConnected(failAfterFailures=1)
-            d.addCallbacks(_send_many_when_connected, self._no_connection, (commands,))
+            d.addCallbacks(execute, self._no_connection, (payload,))
         started = self._clock.seconds()
         d.addTimeout(self.timeout, self._clock)
         d.addCallbacks(self._observe, self._translate, (started,), None, (protocol,))
         return d
-
-    @staticmethod
-    def _send_when_connected(protocol: Any, args: tuple[bytes, ...]) -> Deferred:
-        return protocol.execute_command(*args)
 
     def _no_connection(self, failure: Failure) -> Failure:
         if failure.check(DeferredTimeout):  # the new connection did not answer PING
@@ -686,7 +671,11 @@ class Backing:
             log.warn("backing redis {url} connection lost; reconnecting", url=self.url.redacted())
 
 
-def _send_many_when_connected(protocol: Any, commands: list[bytes]) -> Deferred:
+def _execute_command(protocol: Any, args: tuple[bytes, ...]) -> Deferred:
+    return protocol.execute_command(*args)
+
+
+def _execute_many(protocol: Any, commands: list[bytes]) -> Deferred:
     return protocol.execute_many(commands)
 
 

@@ -437,7 +437,7 @@ class Forwarder:
         count = len(packet.requests)
         if session.gone:
             # SPEC §4: work for a client that has left is dropped at the gate
-            self._packet_pool_done(session, count)
+            self._pool_done(session, count)
             self._gate.leave(count)
             packet.result._settled((b"", {"other": count}))
             return
@@ -478,7 +478,7 @@ class Forwarder:
         if dropped:
             self._metrics.write_invalidations += dropped
         count = len(frames)
-        self._packet_pool_done(packet.session, count)
+        self._pool_done(packet.session, count)
         self._gate.leave(count)
         if not failed:
             outcomes = {"forwarded": count}
@@ -487,18 +487,6 @@ class Forwarder:
         else:
             outcomes = {"forwarded": count - failed, "backing_error": failed}
         packet.result._settled((b"".join(frames), outcomes))
-
-    def _packet_pool_done(self, session: Any, count: int) -> None:
-        """``_pool_done`` for ``count`` commands at once."""
-        session.forwarding -= count
-        left = self._pooled[session] - count
-        if left:
-            self._pooled[session] = left
-        else:
-            del self._pooled[session]
-            pin = session.pin
-            if pin is not None:
-                _unpark(pin)
 
     def _pin(self, session: Any, resp3: bool) -> Pin:
         pin = Pin(self._default_db)
@@ -638,10 +626,10 @@ class Forwarder:
         else:
             send()
 
-    def _pool_done(self, session: Any) -> None:
-        """A command of ``session`` on the shared pool is answered (or dropped)."""
-        session.forwarding -= 1
-        left = self._pooled[session] - 1
+    def _pool_done(self, session: Any, count: int = 1) -> None:
+        """``count`` commands of ``session`` on the shared pool are answered (or dropped)."""
+        session.forwarding -= count
+        left = self._pooled[session] - count
         if left:
             self._pooled[session] = left
         else:

@@ -21,7 +21,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import STARTUP_LIMIT, RedisServer, free_port, read_until, redis_server_binary
+from tests.support import (
+    STARTUP_LIMIT,
+    RedisServer,
+    free_port,
+    read_until,
+    redis_server_binary,
+    stop_process,
+)
 
 SERVICE = "redisp-test"
 PASSWORD = "s3ntinel-test-pw"
@@ -77,11 +84,7 @@ class Sentinel:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=STARTUP_LIMIT)
-            self.proc.stdout.close()
-            self.proc = None
+        self.proc = stop_process(self.proc)
 
     def client(self):
         import redis

@@ -53,6 +53,16 @@ def read_until(proc: subprocess.Popen, marker: bytes, limit: float = STARTUP_LIM
     return seen
 
 
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Stop a server this process started (by its own handle), and close its
+    output pipe; returns None for the caller to forget the handle."""
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=STARTUP_LIMIT)
+        proc.stdout.close()
+    return None
+
+
 class RedisServer:
     """A throwaway redis-server on 127.0.0.1, stopped by PID."""
 
@@ -72,11 +82,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=STARTUP_LIMIT)
-            self.proc.stdout.close()
-            self.proc = None
+        self.proc = stop_process(self.proc)
 
     def client(self):
         import redis
