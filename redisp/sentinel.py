@@ -39,7 +39,6 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -51,7 +50,7 @@ from redisp.config import RedisURL
 from redisp.frames import ErrorReply, FrameError, FrameScanner, decode
 from redisp.relay import RelayProtocol
 from redisp.resp import encode_command
-from redisp.tls import client_endpoint
+from redisp.tls import ConnectFailure, client_endpoint
 
 log = Logger()
 
@@ -81,15 +80,8 @@ MAX_BACKOFF = 1.0
 LEFT_GRACE = 5.0
 
 
-class SentinelUnavailable(ConnectError):
+class SentinelUnavailable(ConnectFailure):
     """No master could be had from the Sentinels; ``str()`` says why, in one line."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(string=reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 class NotMaster(SentinelUnavailable):

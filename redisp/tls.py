@@ -56,8 +56,10 @@ _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
 
 
-class TLSFailure(ConnectError):
-    """A TLS handshake that did not complete; ``str()`` is the one-line reason."""
+class ConnectFailure(ConnectError):
+    """A backing connection that could not be had, for a reason of redisp's
+    own (not the socket's); ``str()`` is that one-line reason, as it goes
+    into replies and logs."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(string=reason)
@@ -65,6 +67,10 @@ class TLSFailure(ConnectError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class TLSFailure(ConnectFailure):
+    """A TLS handshake that did not complete."""
 
 
 def describe(reason: Failure | BaseException, host: str | None = None) -> str | None:
