@@ -47,8 +47,8 @@ ensure_tools() {
 # ensure_redisp: a venv with redisp whose twistd plugin loads (reinstalled when redisp._lru,
 # the cache's C table, is not built yet: the memory and scale rows measure it)
 ensure_redisp() {
-  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted, redisp._lru' 2>/dev/null; then
-    ensure_venv
+  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted, redisp._lru, redis' 2>/dev/null; then
+    ensure_venv bench
   fi
   local out
   out=$(cd "$TMP" && "$VENV/bin/twistd" -n --pidfile= redisp --help 2>&1) \
