@@ -22,8 +22,11 @@ client is disconnected, as Redis does past its output buffer limits.
 Timeouts cost nothing per packet: one timer per connection, armed when there
 is something to time (a request begun, a TLS handshake, ``client_timeout``),
 finds out when it fires whether there was progress, and re-arms itself.
-The usual path through ``dataReceived`` checks one flag, ``_detour``, for
-every unusual state (closing, requests held, an idle probe armed).
+A connection's lifecycle is one field, ``_state`` (``Lifecycle``: open,
+closing, closed, lost).  The usual path through ``dataReceived`` tests one
+attribute, ``_detour``: True whenever the connection is in any unusual
+condition (``RespProtocol._unusual``: not open, requests held, reading
+blocked, an idle probe armed).
 A client that disconnects takes its requests still waiting at the gate with
 it (``gate.Owner``).
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from enum import IntEnum
 from functools import partial
 from typing import Any
 
@@ -95,6 +99,18 @@ _RESP_HIT = (DOOR, HIT)  # metrics keys, built once
 _RESP_MISS = (DOOR, MISS)
 
 
+class Lifecycle(IntEnum):
+    """Where a connection is in its life; it only moves forward."""
+
+    OPEN = 0  #: requests are read and run
+    CLOSING = 1  #: QUIT, a protocol error, hang_up: no more requests; close once flushed
+    CLOSED = 2  #: the transport is told to close (or refused at connectionMade)
+    LOST = 3  #: gone: nothing more is sent or run
+
+
+OPEN, CLOSING, CLOSED, LOST = Lifecycle  # one global lookup on the paths that test them
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class RespProtocol(Protocol):
     """One client connection of the RESP door."""
@@ -133,12 +149,15 @@ class RespProtocol(Protocol):
         self._held: deque[list[bytes] | tuple[bytes, ...] | ProtocolError] = deque()
         self._queued = 0  # bytes of ready replies waiting in _pending
         self._high = min(HIGH_WATER, config.max_client_buffer)
-        self._detour = False  # any unusual state (see dataReceived)
-        self._dispatching = False  # inside dataReceived: write once, at its end
-        self._closing = False  # QUIT or protocol error: no more requests, close when flushed
-        self._lost = False
-        self._direct = False  # see _send
-        self._flush_due = False  # a late reply is ready; the factory flushes at turn's end
+        self._state = OPEN
+        # True whenever _unusual() is: set where one of its terms may have
+        # become true, recomputed (and cleared) only by _update_flow
+        self._detour = False
+        # replies that settle now are written without asking: dispatching
+        # (written at its end), or the factory's flush_later is due
+        self._flush_coming = False
+        # how replies are written, chosen once, at connectionMade
+        self._send: Callable[[bytes], None] = self._write
         self._w = _Watch(config)
 
     # -- connection ------------------------------------------------------------
@@ -146,17 +165,11 @@ class RespProtocol(Protocol):
     def connectionMade(self) -> None:
         if not self.factory.slots.acquire():
             # like Redis: say why, then hang up; the slot was never taken
-            self._closing = self._w.closed = self._detour = True
-            self.transport.write(MAX_CLIENTS_REPLY)
-            self.transport.loseConnection()
-            return
+            return self._refuse(MAX_CLIENTS_REPLY)
         self._w.admitted = True
         if self.factory.auth.refuses(self.transport.getPeer()):
             # protected mode (SPEC §8), as Redis: say why, then hang up
-            self._closing = self._w.closed = self._detour = True
-            self.transport.write(DENIED)
-            self.transport.loseConnection()
-            return
+            return self._refuse(DENIED)
         session = self._session
         session.created = self.factory.clock.seconds()
         session.addresses = (self.transport.getPeer(), self.transport.getHost())
@@ -165,7 +178,12 @@ class RespProtocol(Protocol):
         if ITCPTransport.providedBy(self.transport):
             # replies are written whole; never hold one back for Nagle
             self.transport.setTcpNoDelay(True)
-            self._direct = can_send_now(self.transport)
+            if can_send_now(self.transport):
+                # sent at once when nothing is queued (sending.py).  Replies
+                # settling later (misses) are sent once per reactor turn
+                # through the factory's flush_later, so those of one turn
+                # share a send (see bench/NOTES-perf.md, "What changed and why")
+                self._send = partial(send_now, self.transport)
         unbuffer(self.transport)  # TLS: replies reach the cipher this turn (sending.py)
         self.transport.registerProducer(self, True)
         if self._w.client_timeout or self._w.request_timeout:
@@ -177,8 +195,20 @@ class RespProtocol(Protocol):
                 self._arm(self._w.handshake_deadline, now)
             if self._w.client_timeout:
                 self._w.idle_since = now
-                self._w.probe = self._detour = True
+                self._probe()
                 self._arm(now + self._w.client_timeout / IDLE_CHECKS, now)
+
+    def _refuse(self, reply: bytes) -> None:
+        """Say why, then hang up, before anything is read."""
+        self._enter(CLOSED)
+        self.transport.write(reply)
+        self.transport.loseConnection()
+
+    def _enter(self, state: Lifecycle) -> None:
+        """Move the lifecycle on (never back); any state past OPEN is unusual."""
+        if state > self._state:
+            self._state = state
+            self._detour = True
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done (IHandshakeListener)."""
@@ -186,7 +216,7 @@ class RespProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Replies still owed are dropped; their Deferreds settle into
-        # _answered, which sees _lost and writes nothing.  Requests still
+        # _answered, which sees LOST and writes nothing.  Requests still
         # waiting at the gate are dropped unrun.
         self._forget()
         if self._w.admitted:
@@ -195,7 +225,7 @@ class RespProtocol(Protocol):
 
     def _forget(self) -> None:
         """Nothing more is sent or run for this client."""
-        self._lost = self._closing = self._detour = True
+        self._enter(LOST)
         self._owner.gone = True
         self._pending.clear()
         self._out.clear()
@@ -209,9 +239,8 @@ class RespProtocol(Protocol):
 
     def _abort(self) -> None:
         """Drop the client now, whatever it is owed (as Redis frees a client)."""
-        if self._lost:
+        if self._state is LOST:
             return
-        self._w.closed = True
         self._forget()
         self.transport.abortConnection()
 
@@ -222,7 +251,8 @@ class RespProtocol(Protocol):
             return
         parser = self._parser
         keys = parser.only_gets(data) if parser.idle and self._session.plain else None
-        self._dispatching = True
+        coming = self._flush_coming
+        self._flush_coming = True
         try:
             if keys is not None:
                 self._run_gets(keys)
@@ -235,10 +265,10 @@ class RespProtocol(Protocol):
                 if requests is None:
                     requests = self._parse(data)
                 ran = self._run(requests)
-                if ran < len(requests) and not self._closing:
+                if ran < len(requests) and self._state is OPEN:
                     self._hold(requests[ran:])
         finally:
-            self._dispatching = False
+            self._flush_coming = coming
         self._flush()
         if self._detour or len(self._pending) > MAX_PENDING:
             self._pump()
@@ -246,10 +276,10 @@ class RespProtocol(Protocol):
     def _detoured(self, data: bytes) -> bool:
         """The packet in an unusual state; True when it has been dealt with.
 
-        Closing: ignored.  Requests held back, or the client not reading:
+        Past OPEN: ignored.  Requests held back, or the client not reading:
         parsed and held, in order.  Otherwise (an idle probe) on its way.
         """
-        if self._closing:
+        if self._state is not OPEN:
             return True
         self._w.probe = False  # input: the client is not idle
         self._update_flow()
@@ -353,7 +383,7 @@ class RespProtocol(Protocol):
         if keys:
             self._held.appendleft(tuple(keys))
             self._w.held_bytes += sum(map(len, keys)) + 20 * len(keys)  # ~ *2 $3 GET $n
-            self._detour = True
+            self._detour = True  # requests held
 
     def _hold(self, requests: list) -> None:
         """Parsed requests not run yet go last in line."""
@@ -361,7 +391,7 @@ class RespProtocol(Protocol):
         self._w.held_bytes += sum(
             sum(map(len, argv)) + 8 * len(argv) for argv in requests if argv.__class__ is list
         )
-        self._detour = True
+        self._detour = True  # requests held
 
     def _read_packet(
         self, slot: list[bytes | Chunked | None], encoder: Encoder, results: list, hits: int
@@ -414,7 +444,6 @@ class RespProtocol(Protocol):
             ran += 1
             if argv.__class__ is not list:
                 self._protocol_error(argv)  # type: ignore[arg-type]
-                self._detour = True
                 break
             try:
                 result = execute(session, argv)
@@ -437,7 +466,7 @@ class RespProtocol(Protocol):
                 slot = [None]
                 pending.append(slot)
                 result.when(partial(self._forwarded, slot))  # type: ignore[union-attr]
-                if len(pending) > MAX_PENDING or self._lost:  # lost: over its limit
+                if len(pending) > MAX_PENDING or self._state is LOST:  # over its limit
                     break
             else:
                 slot = [None]
@@ -445,10 +474,10 @@ class RespProtocol(Protocol):
                 d: Deferred = result  # type: ignore[assignment]
                 d.addCallbacks(self._answered, self._crashed, (slot,), None, (slot,))
                 d.addErrback(self._log_failure)
-                if len(pending) > MAX_PENDING or self._lost:  # lost: over its limit
+                if len(pending) > MAX_PENDING or self._state is LOST:  # over its limit
                     break
             if session.closing:  # QUIT: later requests are not run, as in Redis
-                self._closing = self._detour = True
+                self._enter(CLOSING)
                 break
         return ran
 
@@ -482,14 +511,12 @@ class RespProtocol(Protocol):
         commands are still unanswered: it goes before their replies, which
         Redis sends after it (they are the last ``owed`` replies still
         owed), and after everything else."""
-        if self._lost:
+        if self._state is LOST:
             return
         pending = self._pending
         if not pending:
             self._out.append(frame)
-            if not (self._dispatching or self._flush_due):
-                self._flush_due = True
-                self.factory.flush_later(self)
+            self._flush_soon()
             return
         slot: list[bytes | Chunked | None] = [None]
         i = len(pending)
@@ -513,8 +540,8 @@ class RespProtocol(Protocol):
         """Read no more requests; close once the replies owed are written.
         As if Redis had closed the client's connection: its pinned
         connection was lost, and the state with it (SUBSCRIBE, MULTI)."""
-        if not (self._lost or self._closing):
-            self._closing = True
+        if self._state is OPEN:
+            self._enter(CLOSING)
             self._flush()
 
     def _protocol_error(self, problem: ProtocolError) -> None:
@@ -535,7 +562,7 @@ class RespProtocol(Protocol):
             self._queue(reply)
         else:
             self._out.append(reply)
-        self._closing = True
+        self._enter(CLOSING)
 
     def _queue(self, reply: bytes | Chunked) -> None:
         """A reply ready now that must wait in _pending (behind an owed one, or
@@ -543,8 +570,14 @@ class RespProtocol(Protocol):
         self._pending.append([reply])
         self._queued += len(reply)
         if self._queued > self._high:
-            self._detour = True
-            self._over_limit()
+            self._over_high()
+
+    def _over_high(self) -> bool:
+        """More than the high-water mark of replies waits here: an unusual
+        condition (reading and running stop in _update_flow), and maybe past
+        ``max_client_buffer``; True if the client was dropped for it."""
+        self._detour = True
+        return self._over_limit()
 
     def _answered(self, result: tuple[bytes | Chunked, str], slot: list) -> None:
         self._metrics.requests[DOOR, result[1]] += 1
@@ -555,22 +588,26 @@ class RespProtocol(Protocol):
         self._fill(slot, result[0])
 
     def _fill(self, slot: list[bytes | Chunked | None], reply: bytes | Chunked) -> None:
-        if self._lost:
+        if self._state is LOST:
             return
         slot[0] = reply
         self._queued += len(reply)
-        if self._queued > self._high:
-            self._detour = True
-            if self._over_limit():
-                return
-        if not (self._dispatching or self._flush_due):
-            # the replies settling in one reactor turn leave in one send
-            self._flush_due = True
+        if self._queued > self._high and self._over_high():
+            return
+        if not self._flush_coming:  # _flush_soon, inlined: every late reply passes here
+            self._flush_coming = True
+            self.factory.flush_later(self)
+
+    def _flush_soon(self) -> None:
+        """A reply is ready outside dispatching: the replies settling in one
+        reactor turn leave in one send, at its end."""
+        if not self._flush_coming:
+            self._flush_coming = True
             self.factory.flush_later(self)
 
     def flush_late(self) -> None:
         """Write the replies that settled after ``dataReceived`` (misses)."""
-        self._flush_due = False
+        self._flush_coming = False
         self._flush()
         if self._detour:
             self._pump()
@@ -587,7 +624,7 @@ class RespProtocol(Protocol):
     def _flush(self) -> None:
         """Write every reply that is ready and has no owed reply before it,
         while the client keeps reading."""
-        if self._lost:
+        if self._state is LOST:
             return
         send = self._send
         pending = self._pending
@@ -597,7 +634,7 @@ class RespProtocol(Protocol):
         if out:
             send(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if not pending and self._closing:
+        if not pending and self._state is not OPEN:
             self._close()
 
     def _flush_pending(self, send: Callable[[bytes], None]) -> None:
@@ -628,29 +665,22 @@ class RespProtocol(Protocol):
             # buffered writes, one chunk a time: the transport pauses us
             # after each (CHUNK is past its buffer size) until the client
             # has read it, and the reactor serves other clients meanwhile
-            while large.left and not self._w.consumer_paused and not self._lost:
+            while large.left and not self._w.consumer_paused and self._state is not LOST:
                 chunk = large.take(CHUNK)
                 self._queued -= len(chunk)
                 self.transport.write(chunk)
-            if large.left or self._lost:
+            if large.left or self._state is LOST:
                 return
             pending.popleft()
 
-    def _send(self, data: bytes) -> None:
-        """``transport.write(data)``, sent at once when nothing is queued
-        (sending.py).  Replies settling later (misses) come here once per
-        reactor turn through the factory's ``flush_later``, so those of one
-        turn share a send (see bench/NOTES-perf.md, "What changed and why").
-        """
-        if self._direct:
-            send_now(self.transport, data)
-        else:
-            self.transport.write(data)
+    def _write(self, data: bytes) -> None:
+        """``_send`` on any transport but plain TCP (TLS rewrites ``write``)."""
+        self.transport.write(data)
 
     def _close(self) -> None:
-        if self._w.closed:
+        if self._state >= CLOSED:
             return
-        self._w.closed = True
+        self._enter(CLOSED)
         # a registered producer would keep the transport open after its
         # buffer is flushed (see FileDescriptor.loseConnection)
         self.transport.unregisterProducer()
@@ -665,7 +695,7 @@ class RespProtocol(Protocol):
             self._update_flow()
             if self._w.blocked and self._over_limit():
                 return
-            if not self._held or self._w.blocked or self._closing:
+            if not self._held or self._w.blocked or self._state is not OPEN:
                 return
             self._run_held()
             self._flush()
@@ -675,7 +705,8 @@ class RespProtocol(Protocol):
         keys as a packet of GETs, the rest in batches; what is left stays
         first in line."""
         held = self._held
-        self._dispatching = True
+        coming = self._flush_coming
+        self._flush_coming = True
         try:
             if held[0].__class__ is tuple:
                 self._run_gets(list(held.popleft()))
@@ -684,11 +715,11 @@ class RespProtocol(Protocol):
                 while held and held[0].__class__ is not tuple and len(batch) < HELD_BATCH:
                     batch.append(held.popleft())
                 ran = self._run(batch)
-                if ran < len(batch) and not self._closing:
+                if ran < len(batch) and self._state is OPEN:
                     held.extendleft(reversed(batch[ran:]))
         finally:
-            self._dispatching = False
-        if self._closing:
+            self._flush_coming = coming
+        if self._state is not OPEN:
             held.clear()
         if not held:
             self._w.held_bytes = 0
@@ -704,9 +735,9 @@ class RespProtocol(Protocol):
         self._w.blocked = blocked = (
             self._w.consumer_paused or self._w.backlogged or self._queued > self._high
         )
+        self._detour = self._unusual()
         paused = blocked or bool(self._held)
-        self._detour = paused or self._closing or self._w.probe
-        if paused != self._w.reading_paused and not (self._lost or self._w.closed):
+        if paused != self._w.reading_paused and self._state < CLOSED:
             self._w.reading_paused = paused
             if paused:
                 self.transport.pauseProducing()
@@ -739,7 +770,7 @@ class RespProtocol(Protocol):
         """Disconnect the client if what it has buffered here passes
         ``max_client_buffer``; True if it was."""
         size = self._w.partial + self._w.held_bytes + self._queued + buffered(self.transport)
-        if size <= self._w.max_buffer or self._lost:
+        if size <= self._w.max_buffer or self._state is LOST:
             return False
         self.factory.overflowed(self.transport.getPeer(), size)
         self._abort()
@@ -763,7 +794,7 @@ class RespProtocol(Protocol):
         else re-arm for the next one (none: the timer stays off until a
         request begins again)."""
         self._w.timer = None
-        if self._lost:  # (a connection closing after QUIT still counts: its
+        if self._state is LOST:  # (a connection closing after QUIT still counts: its
             return  # client may never read the last replies, and so never let go)
         now = self.factory.clock.seconds()
         wake = None
@@ -783,11 +814,27 @@ class RespProtocol(Protocol):
                 self._w.idle_since = now  # input, output, or waiting on Redis
             elif now - self._w.idle_since >= self._w.client_timeout:
                 return self._expire("idle for client_timeout")
-            self._w.probe = self._detour = True
+            self._probe()
             deadline = now + self._w.client_timeout / IDLE_CHECKS
             wake = deadline if wake is None else min(wake, deadline)
         if wake is not None:
             self._arm(wake, now)
+
+    def _probe(self) -> None:
+        """Arm the idle probe: the next input (or output progress) clears it;
+        still armed at the next check, the client was idle meanwhile."""
+        self._w.probe = self._detour = True
+
+    def _unusual(self) -> bool:
+        """What ``_detour`` stands for, in one place: the connection is past
+        OPEN, holds requests not run, may not run more (``blocked``: the
+        client not reading, too many replies owed, or more than ``_high``
+        bytes of them queued), or has an idle probe armed.  Each path that
+        makes one of these true sets ``_detour`` (``_enter``, ``_hold``,
+        ``_hold_keys``, ``_over_high``, ``_probe``), so the hot path tests one
+        attribute; only ``_update_flow``, which recomputes ``blocked``, clears
+        it."""
+        return bool(self._state is not OPEN or self._held or self._w.blocked or self._w.probe)
 
     def _expire(self, why: str) -> None:
         log.debug("RESP client {peer} closed: {why}", peer=self.transport.getPeer(), why=why)
@@ -799,14 +846,13 @@ class _Watch:
     slow paths read."""
 
     __slots__ = (
-        "admitted", "closed", "backlogged", "consumer_paused", "blocked", "reading_paused",
+        "admitted", "backlogged", "consumer_paused", "blocked", "reading_paused",
         "held_bytes", "max_buffer", "request_timeout", "client_timeout", "timer",
         "partial", "partial_since", "handshake_deadline", "probe", "idle_since",
     )
 
     def __init__(self, config: Config) -> None:
         self.admitted = False  # holds a client slot, to give back once
-        self.closed = False
         self.backlogged = False  # too many replies owed
         self.consumer_paused = False  # the client is not reading
         self.blocked = False  # either of those, or too many bytes queued: hold requests

@@ -316,6 +316,22 @@ def test_quit_waits_for_pending_replies(door):
     assert transport.disconnecting
 
 
+def test_after_hang_up_later_requests_are_not_run_and_the_owed_reply_still_leaves(door):
+    """hang_up (the client's pinned connection lost, CLIENT KILL of itself):
+    no request read afterwards runs, even a cache hit on the GET fast path,
+    while the reply already owed is written before the close."""
+    door.redis.later.add(b"slow")
+    proto, transport = door.connect()
+    proto.dataReceived(encode(b"GET", b"slow"))
+    proto.hang_up()
+    assert not transport.disconnecting
+    proto.dataReceived(encode(b"GET", b"k") + encode(b"GET", b"k"))
+    proto.dataReceived(b"PING\r\n")
+    door.redis.answer(b"slow", b"v")
+    assert transport.value() == b"$1\r\nv\r\n"
+    assert transport.disconnecting
+
+
 def test_max_clients_reached():
     """Over the cap: the error, then the connection closes; the slot that
     was never taken is never given back."""
