@@ -38,7 +38,6 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,7 +45,7 @@ from redisp.backing import BackingError, BackingUnavailable, first_line
 from redisp.config import RedisURL
 from redisp.frames import ErrorReply, FrameError, decode
 from redisp.relay import RelayProtocol
-from redisp.tls import client_endpoint
+from redisp.tls import OneProtocol, client_endpoint
 
 __all__ = ["SLOTS", "Address", "key_slot", "SlotMap", "ClusterMapError", "ClusterTopology",
            "REFRESH_SECONDS", "UNSETTLED_SECONDS"]
@@ -609,7 +608,7 @@ class ClusterTopology:
             self.refresh().addErrback(lambda _: None)
 
     def _connect_tcp(self, protocol: Any, url: RedisURL) -> Deferred:
-        return client_endpoint(self.reactor, url, self.timeout).connect(_OneProtocol(protocol))
+        return client_endpoint(self.reactor, url, self.timeout).connect(OneProtocol(protocol))
 
 
 def _span(first: int, last: int) -> str:
@@ -619,13 +618,3 @@ def _span(first: int, last: int) -> str:
 def _unknown_command(value: Any) -> bool:
     """CLUSTER SHARDS refused as unknown (a Redis older than 7.0)."""
     return isinstance(value, ErrorReply) and b"unknown" in value.message.lower()
-
-
-class _OneProtocol(Factory):
-    noisy = False
-
-    def __init__(self, protocol: Any) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return self._protocol

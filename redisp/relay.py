@@ -81,7 +81,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -99,7 +99,7 @@ from redisp.frames import (
 )
 from redisp.resp import encode_command
 from redisp.sending import can_send_now, send_now
-from redisp.tls import client_endpoint, describe
+from redisp.tls import OneProtocol, client_endpoint, describe
 
 __all__ = ["Done", "RelayProtocol", "RelayPool", "CONFIRMED"]
 
@@ -739,17 +739,4 @@ class RelayPool:
         # TCP, or TLS for rediss:// (up once the handshake is: a refused
         # certificate is a failed attempt, with its reason)
         endpoint = client_endpoint(self._reactor, self.url, self.timeout)
-        return endpoint.connect(_OneProtocol(protocol))
-
-
-class _OneProtocol(Factory):
-    """``connectProtocol``'s factory, without its "Starting factory" log
-    line: a pinned connection per client would log two lines each."""
-
-    noisy = False
-
-    def __init__(self, protocol: RelayProtocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: Any) -> RelayProtocol:
-        return self._protocol
+        return endpoint.connect(OneProtocol(protocol))

@@ -40,7 +40,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -50,7 +50,7 @@ from redisp.config import RedisURL
 from redisp.frames import ErrorReply, FrameError, FrameScanner, decode
 from redisp.relay import RelayProtocol
 from redisp.resp import encode_command
-from redisp.tls import ConnectFailure, client_endpoint
+from redisp.tls import ConnectFailure, OneProtocol, client_endpoint
 
 log = Logger()
 
@@ -108,18 +108,6 @@ def _reason(failure: Failure | BaseException) -> str:
 
 def _where(address: Address) -> str:
     return f"{address[0]}:{address[1]}"
-
-
-class _OneProtocol(Factory):
-    """Hands the endpoint one protocol made beforehand; no log line per connection."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self._protocol
 
 
 class _Confirm(Protocol):
@@ -287,7 +275,7 @@ class SentinelMaster:
 
     def connect_relay(self, protocol: RelayProtocol) -> Deferred:
         """RelayPool's ``connect``: one relay connection to the current master."""
-        return self.connect(_OneProtocol(protocol))
+        return self.connect(OneProtocol(protocol))
 
     def describe(self) -> str:
         """The topology line of INFO."""
@@ -455,7 +443,7 @@ class SentinelMaster:
         confirm = _Confirm(factory, self.url, address, self.timeout, self._clock,
                            lambda: self.generation == generation)
         endpoint = client_endpoint(self._reactor, self.url.at(*address), self.timeout)
-        confirm.tcp = endpoint.connect(_OneProtocol(confirm))
+        confirm.tcp = endpoint.connect(OneProtocol(confirm))
         confirm.tcp.addErrback(confirm.tcp_failed)
         return confirm.done
 
@@ -476,7 +464,7 @@ class SentinelMaster:
 
         protocol.call(encode_command(argv), done)
         endpoint = client_endpoint(self._reactor, url.at(*address), self.timeout)
-        endpoint.connect(_OneProtocol(protocol)).addErrback(protocol.connect_failed)
+        endpoint.connect(OneProtocol(protocol)).addErrback(protocol.connect_failed)
         return d
 
 
@@ -520,7 +508,7 @@ class _Watch:
         protocol.call(encode_command([b"SUBSCRIBE", SWITCH_CHANNEL]),
                       lambda reply: self._subscribed(protocol, reply), confirms=b"subscribe")
         endpoint = client_endpoint(master._reactor, url, master.timeout)
-        endpoint.connect(_OneProtocol(protocol)).addErrback(protocol.connect_failed)
+        endpoint.connect(OneProtocol(protocol)).addErrback(protocol.connect_failed)
 
     def _subscribed(self, protocol: RelayProtocol, reply: bytes | BackingError) -> None:
         if isinstance(reply, BackingError):  # lost, or no answer in time

@@ -232,17 +232,20 @@ class TLSClientEndpoint:
 
     def connect(self, factory: Any) -> Deferred:
         attempt = _Handshake(factory, self._reactor, self._timeout, self._host)
-        tls_factory = TLSMemoryBIOFactory(self._creator, True, _OneProtocol(attempt),
+        tls_factory = TLSMemoryBIOFactory(self._creator, True, OneProtocol(attempt),
                                           clock=self._reactor)
         attempt.tcp = self._endpoint.connect(tls_factory)
         attempt.tcp.addErrback(attempt.tcp_failed)
         return attempt.done
 
 
-class _OneProtocol(Factory):
-    """Hands the TLS layer the handshake watcher of one connection attempt."""
+class OneProtocol(Factory):
+    """Hands an endpoint one protocol made beforehand (the TLS layer its
+    handshake watcher, a relay or probe connection its protocol):
+    ``connectProtocol``'s factory without its "Starting factory" log line,
+    which a pinned connection per client would log twice each."""
 
-    noisy = False  # no "Starting factory" line for every connection
+    noisy = False
 
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol

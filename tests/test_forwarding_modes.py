@@ -161,7 +161,7 @@ def test_pinned_connections_log_nothing_each(start_proxy, redis_db, clients):
     # (the observer is global: other proxies of the test process log too,
     # so only the pinned connections' own factory is looked for)
     assert not [line for line in lines
-                if "OneShotFactory" in line or "_OneProtocol" in line], lines
+                if "OneShotFactory" in line or "OneProtocol" in line], lines
 
 
 # -- backing down or slow ------------------------------------------------------------------
