@@ -1,9 +1,9 @@
 """Python time txredisapi spends per key: one GET each vs one 16-key MGET,
-and the same MGET with redisp's BinaryRedisProtocol (backing.py).
+and the same MGET with redisp's BinaryRedisProtocol (backing/connection.py).
 
 In-process, on a StringTransport (no sockets, no Redis): the figure is the
 protocol's own CPU cost, which is what bounds redisp's miss rate.  It is the
-measurement behind redisp/batching.py.  Run: .venv/bin/python bench/batching_micro.py
+measurement behind redisp/backing/batching.py.  Run: .venv/bin/python bench/batching_micro.py
 """
 
 import time
@@ -11,7 +11,7 @@ import time
 import txredisapi
 from twisted.internet.testing import StringTransport
 
-from redisp.backing import BinaryRedisProtocol
+from redisp.backing.connection import BinaryRedisProtocol
 
 ROUNDS = 2000
 BATCH = 16

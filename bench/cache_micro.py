@@ -19,7 +19,7 @@ from collections import deque
 
 from twisted.internet.task import Clock
 
-from redisp.cache import Cache
+from redisp.core.cache import Cache
 from redisp.metrics import Metrics
 
 KEY_LEN, VALUE_LEN = 16, 100

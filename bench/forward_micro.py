@@ -27,17 +27,17 @@ from twisted.internet.testing import StringTransport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redisp.cache import Cache  # noqa: E402
+from redisp.backing.relay import RelayPool  # noqa: E402
 from redisp.clients import ClientSlots  # noqa: E402
-from redisp.command_table import CommandTable  # noqa: E402
 from redisp.config import Config  # noqa: E402
-from redisp.forwarding import Forwarder  # noqa: E402
-from redisp.frames import decode  # noqa: E402
-from redisp.gate import Gate  # noqa: E402
+from redisp.core.cache import Cache  # noqa: E402
+from redisp.core.gate import Gate  # noqa: E402
+from redisp.core.reader import CachedReader  # noqa: E402
+from redisp.doors.resp import RespFactory  # noqa: E402
 from redisp.metrics import Metrics  # noqa: E402
-from redisp.reader import CachedReader  # noqa: E402
-from redisp.relay import RelayPool  # noqa: E402
-from redisp.resp_server import RespFactory  # noqa: E402
+from redisp.protocol.frames import decode  # noqa: E402
+from redisp.routing.command_table import CommandTable  # noqa: E402
+from redisp.routing.forwarding import Forwarder  # noqa: E402
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)  # loopback: let in by protected mode
 REPLY_FILE = Path(__file__).resolve().parent.parent / "tests/data/command-reply-7.0.resp"

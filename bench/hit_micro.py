@@ -18,13 +18,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config, Secret
-from redisp.gate import Gate
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors.resp import RespFactory
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.resp_server import RespFactory
 
 CLIENTS = 50
 VALUE = b"v" * 100

@@ -16,13 +16,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config, Secret
-from redisp.gate import Gate
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors.web import build_site
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.web import build_site
 
 REQUESTS = 4000
 REQUEST = b"GET /get?key=hot HTTP/1.1\r\nHost: 127.0.0.1:9997\r\n\r\n"

@@ -44,10 +44,10 @@ ensure_tools() {
   for t in "$@"; do command -v "$t" >/dev/null || die "'$t' still missing after installing ${missing[*]}"; done
 }
 
-# ensure_redisp: a venv with redisp whose twistd plugin loads (reinstalled when redisp._lru,
+# ensure_redisp: a venv with redisp whose twistd plugin loads (reinstalled when redisp.core._lru,
 # the cache's C table, is not built yet: the memory and scale rows measure it)
 ensure_redisp() {
-  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted, redisp._lru, redis' 2>/dev/null; then
+  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted, redisp.core._lru, redis' 2>/dev/null; then
     ensure_venv bench
   fi
   local out
@@ -186,8 +186,8 @@ make_tls_files(Path(sys.argv[1]))' "$TMP/certs") || die "could not make the test
 buffered_tls_path() {
   BUFFERED_TLS=$TMP/buffered-tls; mkdir -p "$BUFFERED_TLS"
   cat >"$BUFFERED_TLS/sitecustomize.py" <<'PY'
-import redisp.sending  # before resp_server imports the name: its TLS stays buffered
-redisp.sending.unbuffer = lambda transport: None
+import redisp.protocol.sending  # before resp_server imports the name: its TLS stays buffered
+redisp.protocol.sending.unbuffer = lambda transport: None
 PY
 }
 

@@ -17,14 +17,14 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.batching import GetBatcher
-from redisp.cache import Cache
+from redisp.backing.batching import GetBatcher
 from redisp.clients import ClientSlots
 from redisp.config import Config
-from redisp.gate import Gate
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors.resp import RespFactory
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.resp_server import RespFactory
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)  # loopback: let in by protected mode
 

@@ -1,4 +1,4 @@
-"""Python time per miss of redisp's cluster read path (redisp/cluster_backing.py):
+"""Python time per miss of redisp's cluster read path (redisp/backing/cluster_fetch.py):
 one MGET per slot vs pipelined GETs, and the single-server batcher beside it.
 
 In-process: each master is a real ``Backing`` whose live connection is
@@ -28,16 +28,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.backing import Backing, BinaryRedisProtocol
-from redisp.cache import Cache
+from redisp.backing.cluster_fetch import ClusterBacking
+from redisp.backing.cluster_map import SLOTS, SlotMap, key_slot
+from redisp.backing.connection import Backing, BinaryRedisProtocol
 from redisp.clients import ClientSlots
-from redisp.cluster_backing import ClusterBacking
-from redisp.cluster_map import SLOTS, SlotMap, key_slot
 from redisp.config import Config, parse_redis_url
-from redisp.gate import Gate
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors.resp import RespFactory
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.resp_server import RespFactory
 
 ROUNDS = 500
 REPEATS = 7  # best of: the machine is shared

@@ -30,7 +30,7 @@ class RedisURL:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never in a repr or traceback
-    #: ``rediss://``: every connection to this Redis speaks TLS (tls.py)
+    #: ``rediss://``: every connection to this Redis speaks TLS (backing/tls.py)
     tls: bool = False
     #: ``server`` (redis://, rediss://), ``sentinel`` (redis+sentinel://:
     #: ``host``/``port`` are the first Sentinel, the master is asked of them)
@@ -41,7 +41,7 @@ class RedisURL:
     seeds: tuple[tuple[str, int], ...] = ()
     #: the Sentinel service (master) name of redis+sentinel://
     service: str | None = None
-    #: the files of the ``redis_tls_*`` keys, read once (``redisp.tls.ClientTLS``),
+    #: the files of the ``redis_tls_*`` keys, read once (``redisp.backing.tls.ClientTLS``),
     #: attached by ``build_proxy`` so that every connection made from this
     #: URL, or from a copy of it for another host, gets them; None: the
     #: system's CAs, verified
@@ -186,7 +186,7 @@ class Config:
     password: Secret | None = field(default=None, repr=False)
     users: tuple[UserConfig, ...] = ()
     protected_mode: bool = True
-    # TLS (SPEC §8): files are read, and checked, when the proxy is built (tls.py)
+    # TLS (SPEC §8): files are read, and checked, when the proxy is built (backing/tls.py)
     redis_tls_ca: str | None = None
     redis_tls_cert: str | None = None
     redis_tls_key: str | None = None

@@ -19,20 +19,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import redisp
-from redisp.auth import Authenticator
-from redisp.backing import Backing
-from redisp.cache import Cache
+from redisp.backing.connection import Backing
+from redisp.backing.sentinel import SentinelMaster
+from redisp.backing.tls import backing_url, require_client_certificates
 from redisp.clients import ClientSlots
+from redisp.commands.auth import Authenticator
 from redisp.config import Config, ConfigError
-from redisp.forwarding import Forwarder
-from redisp.gate import Gate
-from redisp.invalidation import Invalidator
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.core.tracking import Invalidator
+from redisp.doors.resp import RespFactory
+from redisp.doors.web import build_site
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.resp_server import RespFactory
-from redisp.sentinel import SentinelMaster
-from redisp.tls import backing_url, require_client_certificates
-from redisp.web import build_site
+from redisp.routing.forwarding import Forwarder
 
 log = Logger()
 
@@ -233,7 +233,7 @@ class Proxy:
     slots: ClientSlots
     invalidator: Invalidator | None = None
     forwarder: Forwarder | None = None
-    #: redis+cluster://: the ClusterTopology (cluster_map.py), started first
+    #: redis+cluster://: the ClusterTopology (backing/cluster_map.py), started first
     topology: Any = None
     service: ProxyService = None  # type: ignore[assignment]
     auth: Authenticator = None  # type: ignore[assignment]
@@ -263,9 +263,9 @@ def follow_sentinel(proxy: Proxy, sentinel: SentinelMaster) -> None:
 
 def cluster_backing(config: Config, reactor: Any, metrics: Metrics) -> tuple[Any, Any]:
     """redis+cluster://: the slot map, kept fresh, and the read path that
-    sends each miss to its slot's master (cluster_backing.py)."""
-    from redisp.cluster_backing import ClusterBacking
-    from redisp.cluster_map import ClusterTopology
+    sends each miss to its slot's master (backing/cluster_fetch.py)."""
+    from redisp.backing.cluster_fetch import ClusterBacking
+    from redisp.backing.cluster_map import ClusterTopology
 
     topology = ClusterTopology(config.redis, config.redis_timeout, reactor, metrics)
     return topology, ClusterBacking(topology, config.redis_timeout, reactor, metrics)
@@ -274,7 +274,7 @@ def cluster_backing(config: Config, reactor: Any, metrics: Metrics) -> tuple[Any
 def cluster_tracking(config: Config, reactor: Any, metrics: Metrics, topology: Any,
                      reader: CachedReader) -> Any:
     """redis+cluster:// with tracking: one tracking connection per master."""
-    from redisp.cluster_tracking import ClusterTracking
+    from redisp.core.cluster_tracking import ClusterTracking
 
     return ClusterTracking(topology, config.redis_timeout, reactor, reader, metrics)
 
@@ -328,8 +328,8 @@ def build_proxy(config: Config, reactor: Any, cache_clock: Any = None) -> Proxy:
     forwarder = None
     if config.forward != "none":
         router = None
-        if topology is not None:  # each command to its keys' master (cluster_routing.py)
-            from redisp.cluster_routing import ClusterRouter
+        if topology is not None:  # each command to its keys' master (routing/cluster.py)
+            from redisp.routing.cluster import ClusterRouter
 
             router = ClusterRouter(topology, config.redis_timeout, reactor)
         forwarder = Forwarder(config, reactor, reader, gate, metrics, backing=backing,

@@ -111,14 +111,14 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     if config.redis.tls:  # read the TLS files once, before anything connects
         from dataclasses import replace
 
-        from redisp.tls import backing_url
+        from redisp.backing.tls import backing_url
 
         try:
             config = replace(config, redis=backing_url(config))
         except ConfigError as e:
             raise SystemExit(f"redisp: configuration error: {e}") from None
     if config.invalidation == "tracking":
-        from redisp.invalidation import tracking_support_problem
+        from redisp.core.tracking import tracking_support_problem
 
         problem = tracking_support_problem(config.redis, config.redis_timeout)
         if problem is not None:

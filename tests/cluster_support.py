@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from redisp.cluster_map import SLOTS, Address, SlotMap, key_slot
-from redisp.frames import decode
+from redisp.backing.cluster_map import SLOTS, Address, SlotMap, key_slot
+from redisp.protocol.frames import decode
 from tests.raw_redis import replies
 from tests.support import STARTUP_LIMIT, free_port, redis_server_binary
 

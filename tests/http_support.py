@@ -18,13 +18,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config
-from redisp.gate import Gate
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors.web import build_site
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.web import build_site
 from tests.door_support import ScriptedRedis
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)

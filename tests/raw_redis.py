@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from redisp.frames import FrameScanner
+from redisp.protocol.frames import FrameScanner
 
 COMMAND_REPLY_FILE = Path(__file__).parent / "data" / "command-reply-7.0.resp"
 LIMIT = 20.0  # seconds a reply may take, at most

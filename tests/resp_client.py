@@ -11,7 +11,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 
-from redisp.frames import FrameScanner
+from redisp.protocol.frames import FrameScanner
 from tests.raw_redis import encode
 from tests.support import STARTUP_LIMIT
 

@@ -1,4 +1,4 @@
-"""Authentication and permissions (SPEC §8, auth.py) at the command layer:
+"""Authentication and permissions (SPEC §8, commands/auth.py) at the command layer:
 AUTH, HELLO AUTH, NOAUTH and NOPERM in Redis's order, on a Session with no
 transport.  The byte-for-byte comparison with a real redis-server is in
 tests/test_auth_redis.py; the RESP door's fast paths in tests/test_auth_resp.py.
@@ -15,7 +15,7 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 
-from redisp.auth import (
+from redisp.commands.auth import (
     DENIED,
     HELLO_NOAUTH,
     NO_PASSWORD_CONFIGURED,
@@ -23,11 +23,11 @@ from redisp.auth import (
     WRONGPASS,
     Authenticator,
 )
-from redisp.command_table import CommandTable
-from redisp.commands import Session, execute
+from redisp.commands.dispatch import Session, execute
 from redisp.config import Config, ConfigError, Secret, UserConfig, load_config
-from redisp.frames import decode
 from redisp.metrics import Metrics
+from redisp.protocol.frames import decode
+from redisp.routing.command_table import CommandTable
 from tests.raw_redis import COMMAND_REPLY_FILE
 from tests.test_commands import FakeReader
 
@@ -301,7 +301,7 @@ def test_a_read_user_waits_for_the_backing_table_to_be_judged():
 
 
 def test_a_read_user_is_answered_the_backing_error_when_the_table_cannot_be_read():
-    from redisp.backing import BackingUnavailable
+    from redisp.backing.connection import BackingUnavailable
 
     forwarder = FakeForwarder(table=None)
     session = make(forwarder=forwarder)

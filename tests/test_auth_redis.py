@@ -24,7 +24,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 from redisp.config import Secret, UserConfig
-from redisp.frames import FrameScanner, decode
+from redisp.protocol.frames import FrameScanner, decode
 from tests.raw_redis import encode
 from tests.support import RedisServer, until
 

@@ -1,6 +1,6 @@
 """Authentication on the RESP door's every path (SPEC §8), in memory.
 
-The door answers GETs by several roads (resp_server.py): one GET in a
+The door answers GETs by several roads (doors/resp.py): one GET in a
 packet (-P 1), a packet of hits, a packet past ``GET_BATCH``, a packet with
 misses through the gate, the general dispatch (mixed or inline requests,
 MGET), and requests held while the client does not read.  None of them may
@@ -17,9 +17,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from redisp.auth import DENIED, NOAUTH
+from redisp.commands.auth import DENIED, NOAUTH
 from redisp.config import Secret
-from redisp.resp_server import GET_BATCH
+from redisp.doors.resp import GET_BATCH
 from tests.test_resp import encode
 from tests.test_resp_server import PEER, RecordingTransport, real_door
 

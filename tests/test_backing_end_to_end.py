@@ -17,7 +17,7 @@ import redis
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 
-from redisp.backing import KEEPALIVE, Backing, BackingTimeout
+from redisp.backing.connection import KEEPALIVE, Backing, BackingTimeout
 from redisp.config import parse_redis_url
 from redisp.metrics import Metrics
 from tests.support import RedisServer, until

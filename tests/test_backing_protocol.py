@@ -7,7 +7,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from redisp.backing import BinaryRedisProtocol
+from redisp.backing.connection import BinaryRedisProtocol
 
 
 def stock():

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from redisp.backing import (
+from redisp.backing.connection import (
     PROBE_INTERVAL,
     Backing,
     BackingInternalError,
@@ -134,7 +134,7 @@ def logged():
 def texts(events):
     from twisted.logger import formatEvent
 
-    return [formatEvent(e) for e in events if e.get("log_namespace") == "redisp.backing"]
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "redisp.backing.connection"]
 
 
 # -- connection setup -------------------------------------------------------------------
@@ -376,7 +376,7 @@ def test_running_out_of_memory_building_a_command_is_an_internal_error_logged_on
     assert "internal error" in str(error) and "MemoryError" in str(error)
     assert "unavailable" not in str(error)
     assert metrics.backing_errors == {"internal": 1}
-    failures = [e for e in logged if e.get("log_namespace") == "redisp.backing"
+    failures = [e for e in logged if e.get("log_namespace") == "redisp.backing.connection"
                 and "log_failure" in e]
     assert len(failures) == 1 and failures[0]["log_failure"].check(MemoryError)
     assert not endpoint.last.closed, "nothing was written: the connection is fine"

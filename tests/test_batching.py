@@ -4,8 +4,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from redisp.backing import BackingReplyError, BackingTimeout
-from redisp.batching import MAX_BATCH, GetBatcher
+from redisp.backing.batching import MAX_BATCH, GetBatcher
+from redisp.backing.connection import BackingReplyError, BackingTimeout
 
 
 class RecordingCall:

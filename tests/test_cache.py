@@ -9,12 +9,12 @@ from collections import OrderedDict
 import pytest
 from twisted.internet.task import Clock
 
-import redisp.cache
-from redisp.cache import Cache
+import redisp.core.cache
+from redisp.core.cache import Cache
 from redisp.metrics import Metrics
 
 try:
-    from redisp._lru import LruDict
+    from redisp.core._lru import LruDict
 except ImportError:
     LruDict = None
 
@@ -24,14 +24,14 @@ def container(request):
     """Module-scoped (not monkeypatch) so that hypothesis tests may use it."""
     if request.param == "LruDict":
         if LruDict is None:
-            pytest.skip("redisp._lru was not built (no C compiler)")
+            pytest.skip("redisp.core._lru was not built (no C compiler)")
         kind = LruDict
     else:
         kind = OrderedDict
-    built = redisp.cache._Entries
-    redisp.cache._Entries = kind
+    built = redisp.core.cache._Entries
+    redisp.core.cache._Entries = kind
     yield kind
-    redisp.cache._Entries = built
+    redisp.core.cache._Entries = built
 
 
 def make(capacity=3, ttl=10.0):
@@ -157,7 +157,7 @@ def test_get_all_answers_only_when_every_key_is_alive():
 
 def test_get_all_hands_out_large_values_of_a_large_batch_uncopied():
     """An MGET of many large values must not copy them all in one turn."""
-    from redisp.cache import BY_REFERENCE, COPIED
+    from redisp.core.cache import BY_REFERENCE, COPIED
 
     cache, _, _ = make(capacity=3)
     big = b"b" * (BY_REFERENCE + 1)

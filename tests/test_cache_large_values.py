@@ -10,7 +10,7 @@ import socket
 import pytest
 import pytest_twisted
 
-from redisp.cache import BY_REFERENCE, COPIED
+from redisp.core.cache import BY_REFERENCE, COPIED
 from tests.support import until
 from tests.test_resp import encode
 from tests.test_resp_limits import in_thread, read_exactly

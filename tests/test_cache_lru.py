@@ -1,4 +1,4 @@
-"""redisp._lru.LruDict, the cache's compact container, against OrderedDict.
+"""redisp.core._lru.LruDict, the cache's compact container, against OrderedDict.
 
 Every operation the cache uses, in random sequences over enough keys to make
 the index grow and probe chains form and shift back on deletion, gives the
@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-import redisp.cache
+import redisp.core.cache
 from redisp.metrics import Metrics
 
 if os.environ.get("REDISP_REQUIRE_LRU") == "1":  # CI: the C table must have been built
-    import redisp._lru as lru
+    import redisp.core._lru as lru
 else:
-    lru = pytest.importorskip("redisp._lru", reason="redisp._lru was not built (no C compiler)")
+    lru = pytest.importorskip("redisp.core._lru",
+                              reason="redisp.core._lru was not built (no C compiler)")
 LruDict = lru.LruDict
 
 keys = st.integers(0, 60).map(lambda i: b"k%d" % i)
@@ -129,8 +130,8 @@ def test_values_are_freed_when_dropped():
 
 
 def test_the_cache_uses_it_when_built():
-    assert redisp.cache._Entries is LruDict
-    cache = redisp.cache.Cache(2, 10.0, Clock(), Metrics(started=0))
+    assert redisp.core.cache._Entries is LruDict
+    cache = redisp.core.cache.Cache(2, 10.0, Clock(), Metrics(started=0))
     assert type(cache._entries) is LruDict
 
 

@@ -10,11 +10,11 @@ from collections import OrderedDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import redisp.cache
+import redisp.core.cache
 from tests.test_cache import make
 
 try:
-    from redisp._lru import LruDict
+    from redisp.core._lru import LruDict
 except ImportError:
     LruDict = None
 
@@ -37,12 +37,12 @@ def test_cache_agrees_with_a_reference_model(kind, capacity, ops):
     """A plain list-based LRU with explicit expiry times gives the same answers:
     when full, the entry that expired first goes, else the least recently used."""
     ttl = 4
-    built = redisp.cache._Entries
-    redisp.cache._Entries = kind
+    built = redisp.core.cache._Entries
+    redisp.core.cache._Entries = kind
     try:
         check_against_the_model(capacity, ttl, ops)
     finally:
-        redisp.cache._Entries = built
+        redisp.core.cache._Entries = built
 
 
 def check_against_the_model(capacity, ttl, ops):

@@ -1,4 +1,4 @@
-"""CLIENT LIST, INFO and KILL speak of redisp's own clients (client_list.py):
+"""CLIENT LIST, INFO and KILL speak of redisp's own clients (commands/client_list.py):
 the ids CLIENT ID hands out, and never redisp's own backing connections."""
 
 from __future__ import annotations

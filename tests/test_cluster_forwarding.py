@@ -1,4 +1,4 @@
-"""Forwarded commands in front of a real Redis Cluster (SPEC §10, cluster_routing.py).
+"""Forwarded commands in front of a real Redis Cluster (SPEC §10, routing/cluster.py).
 
 A plain (non-cluster) client talks to redisp as to one Redis: every key
 reaches its slot's master, multi-key commands are split and merged as
@@ -19,9 +19,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
 
-from redisp.cluster_map import key_slot
-from redisp.cluster_routing import CROSSSLOT, EXECABORT
-from redisp.frames import decode
+from redisp.backing.cluster_map import key_slot
+from redisp.protocol.frames import decode
+from redisp.routing.cluster import CROSSSLOT, EXECABORT
 from tests.raw_redis import replies
 from tests.resp_client import connect
 from tests.support import until

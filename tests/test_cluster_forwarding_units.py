@@ -1,4 +1,4 @@
-"""cluster_routing.py on fakes: split and merge, the SCAN cursor, redirections.
+"""routing/cluster.py on fakes: split and merge, the SCAN cursor, redirections.
 
 The router runs on real RelayPools whose connections are StringTransports;
 "the nodes" are the test answering each connection's pending calls.  The
@@ -15,9 +15,11 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.backing import BackingUnavailable
-from redisp.cluster_map import SlotMap, key_slot
-from redisp.cluster_routing import (
+from redisp.backing.cluster_map import SlotMap, key_slot
+from redisp.backing.connection import BackingUnavailable
+from redisp.config import RedisURL
+from redisp.protocol.frames import FrameScanner, decode
+from redisp.routing.cluster import (
     CROSSSLOT,
     EXECABORT,
     MAX_REDIRECTS,
@@ -28,9 +30,7 @@ from redisp.cluster_routing import (
     scan_position,
     split_parts,
 )
-from redisp.command_table import CommandTable
-from redisp.config import RedisURL
-from redisp.frames import FrameScanner, decode
+from redisp.routing.command_table import CommandTable
 from tests.raw_redis import COMMAND_REPLY_FILE, encode
 
 TABLE = CommandTable.from_command_reply(decode(COMMAND_REPLY_FILE.read_bytes()))

@@ -24,8 +24,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from redisp.backing import BackingUnavailable
-from redisp.cluster_map import (
+from redisp.backing.cluster_map import (
     REFRESH_SECONDS,
     RETRY_FIRST,
     SLOTS,
@@ -35,9 +34,10 @@ from redisp.cluster_map import (
     SlotMap,
     key_slot,
 )
+from redisp.backing.connection import BackingUnavailable
 from redisp.config import parse_redis_url
-from redisp.frames import ErrorReply, FrameScanner, decode
 from redisp.metrics import Metrics
+from redisp.protocol.frames import ErrorReply, FrameScanner, decode
 from tests.raw_redis import encode, replies
 from tests.support import free_port
 
@@ -718,8 +718,7 @@ def test_topology_without_any_node_is_unavailable():
 
 def test_request_encoding_is_what_redis_reads():
     """The two requests ClusterTopology sends are plain multibulks."""
-    from redisp import cluster_map
-
+    from redisp.backing import cluster_map
     assert cluster_map._CLUSTER_SHARDS == encode("CLUSTER", "SHARDS")
     assert cluster_map._CLUSTER_SLOTS == encode("CLUSTER", "SLOTS")
 
@@ -762,7 +761,7 @@ def test_cluster_fixture_migrates_fails_over_and_recovers(redis_cluster):
 
 
 def _info_fields(metrics: Metrics) -> dict[str, str]:
-    from redisp.commands import render_info
+    from redisp.commands.dispatch import render_info
     from tests.test_commands import make_session
 
     text = render_info(make_session(metrics=metrics), {"proxy"})

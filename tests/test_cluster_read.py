@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
 
-from redisp.cluster_map import key_slot
+from redisp.backing.cluster_map import key_slot
 from tests.support import until
 
 inline = pytest_twisted.inlineCallbacks

@@ -1,5 +1,5 @@
 """Backing.call_many, which carries one master's misses of a reactor turn
-(cluster_backing.py), on task.Clock over in-memory connections.
+(backing/cluster_fetch.py), on task.Clock over in-memory connections.
 
 The commands leave in one write; the replies come back as one list in
 order, an error reply in its place; the timeout, the fail-fast states and
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from redisp.backing import (
+from redisp.backing.connection import (
     BackingInternalError,
     BackingReplyError,
     BackingTimeout,
     BackingUnavailable,
 )
-from redisp.relay import encode_command
+from redisp.backing.relay import encode_command
 from tests.test_backing_timeouts import (
     PONG,
     RETRY_AT_MOST,

@@ -16,7 +16,7 @@ import time
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from redisp.cluster_map import key_slot
+from redisp.backing.cluster_map import key_slot
 from tests.support import STARTUP_LIMIT, until
 from tests.test_cluster_read import keys_per_master
 

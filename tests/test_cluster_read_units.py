@@ -11,10 +11,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from redisp.backing import BackingReplyError, BackingTimeout, BackingUnavailable
-from redisp.batching import MAX_BATCH
-from redisp.cluster_backing import MAX_REDIRECTIONS, REFRESH_AFTER_FAILURE, ClusterBacking
-from redisp.cluster_map import SLOTS, SlotMap, key_slot
+from redisp.backing.batching import MAX_BATCH
+from redisp.backing.cluster_fetch import MAX_REDIRECTIONS, REFRESH_AFTER_FAILURE, ClusterBacking
+from redisp.backing.cluster_map import SLOTS, SlotMap, key_slot
+from redisp.backing.connection import BackingReplyError, BackingTimeout, BackingUnavailable
 from redisp.config import parse_redis_url
 from redisp.metrics import Metrics
 
@@ -471,7 +471,7 @@ def test_stop_closes_every_master():
     ("ASK 3999 host.example:30001", ("host.example", 30001)),
 ])
 def test_redirection_targets_are_read_from_the_error(text, target):
-    from redisp.cluster_backing import _target
+    from redisp.backing.cluster_fetch import _target
 
     assert _target(text.split(" ", 1)[1]) == target
 

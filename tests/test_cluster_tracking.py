@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet import defer, threads
 
-from redisp.cluster_map import key_slot
+from redisp.backing.cluster_map import key_slot
 from redisp.config import parse_redis_url
-from redisp.invalidation import tracking_support_problem
+from redisp.core.tracking import tracking_support_problem
 from tests.support import until
 from tests.test_cluster_read import keys_per_master
 

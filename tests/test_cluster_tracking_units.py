@@ -6,8 +6,8 @@ from __future__ import annotations
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
-from redisp.cluster_map import SLOTS, SlotMap
-from redisp.cluster_tracking import FOLLOW_SECONDS, RECHECK_SECONDS, ClusterTracking
+from redisp.backing.cluster_map import SLOTS, SlotMap
+from redisp.core.cluster_tracking import FOLLOW_SECONDS, RECHECK_SECONDS, ClusterTracking
 from redisp.metrics import Metrics
 from tests.test_cluster_read_units import A, B, C, FakeTopology, thirds
 
@@ -196,11 +196,11 @@ def test_a_value_read_from_a_master_that_lost_the_slot_is_answered_not_stored():
     """Real reader and ClusterBacking, fake masters and trackers: a GET in
     flight on A when the map gives its slot to B (a failover seen) comes
     back with A's value: the client gets it, the cache never holds it."""
-    from redisp.cache import Cache
-    from redisp.cluster_backing import ClusterBacking
-    from redisp.cluster_map import key_slot
-    from redisp.gate import Gate
-    from redisp.reader import CachedReader
+    from redisp.backing.cluster_fetch import ClusterBacking
+    from redisp.backing.cluster_map import key_slot
+    from redisp.core.cache import Cache
+    from redisp.core.gate import Gate
+    from redisp.core.reader import CachedReader
     from tests.test_cluster_read_units import FakeNode, key_on
 
     clock = Clock()

@@ -12,14 +12,14 @@ import shlex
 
 import pytest
 
-from redisp.command_table import (
+from redisp.protocol.frames import ErrorReply, decode
+from redisp.routing.command_table import (
     FLUSH,
     CommandInfo,
     CommandTable,
     getkeys_request,
     keys_from_getkeys,
 )
-from redisp.frames import ErrorReply, decode
 from tests.raw_redis import COMMAND_REPLY_FILE, replies
 
 

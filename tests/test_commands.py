@@ -12,11 +12,11 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 import redisp
-from redisp.backing import BackingReplyError, BackingTimeout, BackingUnavailable
-from redisp.commands import TABLE, Session, execute
+from redisp.backing.connection import BackingReplyError, BackingTimeout, BackingUnavailable
+from redisp.commands.dispatch import TABLE, Session, execute
 from redisp.config import Config
 from redisp.metrics import Metrics
-from redisp.resp import RESP2, RESP3
+from redisp.protocol.codec import RESP2, RESP3
 
 
 class FakeReader:

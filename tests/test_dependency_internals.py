@@ -19,14 +19,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
-from redisp.sending import unbuffer
+from redisp.protocol.sending import unbuffer
 
 
 def _needed(what: str, user: str) -> str:
     return f"{what} is gone or changed: {user} needs it (see setup.cfg's bounds)"
 
 
-# -- twisted.internet: what a socket transport still holds (sending.py) ------------------------
+# -- twisted.internet: what a socket transport still holds (protocol/sending.py) -------------------
 
 def test_file_descriptor_tempDataLen_counts_bytes_written_this_turn():
     a, b = socket.socketpair()
@@ -59,7 +59,7 @@ def test_tls_appSendBuffer_holds_cleartext_until_the_handshake():
         "TLSMemoryBIOProtocol._appSendBuffer", "sending.buffered (max_client_buffer)")
 
 
-# -- twisted.internet.endpoints (service.py, tls.py) -------------------------------------------
+# -- twisted.internet.endpoints (service.py, backing/tls.py) ---------------------------------------
 
 def test_endpoints_parse_tokenizes_an_endpoint_string():
     from twisted.internet import endpoints
@@ -85,7 +85,7 @@ def test_ssl_server_endpoint_keeps_its_sslContextFactory(tmp_path):
         _needed("SSL4ServerEndpoint._sslContextFactory", "tls.require_client_certificates")
 
 
-# -- twisted.application: ClientService's protocol proxy (backing.py) --------------------------
+# -- twisted.application: ClientService's protocol proxy (backing/connection.py) -------------------
 
 class _OneConnection:
     """An endpoint whose every connection is a StringTransport."""
@@ -115,7 +115,7 @@ def test_client_service_proxy_has_a_lostNotification_to_silence():
     service.stopService()
 
 
-# -- twisted.web: HTTPChannel's parser state (http_channel.py) ---------------------------------
+# -- twisted.web: HTTPChannel's parser state (doors/http.py) ---------------------------------
 
 @pytest.mark.parametrize("name", [
     "_buffer",  # LineReceiver's: bytes received and not yet parsed
@@ -152,7 +152,7 @@ def test_http_channel_counts_headers_before_refusing_them():
                                         "http_channel._Channel._respondToBadRequestAndDisconnect")
 
 
-# -- txredisapi (backing.py) -------------------------------------------------------------------
+# -- txredisapi (backing/connection.py) ------------------------------------------------------------
 
 def test_txredisapi_build_command_encodes_a_command():
     protocol = txredisapi.RedisProtocol(charset=None, convertNumbers=False)
@@ -181,6 +181,7 @@ def test_txredisapi_reply_queue_keeps_a_cancelled_slot():
 
 @pytest.mark.parametrize("name", ["replyQueue", "handle_reply", "tryConvertData"])
 def test_txredisapi_protocol_member(name):
-    """Public by name, undocumented: backing.py overrides or calls them."""
+    """Public by name, undocumented: backing/connection.py overrides or calls them."""
     protocol = txredisapi.RedisProtocol(charset=None, convertNumbers=False)
-    assert hasattr(protocol, name), _needed(f"txredisapi.RedisProtocol.{name}", "backing.py")
+    assert hasattr(protocol, name), _needed(f"txredisapi.RedisProtocol.{name}",
+                                            "backing/connection.py")

@@ -24,18 +24,18 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.cache import Cache
+from redisp.backing.relay import RelayPool, RelayProtocol, encode_command
 from redisp.clients import ClientSlots
-from redisp.command_table import CommandTable
 from redisp.config import Config, Secret
-from redisp.forwarding import Forwarder
-from redisp.frames import decode
-from redisp.gate import Gate
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors.resp import RespFactory
 from redisp.metrics import COUNTERS, Metrics
-from redisp.reader import CachedReader
-from redisp.relay import RelayPool, RelayProtocol, encode_command
-from redisp.resp import RequestParser
-from redisp.resp_server import RespFactory
+from redisp.protocol.codec import RequestParser
+from redisp.protocol.frames import decode
+from redisp.routing.command_table import CommandTable
+from redisp.routing.forwarding import Forwarder
 from tests.raw_redis import COMMAND_REPLY_FILE
 
 TABLE = CommandTable.from_command_reply(decode(COMMAND_REPLY_FILE.read_bytes()))

@@ -22,7 +22,7 @@ import pytest_twisted
 import redis
 from twisted.internet import defer, threads
 
-from redisp.frames import decode
+from redisp.protocol.frames import decode
 from tests.resp_client import connect
 from tests.support import STARTUP_LIMIT, RunningProxy, proxy_config, until
 

@@ -16,16 +16,16 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.backing import BackingUnavailable
-from redisp.command_table import CommandTable
-from redisp.commands import Session
+from redisp.backing.connection import BackingUnavailable
+from redisp.backing.relay import RelayProtocol
+from redisp.commands.dispatch import Session
 from redisp.config import Config
-from redisp.forwarding import MAX_CLIENTS_ERROR, Forwarder
-from redisp.frames import decode
-from redisp.gate import Gate
+from redisp.core.gate import Gate
 from redisp.metrics import Metrics
-from redisp.relay import RelayProtocol
-from redisp.resp import RESP3
+from redisp.protocol.codec import RESP3
+from redisp.protocol.frames import decode
+from redisp.routing.command_table import CommandTable
+from redisp.routing.forwarding import MAX_CLIENTS_ERROR, Forwarder
 from tests.raw_redis import COMMAND_REPLY_FILE, encode
 
 TABLE = CommandTable.from_command_reply(decode(COMMAND_REPLY_FILE.read_bytes()))

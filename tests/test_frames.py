@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redisp.frames import (
+from redisp.protocol.frames import (
     ARRAY,
     BULK,
     PUSH,

@@ -3,7 +3,7 @@
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from redisp.gate import Gate, Owner
+from redisp.core.gate import Gate, Owner
 
 
 def test_single_gate_runs_one_at_a_time_in_arrival_order():

@@ -20,13 +20,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from xxhash import xxh3_128_hexdigest
 
-from redisp.cache import Cache
 from redisp.clients import ClientSlots
 from redisp.config import Config, Secret, UserConfig
-from redisp.gate import Gate
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors.web import build_site
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.web import build_site
 from tests.http_support import Response, routed
 from tests.test_reader import FakeBacking
 

@@ -1,4 +1,4 @@
-"""The HTTP door's protocol (http_channel.py, SPEC §2, §9): connections and
+"""The HTTP door's protocol (doors/http.py, SPEC §2, §9): connections and
 client slots, persistence and pipelining, the Date header, the access log,
 the plain-GET hand-off, limits on the head (414, 431), request and client
 timeouts, and clients that do not read.  Driven like tests/test_web.py:

@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 import twisted
-from redisp.sending import buffered
+from redisp.protocol.sending import buffered
 from tests.support import STARTUP_LIMIT, until
 
 inline = pytest_twisted.inlineCallbacks

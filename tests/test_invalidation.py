@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from redisp.config import parse_redis_url
-from redisp.invalidation import tracking_support_problem
+from redisp.core.tracking import tracking_support_problem
 from tests.support import HoldingForwarder, RedisServer, until
 
 inline = pytest_twisted.inlineCallbacks
@@ -219,11 +219,11 @@ def test_a_failure_without_a_message_is_logged_not_raised():
     from twisted.internet.testing import MemoryReactorClock
     from twisted.python.failure import Failure
 
-    from redisp.cache import Cache
-    from redisp.gate import Gate
-    from redisp.invalidation import Invalidator
+    from redisp.core.cache import Cache
+    from redisp.core.gate import Gate
+    from redisp.core.reader import CachedReader
+    from redisp.core.tracking import Invalidator
     from redisp.metrics import Metrics
-    from redisp.reader import CachedReader
 
     clock = MemoryReactorClock()
     metrics = Metrics(started=0)
@@ -249,11 +249,11 @@ def invalidation_message(*keys: bytes) -> bytes:
 
 def on_clock(timeout=2.0):
     """An Invalidator on task.Clock over in-memory connections, tracking established."""
-    from redisp.cache import Cache
-    from redisp.gate import Gate
-    from redisp.invalidation import Invalidator
+    from redisp.core.cache import Cache
+    from redisp.core.gate import Gate
+    from redisp.core.reader import CachedReader
+    from redisp.core.tracking import Invalidator
     from redisp.metrics import Metrics
-    from redisp.reader import CachedReader
     from tests.test_backing_timeouts import FakeEndpoint
 
     clock = Clock()
@@ -333,7 +333,7 @@ def test_a_ping_timeout_of_one_second_still_pings_every_second():
 def test_drain_reads_what_waits_in_the_socket_and_reports_a_closed_one():
     import socket
 
-    from redisp.invalidation import _InvalidationProtocol
+    from redisp.core.tracking import _InvalidationProtocol
 
     class SocketTransport(StringTransport):
         def __init__(self, sock):

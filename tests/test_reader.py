@@ -4,11 +4,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from redisp.backing import BackingUnavailable
-from redisp.cache import Cache
-from redisp.gate import Gate
+from redisp.backing.connection import BackingUnavailable
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
 
 
 class FakeBacking:

@@ -16,10 +16,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from redisp.backing import BackingError, BackingTimeout, BackingUnavailable
+from redisp.backing.connection import BackingError, BackingTimeout, BackingUnavailable
+from redisp.backing.relay import RelayPool, RelayProtocol
 from redisp.config import RedisURL, parse_redis_url
-from redisp.relay import RelayPool, RelayProtocol
-from redisp.resp import encode_command
+from redisp.protocol.codec import encode_command
 from tests.raw_redis import encode, replies
 from tests.support import RedisServer, free_port, until
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from redisp.replies import (
+from redisp.commands.replies import (
     CHUNK,
     LARGE,
     Chunked,
@@ -13,7 +13,7 @@ from redisp.replies import (
     join_replies,
     values_array,
 )
-from redisp.resp import RESP2, RESP3, array, bulk
+from redisp.protocol.codec import RESP2, RESP3, array, bulk
 
 
 def drain(reply, limit=CHUNK):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from redisp.resp import (
+from redisp.protocol.codec import (
     OK,
     PONG,
     RESP2,
@@ -561,7 +561,7 @@ def test_parser_is_not_idle_inside_a_request():
 def test_encode_command_writes_a_call_as_clients_send_it():
     """One encoder for every call redisp makes to Redis (issue 12: the
     txredisapi connection had a copy of its own)."""
-    from redisp.resp import encode_command
+    from redisp.protocol.codec import encode_command
 
     assert encode_command([b"SET", b"k", b"", b"\r\n"]) == (
         b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n$2\r\n\r\n\r\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from twisted.logger import globalLogPublisher
 
-from redisp.resp import LogLimiter
+from redisp.protocol.codec import LogLimiter
 from tests.test_resp_server import Door
 
 

@@ -18,7 +18,7 @@ import re
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from redisp.resp import ProtocolError, RequestParser, _sdssplitargs
+from redisp.protocol.codec import ProtocolError, RequestParser, _sdssplitargs
 
 DEFAULTS = {"max_bulk_bytes": 512 * 1024 * 1024, "max_args": 1024 * 1024,
             "max_inline_bytes": 64 * 1024}

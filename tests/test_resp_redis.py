@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import threads
 
-from redisp.resp import ProtocolError, RequestParser
+from redisp.protocol.codec import ProtocolError, RequestParser
 from tests.support import until
 
 DEADLINE = 10.0  # seconds one exchange may take before the test fails

@@ -19,17 +19,15 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from redisp import resp_server
-from redisp.backing import BackingReplyError, BackingUnavailable
-from redisp.cache import Cache
+from redisp.backing.connection import BackingReplyError, BackingUnavailable
 from redisp.clients import ClientSlots
+from redisp.commands.replies import CHUNK
 from redisp.config import Config
-from redisp.gate import Gate
-from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.replies import CHUNK
-from redisp.resp import bulk
-from redisp.resp_server import (
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate
+from redisp.core.reader import CachedReader
+from redisp.doors import resp as resp_server
+from redisp.doors.resp import (
     GET_BATCH,
     HIGH_WATER,
     IDLE_CHECKS,
@@ -39,6 +37,8 @@ from redisp.resp_server import (
     RespFactory,
     RespProtocol,
 )
+from redisp.metrics import Metrics
+from redisp.protocol.codec import bulk
 from tests.door_support import ScriptedRedis
 from tests.test_reader import FakeBacking
 from tests.test_resp import encode

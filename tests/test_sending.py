@@ -6,7 +6,7 @@ import pytest
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from redisp.sending import buffered, can_send_now, send_now, unbuffer
+from redisp.protocol.sending import buffered, can_send_now, send_now, unbuffer
 
 
 class FakeSocketTransport:

@@ -12,9 +12,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
+from redisp.backing.sentinel import blocking_master
 from redisp.config import parse_redis_url
-from redisp.invalidation import tracking_support_problem
-from redisp.sentinel import blocking_master
+from redisp.core.tracking import tracking_support_problem
 from tests import sentinel_support
 from tests.resp_client import connect
 from tests.sentinel_support import PASSWORD, SERVICE, Node, Sentinel

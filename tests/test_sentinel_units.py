@@ -1,4 +1,4 @@
-"""sentinel.py one layer at a time: the resolver and the connect loop with a
+"""backing/sentinel.py one layer at a time: the resolver and the connect loop with a
 fake ``ask``/``connect_to``, the ROLE check on a StringTransport with a
 task.Clock, and the relay pool's drop_all (tests/test_sentinel.py runs the
 real thing)."""
@@ -10,11 +10,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from redisp.backing import BackingUnavailable
-from redisp.config import parse_redis_url
-from redisp.relay import RelayPool, RelayProtocol
-from redisp.resp import encode_command
-from redisp.sentinel import (
+from redisp.backing.connection import BackingUnavailable
+from redisp.backing.relay import RelayPool, RelayProtocol
+from redisp.backing.sentinel import (
     LEFT_GRACE,
     NotMaster,
     SentinelMaster,
@@ -22,6 +20,8 @@ from redisp.sentinel import (
     _Confirm,
     _Moved,
 )
+from redisp.config import parse_redis_url
+from redisp.protocol.codec import encode_command
 
 URL = parse_redis_url("redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/svc/2")
 S1, S2, S3 = URL.seeds

@@ -1,4 +1,4 @@
-"""tls.py on its own: reading the files (one clear line naming the key, never
+"""backing/tls.py on its own: reading the files (one clear line naming the key, never
 their contents), describing TLS failures in one line, and the endpoint whose
 connection is made once the handshake is."""
 
@@ -12,8 +12,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from redisp.config import Config, ConfigError, parse_redis_url
-from redisp.tls import (
+from redisp.backing.tls import (
     ClientTLS,
     TLSClientEndpoint,
     TLSFailure,
@@ -22,6 +21,7 @@ from redisp.tls import (
     read_certificates,
     tcp_transport,
 )
+from redisp.config import Config, ConfigError, parse_redis_url
 from tests.support import free_port
 from tests.tls_support import make_tls_files
 

@@ -92,7 +92,7 @@ def test_backing_sockets_are_tuned_under_tls(tls_files, tls_db, tls_redis, start
     """TCP_NODELAY reaches the TCP socket under the TLS layer."""
     import socket
 
-    from redisp.tls import tcp_transport
+    from redisp.backing.tls import tcp_transport
 
     p = start_proxy(redis_url=tls_redis.url, redis_tls_ca=tls_files.ca)
     yield until(lambda: p.proxy.backing.up)
@@ -152,7 +152,7 @@ def test_an_invalidation_waiting_in_the_tls_socket_is_taken_in_before_a_hit(
 
     from twisted.internet import reactor, task
 
-    from redisp.tls import tcp_transport
+    from redisp.backing.tls import tcp_transport
 
     tls_db.set("k", "old")
     p = start_proxy(redis_url=tls_redis.url, redis_tls_ca=tls_files.ca,
@@ -176,9 +176,9 @@ def test_an_invalidation_waiting_in_the_tls_socket_is_taken_in_before_a_hit(
 def test_tracking_start_up_check_speaks_tls(tls_files, tls_redis):
     from dataclasses import replace
 
+    from redisp.backing.tls import ClientTLS
     from redisp.config import parse_redis_url
-    from redisp.invalidation import tracking_support_problem
-    from redisp.tls import ClientTLS
+    from redisp.core.tracking import tracking_support_problem
 
     url = replace(parse_redis_url(tls_redis.url), tls_client=ClientTLS(tls_files.ca))
     assert tracking_support_problem(url, 2.0) is None

@@ -1,4 +1,4 @@
-"""The HTTP door's application (web.py, SPEC §2, §8): ``/get``, ``/healthz``,
+"""The HTTP door's application (doors/web.py, SPEC §2, §8): ``/get``, ``/healthz``,
 ``/metrics``, errors, credentials and protected mode, driven through a real
 Site and HTTPChannel.
 
@@ -27,8 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from redisp.backing import BackingReplyError, BackingTimeout, BackingUnavailable
-from redisp.web import BadKey, key_from_query
+from redisp.backing.connection import BackingReplyError, BackingTimeout, BackingUnavailable
+from redisp.doors.web import BadKey, key_from_query
 from tests.http_support import (
     PLAIN,
     Proxy,

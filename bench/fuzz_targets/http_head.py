@@ -1,4 +1,4 @@
-"""atheris target: the HTTP door's request-head handling (redisp.web on twisted.web).
+"""atheris target: the HTTP door's request-head handling (redisp.doors.web on twisted.web).
 
 Each input, less its first byte, is what a client sends on one connection
 to the real ``RedispSite`` (its ``_Channel`` on a ``StringTransport``, a
@@ -28,7 +28,7 @@ try:
 except ImportError:  # tests/test_fuzz_regressions.py runs the target without the fuzzer
     atheris = None
 
-# what the door stands on, imported first so that only the web stack (redisp.web,
+# what the door stands on, imported first so that only the web stack (redisp.doors.web,
 # twisted.web) is instrumented: coverage there is what guides the search
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
@@ -38,9 +38,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-import redisp.backing
-import redisp.reader
-import redisp.sending  # noqa: F401
+import redisp.backing.connection
+import redisp.core.reader
+import redisp.protocol.sending  # noqa: F401
 from redisp.clients import ClientSlots
 from redisp.config import Config
 from redisp.metrics import Metrics
@@ -50,8 +50,8 @@ _instrumented = (
     if atheris else contextlib.nullcontext()
 )
 with _instrumented:
-    from redisp.http_channel import plain_get
-    from redisp.web import BadKey, build_site, key_from_query
+    from redisp.doors.http import plain_get
+    from redisp.doors.web import BadKey, build_site, key_from_query
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 

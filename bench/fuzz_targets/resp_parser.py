@@ -1,4 +1,4 @@
-"""atheris target: the RESP request parser (redisp.resp), fed in random chunkings.
+"""atheris target: the RESP request parser (redisp.protocol.codec), fed in random chunkings.
 
 The first byte of an input picks the limits (defaults, or small ones that
 make every limit reachable) and how the rest, the byte stream, is cut:
@@ -27,10 +27,11 @@ except ImportError:  # tests/test_fuzz_regressions.py runs the target without th
     atheris = None
 
 _instrumented = (
-    atheris.instrument_imports(include=["redisp.resp"]) if atheris else contextlib.nullcontext()
+    atheris.instrument_imports(include=["redisp.protocol.codec"])
+    if atheris else contextlib.nullcontext()
 )
 with _instrumented:
-    from redisp.resp import ProtocolError, RequestParser
+    from redisp.protocol.codec import ProtocolError, RequestParser
 
 DEFAULT = {"max_bulk_bytes": 512 * 1024 * 1024, "max_args": 1024 * 1024,
            "max_inline_bytes": 64 * 1024}

@@ -52,10 +52,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from redisp.auth import DENIED, Authenticator
-from redisp.client_list import ClientRegistry
 from redisp.clients import ClientSlots
-from redisp.commands import (
+from redisp.commands.auth import DENIED, Authenticator
+from redisp.commands.client_list import ClientRegistry
+from redisp.commands.dispatch import (
     HIT,
     MISS,
     OTHER,
@@ -65,13 +65,13 @@ from redisp.commands import (
     execute_packet,
     get_answer,
 )
+from redisp.commands.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
 from redisp.config import Config
-from redisp.forwarding import Pending
-from redisp.gate import Owner
+from redisp.core.gate import Owner
 from redisp.metrics import Metrics
-from redisp.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
-from redisp.resp import Encoder, LogLimiter, ProtocolError, RequestParser, bulk, error
-from redisp.sending import TLS_TRANSPORTS, buffered, can_send_now, send_now, unbuffer
+from redisp.protocol.codec import Encoder, LogLimiter, ProtocolError, RequestParser, bulk, error
+from redisp.protocol.sending import TLS_TRANSPORTS, buffered, can_send_now, send_now, unbuffer
+from redisp.routing.forwarding import Pending
 
 log = Logger()
 
@@ -179,12 +179,12 @@ class RespProtocol(Protocol):
             # replies are written whole; never hold one back for Nagle
             self.transport.setTcpNoDelay(True)
             if can_send_now(self.transport):
-                # sent at once when nothing is queued (sending.py).  Replies
+                # sent at once when nothing is queued (protocol/sending.py).  Replies
                 # settling later (misses) are sent once per reactor turn
                 # through the factory's flush_later, so those of one turn
                 # share a send (see bench/NOTES-perf.md, "What changed and why")
                 self._send = partial(send_now, self.transport)
-        unbuffer(self.transport)  # TLS: replies reach the cipher this turn (sending.py)
+        unbuffer(self.transport)  # TLS: replies reach the cipher this turn (protocol/sending.py)
         self.transport.registerProducer(self, True)
         if self._w.client_timeout or self._w.request_timeout:
             now = self.factory.clock.seconds()
@@ -462,7 +462,7 @@ class RespProtocol(Protocol):
                     produced += len(reply)
                     if produced > high:
                         break
-            elif result.__class__ is Pending:  # forwarded: no Deferred (forwarding.py)
+            elif result.__class__ is Pending:  # forwarded: no Deferred (routing/forwarding.py)
                 slot = [None]
                 pending.append(slot)
                 result.when(partial(self._forwarded, slot))  # type: ignore[union-attr]

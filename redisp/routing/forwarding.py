@@ -5,7 +5,7 @@ three routes, decided in ``Forwarder.forward`` and nowhere else:
 
 * **refused** -- in ``deny_commands``, or not read-only under ``forward:
   read``, or anything under ``forward: none``;
-* **shared** -- sent on the client's lane of the relay pool (relay.py),
+* **shared** -- sent on the client's lane of the relay pool (backing/relay.py),
   through the request gate like a GET, its reply frame relayed unchanged;
 * **pinned** -- a command that puts state on the connection (MULTI, WATCH,
   blocking commands, (S|P)SUBSCRIBE, MONITOR, SELECT of another db, CLIENT
@@ -25,7 +25,7 @@ at the gate are dropped (SPEC §4).
 
 Writes drop what they touch.  Which argv entries are keys, and which of them
 a command may modify, comes from the backing's own ``COMMAND`` reply
-(command_table.py), read when the pool first connects and again whenever a
+(routing/command_table.py), read when the pool first connects and again whenever a
 pool connection comes back; where key specs cannot say, ``COMMAND
 GETKEYSANDFLAGS`` asks the backing, while the command itself goes out in
 its place in the client's order (``_AskedKeys``).  The keys are dropped from the
@@ -45,7 +45,7 @@ Not followed: a HELLO that changes the protocol while the client is pinned
 (the pin keeps the protocol it was opened with), commands pipelined across
 a protocol-changing HELLO (the two protocols use different pool
 connections, so they may run out of order), and subscriptions made inside
-MULTI (relay.py does not see them: the pin is let go after EXEC).
+MULTI (backing/relay.py does not see them: the pin is let go after EXEC).
 
 A packet of commands (``forward_packet``): when every command of what a
 client wrote in one read is one that would take the shared route above --
@@ -60,7 +60,7 @@ metrics see is what the command-by-command route gives
 (tests/test_forward_packets.py checks it on random packets and cuts); only
 the gate differs: the packet waits until it has a token for each command.
 
-In front of a Redis Cluster a router (cluster_routing.py) is the pool: a
+In front of a Redis Cluster a router (routing/cluster.py) is the pool: a
 shared command goes to ``router.route`` with its argv and table entry, a
 pinned one to ``ClusterPin.call_keyed``, and they choose the node; the
 rest of this module is the same for one server and for a cluster (the one
@@ -82,20 +82,20 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from redisp.backing import BackingError, BackingTimeout, BackingUnavailable, first_line
+from redisp.backing.connection import BackingError, BackingTimeout, BackingUnavailable, first_line
+from redisp.backing.relay import CONFIRMED, RelayPool, RelayProtocol
 from redisp.clients import ClientSlots
-from redisp.command_table import (
+from redisp.config import Config
+from redisp.metrics import Metrics
+from redisp.protocol.codec import encode_command, error, parse_integer
+from redisp.protocol.frames import ErrorReply, decode
+from redisp.routing.command_table import (
     FLUSH,
     CommandInfo,
     CommandTable,
     getkeys_request,
     keys_from_getkeys,
 )
-from redisp.config import Config
-from redisp.frames import ErrorReply, decode
-from redisp.metrics import Metrics
-from redisp.relay import CONFIRMED, RelayPool, RelayProtocol
-from redisp.resp import encode_command, error, parse_integer
 
 log = Logger()
 
@@ -115,7 +115,7 @@ _PINNING = frozenset((b"multi", b"watch", b"subscribe", b"psubscribe", b"ssubscr
                       b"unsubscribe", b"punsubscribe", b"sunsubscribe", b"monitor"))
 #: CLIENT subcommands that put state on the connection
 _PINNING_CLIENT = frozenset((b"tracking", b"caching", b"reply", b"no-evict", b"no-touch"))
-#: the confirmations a (un)subscribe command answers with (relay.py's ``confirms``)
+#: the confirmations a (un)subscribe command answers with (backing/relay.py's ``confirms``)
 _CONFIRMS = {b"subscribe": b"subscribe", b"psubscribe": b"psubscribe",
              b"ssubscribe": b"ssubscribe", b"unsubscribe": b"unsubscribe",
              b"punsubscribe": b"punsubscribe", b"sunsubscribe": b"sunsubscribe",
@@ -731,7 +731,7 @@ class Forwarder:
 
     def _stalled(self) -> bool:
         """A backing call timed out and the backing's probe PING has not been
-        answered since (backing.py).  The probe is what ends it: a pool lane's
+        answered since (backing/connection.py).  The probe is what ends it: a pool lane's
         own ``stalled`` flag is not used, because a lane that fails fast sends
         nothing that could clear it."""
         return self._backing is not None and self._backing.state == "stalled"

@@ -27,7 +27,7 @@ The GET path threads plain callbacks (the gate's ``enter`` and ``leave``,
 to build two Deferred chains, the largest cost of a miss once the backing
 batched them (bench/NOTES-perf.md).  ``get`` makes one Deferred for callers
 that want one.  A GET fetch may travel in a batched MGET
-(batching.py); its record is handled the same either way.
+(backing/batching.py); its record is handled the same either way.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from redisp.backing import Backing
-from redisp.cache import Cache
-from redisp.gate import Gate, Owner
+from redisp.backing.connection import Backing
+from redisp.core.cache import Cache
+from redisp.core.gate import Gate, Owner
 from redisp.metrics import Metrics
 
 #: (value or None when absent, True when answered from the cache)

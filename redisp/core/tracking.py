@@ -21,7 +21,7 @@ Caching is off until tracking is established, and off again (after a full
 flush) as soon as the connection is lost: no invalidation can be missed
 while a stale value is served.  Turning it on first poisons every fetch in
 flight, since those were read while nothing was watching.  The race between
-a fetch and an invalidation of the same key is designed out in ``reader.py``.
+a fetch and an invalidation of the same key is designed out in ``core/reader.py``.
 
 "Lost" includes silent: a connection cut without a FIN or RST (a NAT
 dropping its state, a peer that froze) looks exactly like a quiet Redis.  So
@@ -55,11 +55,11 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import fail_with_tls_reason, first_line, reconnecting
+from redisp.backing.connection import fail_with_tls_reason, first_line, reconnecting
+from redisp.backing.tls import ClientTLS, tcp_transport
 from redisp.config import RedisURL
+from redisp.core.reader import CachedReader
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
-from redisp.tls import ClientTLS, tcp_transport
 
 log = Logger()
 
@@ -139,7 +139,7 @@ def _protocol() -> _InvalidationProtocol:
 class Invalidator:
     """Keeps one tracking connection up and the reader's ``caching`` flag true to it.
 
-    With an ``owner`` (a cluster's per-master tracking, cluster_tracking.py),
+    With an ``owner`` (a cluster's per-master tracking, core/cluster_tracking.py),
     this connection is one of several: it still flushes on a loss, but
     whether to cache, and which sockets to drain before hits, is the
     owner's to decide from all of them (``owner.tracking_changed(self)``).
@@ -191,7 +191,7 @@ class Invalidator:
 
     def drop(self) -> None:
         """Treat the tracking connection as lost and close it (the master
-        moved, sentinel.py): cache flushed, caching off until tracking is
+        moved, backing/sentinel.py): cache flushed, caching off until tracking is
         set up again on the new connection."""
         if self._protocol is not None:
             self._give_up(self._protocol)
@@ -367,7 +367,7 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
     reached speaks for them all.
     """
     if url.kind == "sentinel":  # ask the master the Sentinels name now, if any does
-        from redisp.sentinel import blocking_master
+        from redisp.backing.sentinel import blocking_master
 
         master = blocking_master(url, timeout)
         if master is None:

@@ -2,14 +2,14 @@
 
 A forwarded command's reply goes to the client as the bytes Redis sent
 (SPEC §7), so this connection never decodes a reply it passes on: it cuts
-the stream into frames (frames.py) and hands each frame, as ``bytes``, to
+the stream into frames (protocol/frames.py) and hands each frame, as ``bytes``, to
 the callback of the request it answers.  Replies come in request order on a
 connection, so matching is a FIFO of pending calls, as in twemproxy and
 Envoy's redis_proxy; one callback per call, no Deferred.
 
 ``done`` callbacks get either the reply frame (``bytes``, which may be an
 error reply: Redis's errors are relayed unchanged) or a ``BackingError``
-from backing.py: ``BackingTimeout`` when this call's own ``redis_timeout``
+from backing/connection.py: ``BackingTimeout`` when this call's own ``redis_timeout``
 ran out, ``BackingUnavailable`` when the connection could not be made,
 refused its setup, or was lost.  Exactly one call of ``done`` per call.
 
@@ -85,9 +85,11 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import BackingError, BackingTimeout, BackingUnavailable, first_line
+from redisp.backing.connection import BackingError, BackingTimeout, BackingUnavailable, first_line
+from redisp.backing.tls import OneProtocol, client_endpoint, describe
 from redisp.config import RedisURL
-from redisp.frames import (
+from redisp.protocol.codec import encode_command
+from redisp.protocol.frames import (
     ARRAY,
     ATTRIBUTE,
     PUSH,
@@ -97,9 +99,7 @@ from redisp.frames import (
     decode,
     frame_kind,
 )
-from redisp.resp import encode_command
-from redisp.sending import can_send_now, send_now
-from redisp.tls import OneProtocol, client_endpoint, describe
+from redisp.protocol.sending import can_send_now, send_now
 
 __all__ = ["Done", "RelayProtocol", "RelayPool", "CONFIRMED"]
 
@@ -229,7 +229,7 @@ class RelayProtocol(Protocol):
         self._blind = False  # send() before the connection was up
         self._close_on_connect = False  # closed before connecting, with send()s to deliver
         self.ever_ready = False
-        self._direct = False  # plain TCP: call_many sends at once (sending.py)
+        self._direct = False  # plain TCP: call_many sends at once (protocol/sending.py)
         self._batched = 0  # commands of _Batch calls beyond one each (``waiting``)
 
     # -- calls ---------------------------------------------------------------------
@@ -280,7 +280,7 @@ class RelayProtocol(Protocol):
         self._batched += count - 1
         unsent = self._unsent
         if unsent is None:
-            # at once rather than on the next reactor turn (sending.py): the
+            # at once rather than on the next reactor turn (protocol/sending.py): the
             # gate lets few packets out at a time, so each turn saved on the
             # way to Redis is throughput (bench/NOTES-perf.md, issue 12)
             if self._direct:
@@ -677,7 +677,7 @@ class RelayPool:
 
     def drop_all(self, why: str) -> None:
         """Close every connection, pool and pinned, at once (the master
-        moved, sentinel.py): calls waiting on them fail as unavailable with
+        moved, backing/sentinel.py): calls waiting on them fail as unavailable with
         ``why``, a pinned client holding state is hung up on as after a
         backing restart, and the next call on a lane reconnects without
         waiting out a backoff."""

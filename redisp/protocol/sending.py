@@ -9,7 +9,7 @@ the socket does not take (or an error) goes through ``write`` as before, so
 ordering, flow control and error handling stay Twisted's.  A TLS transport
 cannot be written past, but its write can at least reach the cipher at once
 (``unbuffer``).  Figures: bench/NOTES-perf.md, "What changed and why"
-(``resp_server.py _send``) and "TLS on the RESP door".
+(``doors/resp.py _send``) and "TLS on the RESP door".
 
 Twisted has no public way to ask how much a transport still holds, so two of
 its private attributes are read here (and in no other module):

@@ -14,7 +14,7 @@ chunk that carries it, and the reply's memory is released as it is sent.
 
 from __future__ import annotations
 
-from redisp.resp import CRLF, bulk
+from redisp.protocol.codec import CRLF, bulk
 
 __all__ = ["CHUNK", "LARGE", "Chunked", "bulk_reply", "get_replies", "join_replies",
            "values_array"]

@@ -2,7 +2,7 @@
 
 Clients see one ordinary Redis (db 0) and need no cluster support, so what
 a cluster client library does is done here, between the forwarder
-(forwarding.py) and one relay pool per master (relay.py):
+(routing/forwarding.py) and one relay pool per master (backing/relay.py):
 
 * **routed** -- a command is sent to the master of its keys' slot, on the
   client's lane of that master's pool (its commands to one node stay in its
@@ -64,12 +64,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from redisp.backing import BackingError, BackingUnavailable
-from redisp.cluster_map import Address, SlotMap, key_slot
-from redisp.command_table import CommandInfo, getkeys_request
-from redisp.frames import ErrorReply, FrameScanner, decode
-from redisp.relay import Done, RelayPool, RelayProtocol
-from redisp.resp import bulk, encode_command, parse_integer
+from redisp.backing.cluster_map import Address, SlotMap, key_slot
+from redisp.backing.connection import BackingError, BackingUnavailable
+from redisp.backing.relay import Done, RelayPool, RelayProtocol
+from redisp.protocol.codec import bulk, encode_command, parse_integer
+from redisp.protocol.frames import ErrorReply, FrameScanner, decode
+from redisp.routing.command_table import CommandInfo, getkeys_request
 
 __all__ = ["ClusterRouter", "ClusterPin", "CROSSSLOT", "MAX_REDIRECTS", "SCAN_BASE",
            "scan_cursor", "scan_position", "split_parts", "merge"]

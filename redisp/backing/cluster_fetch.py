@@ -46,7 +46,7 @@ and has the map read again, at most every ``REFRESH_AFTER_FAILURE`` seconds,
 so that a failover is found by the requests it fails.
 
 Stale values are the reader's concern: a map change that moves a slot away
-flushes the cache with tracking on (cluster_tracking.py), which poisons
+flushes the cache with tracking on (core/cluster_tracking.py), which poisons
 every fetch in flight (``CachedReader.invalidate_all``), so a value read
 from a node that has since lost the slot is answered but never stored.
 """
@@ -62,12 +62,12 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import Backing, BackingError, BackingReplyError, BackingUnavailable
-from redisp.batching import MAX_BATCH, Done
-from redisp.cluster_map import Address, ClusterTopology, SlotMap, key_slot
+from redisp.backing.batching import MAX_BATCH, Done
+from redisp.backing.cluster_map import Address, ClusterTopology, SlotMap, key_slot
+from redisp.backing.connection import Backing, BackingError, BackingReplyError, BackingUnavailable
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
-from redisp.resp import encode_command
+from redisp.protocol.codec import encode_command
 
 log = Logger()
 

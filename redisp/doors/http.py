@@ -1,16 +1,16 @@
 """The HTTP door's protocol half (SPEC §2, §9): bytes in, requests out,
 responses back on the wire, and every limit on the way.
 
-Split from web.py (issue 12) along the line between what HTTP carries and
+Split from doors/web.py (issue 12) along the line between what HTTP carries and
 what a request means: this module knows connections, heads, timeouts,
 client slots, backpressure and the wire format of a response, and nothing
-of keys, the cache or credentials; web.py knows those and nothing of
+of keys, the cache or credentials; doors/web.py knows those and nothing of
 sockets.  It reaches the application only through ``Application`` (the
-site's resource), so it imports nothing above the sending layer and web.py
+site's resource), so it imports nothing above the sending layer and doors/web.py
 may build on it without a cycle.  The fast path's two halves stay each with
 its general path: recognising a plain GET (``plain_get``) lives here beside
 twisted.web's parser it stands in for; answering one (``answer_plain``)
-lives in web.py beside ``/get``, and both end in the one ``compose``.
+lives in doors/web.py beside ``/get``, and both end in the one ``compose``.
 
 Everything here is built for the hot path, a cache hit, to cost as little
 Python as twisted.web allows.  What we cut from a stock ``Site`` and why:
@@ -33,7 +33,7 @@ Python as twisted.web allows.  What we cut from a stock ``Site`` and why:
   POST gets a 405 anyway).
 * **No sessions or cookies**: nothing here calls ``getSession``.
 * **Responses in one piece**: status line, headers and body composed by
-  ``compose`` and written at once (``Request.send``, sending.py).
+  ``compose`` and written at once (``Request.send``, protocol/sending.py).
 * **Plain GETs that hit skip the Request**: ``_Channel.dataReceived`` answers
   a whole ``GET /get?key=`` request with harmless headers, on an idle
   connection, from the cache, with the same ``compose``; anything else goes
@@ -63,7 +63,7 @@ from twisted.web.http import Request as HTTPRequest
 from zope.interface import implementer
 
 from redisp.clients import ClientSlots
-from redisp.sending import buffered, can_send_now, send_now
+from redisp.protocol.sending import buffered, can_send_now, send_now
 
 log = Logger()
 
@@ -250,7 +250,7 @@ class Request(server.Request):
         already (Date, Connection, Allow).  All or nothing: a failure while
         composing leaves nothing written, so a 500 can still follow (see
         bench/NOTES-perf.md, "Miss path and HTTP door").  It is sent at
-        once when the socket's buffer is empty (sending.py).
+        once when the socket's buffer is empty (protocol/sending.py).
         """
         self.setResponseCode(code)
         status = b"%s %d %s" % (self.clientproto, code, self.code_message)
@@ -294,7 +294,7 @@ class _Channel(HTTPChannel):
 
     _slots: ClientSlots | None = None
     _host: IAddress | None = None
-    direct = False  # responses may go straight to the socket (sending.py)
+    direct = False  # responses may go straight to the socket (protocol/sending.py)
     #: when the request being received began (None: none is), time of the
     #: last activity, the timer, and unsent bytes at its last idle check
     _started: float | None = None

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redisp.resp import parse_integer
+from redisp.protocol.codec import parse_integer
 
 __all__ = [
     "FrameError", "FrameScanner", "frame_kind", "decode", "ErrorReply", "Push",

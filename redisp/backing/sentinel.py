@@ -45,12 +45,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from redisp.backing import BackingError, first_line
+from redisp.backing.connection import BackingError, first_line
+from redisp.backing.relay import RelayProtocol
+from redisp.backing.tls import ConnectFailure, OneProtocol, client_endpoint
 from redisp.config import RedisURL
-from redisp.frames import ErrorReply, FrameError, FrameScanner, decode
-from redisp.relay import RelayProtocol
-from redisp.resp import encode_command
-from redisp.tls import ConnectFailure, OneProtocol, client_endpoint
+from redisp.protocol.codec import encode_command
+from redisp.protocol.frames import ErrorReply, FrameError, FrameScanner, decode
 
 log = Logger()
 

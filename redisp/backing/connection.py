@@ -22,10 +22,10 @@ txredisapi leaves open:
 * binary-safe replies: ``charset=None, convertNumbers=False`` (the defaults
   turn ``b"007"`` into ``7``), in ``BinaryRedisProtocol``;
 * TCP_NODELAY and TCP keepalive on every backing connection;
-* TLS for ``rediss://`` (tls.py): a connection is up once its handshake is,
+* TLS for ``rediss://`` (backing/tls.py): a connection is up once its handshake is,
   and a TLS failure is reported like any other failed connection, with its
   reason;
-* GETs batched per reactor turn into MGETs (``fetch``, batching.py).
+* GETs batched per reactor turn into MGETs (``fetch``, backing/batching.py).
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.batching import Done, GetBatcher
+from redisp.backing.batching import Done, GetBatcher
+from redisp.backing.tls import client_endpoint, describe, tcp_transport
 from redisp.config import RedisURL
 from redisp.metrics import Metrics
-from redisp.resp import encode_command
-from redisp.sending import can_send_now, send_now
-from redisp.tls import client_endpoint, describe, tcp_transport
+from redisp.protocol.codec import encode_command
+from redisp.protocol.sending import can_send_now, send_now
 
 log = Logger()
 
@@ -125,7 +125,7 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
     """
 
     #: whether ``execute_many`` may hand its bytes to the socket at once
-    #: (sending.py), found on its first use: None until then
+    #: (protocol/sending.py), found on its first use: None until then
     _direct: bool | None = None
 
     def __init__(self) -> None:
@@ -216,7 +216,7 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         connection failing fails the lot; cancelling it (a timeout) leaves
         the slot in the queue to swallow the late replies, as
         ``execute_command``'s cancelled slot does.  The bytes go to the
-        socket at once when it is a plain TCP one (sending.py): the write
+        socket at once when it is a plain TCP one (protocol/sending.py): the write
         would otherwise wait for the next reactor turn and cost two
         ``epoll_ctl``.
         """
@@ -407,7 +407,7 @@ class Backing:
                                      failed=self._attempt_failed, clock=self._clock)
         #: ``fetch(key, done)`` calls ``done`` with the value of ``key``, None,
         #: or a Failure; the fetches of one reactor turn share one MGET
-        #: (batching.py).  The batcher's own method: no wrapper call per miss.
+        #: (backing/batching.py).  The batcher's own method: no wrapper call per miss.
         self.fetch: Callable[[bytes, Done], None] = GetBatcher(self.call, reactor).fetch
 
     @property
@@ -433,7 +433,7 @@ class Backing:
         return self._service.stopService()
 
     def drop(self) -> None:
-        """Close the connection on purpose (the master moved, sentinel.py):
+        """Close the connection on purpose (the master moved, backing/sentinel.py):
         calls in flight on it fail as unavailable, later ones wait for the
         new connection within their timeout."""
         protocol = self._protocol

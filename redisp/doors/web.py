@@ -1,7 +1,7 @@
 """The HTTP door's application half (SPEC §2, §8): ``/get``, ``/healthz`` and
 ``/metrics``, what each request means and the reply it gets.
 
-Split from the protocol (http_channel.py, issue 12) so that what a reply
+Split from the protocol (doors/http.py, issue 12) so that what a reply
 says (status, validators, Cache-Control, credentials, which outcome is
 counted) is read in one place, apart from how bytes arrive and leave; this
 module builds on that one and never the other way round.  A hit is answered
@@ -48,20 +48,20 @@ from twisted.web.http import (
 from twisted.web.resource import Resource
 from xxhash import xxh3_128_intdigest
 
-from redisp.auth import Authenticator
-from redisp.backing import (
+from redisp.backing.connection import (
     Backing,
     BackingError,
     BackingInternalError,
     BackingTimeout,
     BackingUnavailable,
 )
-from redisp.cache import Cache
 from redisp.clients import ClientSlots
+from redisp.commands.auth import Authenticator
 from redisp.config import Config
-from redisp.http_channel import TEXT, RedispSite, Request, compose
+from redisp.core.cache import Cache
+from redisp.core.reader import CachedReader, Lookup
+from redisp.doors.http import TEXT, RedispSite, Request, compose
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader, Lookup
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """The local cache: global TTL from insertion, LRU eviction, capacity in keys.
 
 One mapping in least- to most-recently-used order holds ``key -> entry``:
-``redisp._lru.LruDict``, a C table that keeps OrderedDict's order and
+``redisp.core._lru.LruDict``, a C table that keeps OrderedDict's order and
 interface in a fraction of its memory per entry, or, where that was not
 built (no C compiler at install), an ``OrderedDict`` with the same
 behaviour.  Nothing in pure Python keeps an exact LRU order in less: a
@@ -61,7 +61,7 @@ from twisted.internet.interfaces import IReactorTime
 from redisp.metrics import Metrics
 
 try:
-    from redisp._lru import LruDict as _Entries
+    from redisp.core._lru import LruDict as _Entries
 except ImportError:  # built without a C compiler: the same order, more memory
     _Entries = OrderedDict  # type: ignore[assignment,misc]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from redisp.resp import OK, bulk, error, integer, parse_integer
+from redisp.protocol.codec import OK, bulk, error, integer, parse_integer
 
 Reply = tuple[bytes, str]
 

@@ -61,8 +61,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redisp.frames import ErrorReply
-from redisp.resp import parse_integer
+from redisp.protocol.codec import parse_integer
+from redisp.protocol.frames import ErrorReply
 
 __all__ = [
     "CommandTable", "CommandInfo", "KeySpec", "FLUSH", "WRITE_FLAGS", "BLOCKS_UNFLAGGED",
@@ -199,7 +199,7 @@ class CommandInfo:
     #: changes keys without naming any (FLUSHDB, FLUSHALL, SWAPDB)
     keyspace_wide: bool = field(init=False)
     #: the argv index of the one key of a one-key command (GET, SET, INCR …),
-    #: else 0: its route needs no spec walk (cluster_routing.py)
+    #: else 0: its route needs no spec walk (routing/cluster.py)
     single_key: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -247,7 +247,7 @@ class CommandInfo:
     def route_keys(self, argv: Sequence[bytes]) -> list[int] | None:
         """``keys`` and the shard channels of ``not_key`` specs (SPUBLISH,
         SSUBSCRIBE): what Redis Cluster routes a command by
-        (cluster_routing.py)."""
+        (routing/cluster.py)."""
         if len(self._keyed) == len(self.specs):
             return self.keys(argv)
         positions: list[int] = []

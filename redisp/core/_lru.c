@@ -1,6 +1,6 @@
-/* redisp._lru: LruDict, a compact ordered mapping of bytes to bytes for the cache.
+/* redisp.core._lru: LruDict, a compact ordered mapping of bytes to bytes for the cache.
  *
- * The subset of OrderedDict that redisp.cache uses (get, move_to_end,
+ * The subset of OrderedDict that redisp.core.cache uses (get, move_to_end,
  * popitem(last=False), item assignment and deletion, pop, clear, len), kept in
  * least- to most-recently-used order like an OrderedDict, in about a third of
  * its memory per entry: see bench/NOTES-perf.md ("Issue 12, cache memory").
@@ -493,7 +493,7 @@ PyDoc_STRVAR(LruDict_doc,
 
 static PyTypeObject LruDict_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "redisp._lru.LruDict",
+    .tp_name = "redisp.core._lru.LruDict",
     .tp_basicsize = sizeof(LruDict),
     .tp_dealloc = (destructor)LruDict_dealloc,
     .tp_as_sequence = &LruDict_as_sequence,
@@ -507,9 +507,9 @@ static PyTypeObject LruDict_Type = {
 
 static struct PyModuleDef lru_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "redisp._lru",
-    .m_doc = "A compact LRU-ordered mapping for redisp.cache (optional: "
-             "redisp.cache falls back to OrderedDict without it).",
+    .m_name = "redisp.core._lru",
+    .m_doc = "A compact LRU-ordered mapping for redisp.core.cache (optional: "
+             "redisp.core.cache falls back to OrderedDict without it).",
     .m_size = -1,
 };
 

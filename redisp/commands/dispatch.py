@@ -8,7 +8,7 @@ and CLIENT), because client libraries and tools match on that text.
 A handler takes the connection's ``Session`` and the request's arguments and
 returns a ``Reply``: ``(encoded reply, outcome)`` when it can answer at once,
 or a Deferred firing with that pair (a forwarded command: a ``Pending``,
-forwarding.py).  The outcome is the metrics label (``Metrics.OUTCOMES``).
+routing/forwarding.py).  The outcome is the metrics label (``Metrics.OUTCOMES``).
 Handlers encode with the encoder the connection had when the request
 arrived, so a ``HELLO 3`` pipelined behind a slow GET does not change how
 that GET is answered.
@@ -33,7 +33,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 import redisp
-from redisp.auth import (
+from redisp.backing.connection import BackingError, BackingReplyError
+from redisp.commands.auth import (
     DEFAULT_USER,
     EVERYONE,
     HELLO_NOAUTH,
@@ -42,15 +43,12 @@ from redisp.auth import (
     WRONGPASS,
     no_permission,
 )
-from redisp.backing import BackingError, BackingReplyError
-from redisp.client_list import ClientRegistry, client_info, client_kill, client_list
+from redisp.commands.client_list import ClientRegistry, client_info, client_kill, client_list
+from redisp.commands.replies import LARGE, Chunked, bulk_reply, values_array
 from redisp.config import Config
-from redisp.forwarding import Pending, as_deferred
-from redisp.frames import decode
-from redisp.gate import Owner
+from redisp.core.gate import Owner
 from redisp.metrics import Metrics
-from redisp.replies import LARGE, Chunked, bulk_reply, values_array
-from redisp.resp import (
+from redisp.protocol.codec import (
     EMPTY_ARRAY,
     OK,
     PONG,
@@ -65,6 +63,8 @@ from redisp.resp import (
     parse_integer,
     simple,
 )
+from redisp.protocol.frames import decode
+from redisp.routing.forwarding import Pending, as_deferred
 
 #: the Redis version this door imitates (see the module docstring)
 REDIS_VERSION = "7.0.0"
@@ -79,8 +79,8 @@ PROTOCOL_ERROR = "protocol_error"
 OTHER = "other"
 
 #: what a handler returns: (encoded reply, outcome), or a Deferred of that,
-#: or for a forwarded command a ``Pending`` of that (forwarding.py);
-#: GET and MGET answer a large reply as a ``Chunked`` (replies.py)
+#: or for a forwarded command a ``Pending`` of that (routing/forwarding.py);
+#: GET and MGET answer a large reply as a ``Chunked`` (commands/replies.py)
 Reply = tuple[bytes | Chunked, str] | Deferred | Pending
 Handler = Callable[["Session", list[bytes]], Reply]
 
@@ -114,7 +114,7 @@ class Session:
         self.closing = False
         #: the connection's requests at the gate, dropped if it goes away
         self.owner: Owner | None = None
-        #: forwarding (forwarding.py): None under ``forward: none``
+        #: forwarding (routing/forwarding.py): None under ``forward: none``
         self.forwarder: Any = None
         self.pin: Any = None  # the client's own backing connection while it holds state
         self.lane = 0  # its connection of the shared pool
@@ -126,13 +126,13 @@ class Session:
         #: close the connection once every reply owed is written (the
         #: client's pinned connection was lost with its state)
         self.hang_up: Callable[[], None] = lambda: None
-        #: who the client is (auth.py): None until it has authenticated
+        #: who the client is (commands/auth.py): None until it has authenticated
         self.user: Any = EVERYONE
         #: True while a command may be refused (not authenticated, or a
         #: ``read`` user): the one flag the request path reads
         self.restricted = False
         self.auth: Any = None  # the proxy's Authenticator; None: no authentication
-        # for CLIENT LIST / INFO / KILL (client_list.py), set by the door
+        # for CLIENT LIST / INFO / KILL (commands/client_list.py), set by the door
         self.clients: Any = ClientRegistry()
         self.created = clock.seconds()
         self.addresses: tuple[Any, Any] = (None, None)  # (peer, local)
@@ -241,7 +241,7 @@ def _packet_route(name: bytes) -> str:
     return route
 
 
-# -- authentication and permissions (SPEC §8, auth.py) ---------------------------------
+# -- authentication and permissions (SPEC §8, commands/auth.py) ---------------------------------
 
 
 def _refusal(session: Session, argv: list[bytes], command: Command | None) -> Reply | None:
@@ -500,7 +500,7 @@ def _reset(session: Session, argv: list[bytes]) -> Reply:
     """As Redis: the connection back to its first state.  A pinned client's
     RESET goes to its pinned connection, after what the client sent before
     it (a BLPOP still blocked, an open MULTI): Redis drops the state and
-    answers, and the pin is let go (forwarding.py)."""
+    answers, and the pin is let go (routing/forwarding.py)."""
     reply: Reply = (simple("RESET"), OTHER)
     if session.pin is not None:
         reply = session.forwarder.forward(session, argv)

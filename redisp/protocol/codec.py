@@ -475,7 +475,7 @@ class RequestParser:
         What ``feed`` would return (``_parse_split`` takes only what
         ``_parse`` would), plus a proof that ``data`` is those requests
         encoded as ``encode_command`` would: the RESP door relays such a
-        packet of forwarded commands as it came (forwarding.py).
+        packet of forwarded commands as it came (routing/forwarding.py).
         """
         if data[:1] != b"*":
             return None

@@ -14,7 +14,7 @@ What flushes the whole cache:
   replica promoted): the old master's invalidations for that slot stopped,
   and a failover may have lost writes the cache holds.  The flush poisons
   every fetch in flight, so a value read from the old master is never
-  stored (reader.py).
+  stored (core/reader.py).
 
 A replica promoted by ``CLUSTER FAILOVER`` gives no sign on the tracking
 connections: the old master, now its replica, keeps them up and keeps
@@ -47,10 +47,10 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from redisp.cluster_map import Address, ClusterTopology, SlotMap
-from redisp.invalidation import Invalidator
+from redisp.backing.cluster_map import Address, ClusterTopology, SlotMap
+from redisp.core.reader import CachedReader
+from redisp.core.tracking import Invalidator
 from redisp.metrics import Metrics
-from redisp.reader import CachedReader
 
 log = Logger()
 

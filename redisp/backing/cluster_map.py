@@ -41,11 +41,11 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from redisp.backing import BackingError, BackingUnavailable, first_line
+from redisp.backing.connection import BackingError, BackingUnavailable, first_line
+from redisp.backing.relay import RelayProtocol
+from redisp.backing.tls import OneProtocol, client_endpoint
 from redisp.config import RedisURL
-from redisp.frames import ErrorReply, FrameError, decode
-from redisp.relay import RelayProtocol
-from redisp.tls import OneProtocol, client_endpoint
+from redisp.protocol.frames import ErrorReply, FrameError, decode
 
 __all__ = ["SLOTS", "Address", "key_slot", "SlotMap", "ClusterMapError", "ClusterTopology",
            "REFRESH_SECONDS", "UNSETTLED_SECONDS"]
@@ -292,7 +292,7 @@ class ClusterTopology:
     """The current SlotMap of one cluster, kept fresh; see the module docstring.
 
     ``connect(protocol, url)`` (tests) makes the connection for one node;
-    by default ``redisp.tls.client_endpoint``.
+    by default ``redisp.backing.tls.client_endpoint``.
     """
 
     def __init__(self, url: RedisURL, timeout: float, reactor: Any, metrics: Any,
