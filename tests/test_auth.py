@@ -23,7 +23,8 @@ from redisp.commands.auth import (
     WRONGPASS,
     Authenticator,
 )
-from redisp.commands.dispatch import Session, execute
+from redisp.commands.dispatch import execute
+from redisp.commands.session import Session
 from redisp.config import Config, ConfigError, Secret, UserConfig, load_config
 from redisp.metrics import Metrics
 from redisp.protocol.frames import decode

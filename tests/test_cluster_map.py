@@ -761,7 +761,7 @@ def test_cluster_fixture_migrates_fails_over_and_recovers(redis_cluster):
 
 
 def _info_fields(metrics: Metrics) -> dict[str, str]:
-    from redisp.commands.dispatch import render_info
+    from redisp.commands.info import render_info
     from tests.test_commands import make_session
 
     text = render_info(make_session(metrics=metrics), {"proxy"})

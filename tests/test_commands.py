@@ -13,7 +13,9 @@ from twisted.python.failure import Failure
 
 import redisp
 from redisp.backing.connection import BackingReplyError, BackingTimeout, BackingUnavailable
-from redisp.commands.dispatch import TABLE, Session, execute
+from redisp.commands.dispatch import execute
+from redisp.commands.local import TABLE
+from redisp.commands.session import Session
 from redisp.config import Config
 from redisp.metrics import Metrics
 from redisp.protocol.codec import RESP2, RESP3

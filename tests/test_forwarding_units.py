@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 
 from redisp.backing.connection import BackingUnavailable
 from redisp.backing.relay import RelayProtocol
-from redisp.commands.dispatch import Session
+from redisp.commands.session import Session
 from redisp.config import Config
 from redisp.core.gate import Gate
 from redisp.metrics import Metrics

@@ -18,7 +18,7 @@ time (src/acl.c ``ACLCheckUserCredentials``): how long a check takes says
 nothing about the password tried, not even its length.  A user name that
 does not exist is checked against a dummy digest, so it costs the same.
 
-The connection's state lives on its ``Session`` (commands/dispatch.py): ``user`` is
+The connection's state lives on its ``Session`` (commands/session.py): ``user`` is
 None until it has authenticated, and ``restricted`` is True while anything
 may be refused to it (not authenticated, or a ``read`` user).  The request
 path reads that one flag; everything else here runs at AUTH, at connect and
