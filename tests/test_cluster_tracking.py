@@ -4,11 +4,15 @@ deadline."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest_twisted
 from twisted.internet import defer, threads
 
+from redisp.backing import cluster_map
 from redisp.backing.cluster_map import key_slot
 from redisp.config import parse_redis_url
+from redisp.core import cluster_tracking
 from redisp.core.tracking import tracking_support_problem
 from tests.support import until
 from tests.test_cluster_read import keys_per_master
@@ -34,10 +38,11 @@ def cached(p, key: bytes) -> bool:
 
 
 @inline
-def test_every_master_gets_a_tracking_connection(redis_cluster, start_proxy):
+def test_every_master_and_replica_gets_a_tracking_connection(redis_cluster, start_proxy):
     p = tracking_proxy(start_proxy, redis_cluster)
     yield ready(p)
-    assert set(p.proxy.invalidator.trackers) == set(redis_cluster.masters())
+    nodes = set(redis_cluster.masters()) | set(redis_cluster.replicas())
+    assert len(nodes) == 6 and set(p.proxy.invalidator.trackers) == nodes
     assert p.proxy.reader.caching
     status, _, body = yield in_thread(p.http_path, "/healthz")
     assert (status, body) == (200, b"ok\ninvalidation: tracking active\n")
@@ -152,3 +157,40 @@ def test_the_start_up_check_asks_the_first_seed_that_answers(redis_cluster):
     assert problem is not None and f"127.0.0.1:{live}" in problem and "nope" not in problem
     nobody = parse_redis_url(f"redis+cluster://127.0.0.1:{free_port()}")
     assert tracking_support_problem(nobody, 1.0) is None
+
+
+@inline
+def test_a_write_on_a_just_promoted_replica_is_invalidated_before_the_map_is_read(
+        redis_cluster, start_proxy, monkeypatch):
+    """The failover window: after ``CLUSTER FAILOVER``, before redisp reads
+    the new map, a write made directly on the new master must still drop the
+    cached key.  The old master (now its replica) is frozen (SIGSTOP), so it
+    cannot relay the invalidation; only the connection redisp held to the
+    replica before its promotion can.  redisp's map reads are held off, so
+    nothing else flushes the cache meanwhile."""
+    monkeypatch.setattr(cluster_tracking, "FOLLOW_SECONDS", 3600.0)
+    monkeypatch.setattr(cluster_map, "REFRESH_SECONDS", 3600.0)
+    key = b"{promoted}k"
+    writer = redis_cluster.cluster_client()
+    writer.set(key, b"v1")
+    old_master = redis_cluster.node_for(key)
+    replica = next(r for r in redis_cluster.replicas()
+                   if redis_cluster.command(r[1], "ROLE")[1:3] == [
+                       old_master[0].encode(), old_master[1]])
+    # PINGs of the frozen node unanswered for this long would flush too
+    p = tracking_proxy(start_proxy, redis_cluster, redis_timeout=60.0)
+    yield ready(p)
+    r = p.redis_py()
+    assert (yield in_thread(r.get, key)) == b"v1"
+    assert cached(p, key)
+    frozen = redis_cluster.node(old_master[1]).proc
+    try:
+        yield in_thread(redis_cluster.failover, replica[1])
+        assert p.proxy.topology.map.master(key_slot(key)) == old_master, "map read too soon"
+        frozen.send_signal(signal.SIGSTOP)
+        redis_cluster.client(replica[1]).set(key, b"v2")  # straight to the new master
+        yield until(lambda: not cached(p, key), limit=10.0)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert (yield in_thread(r.get, key)) == b"v2"  # followed by MOVED to the new master
+    yield in_thread(redis_cluster.failover, old_master[1])  # leave the roles as they were

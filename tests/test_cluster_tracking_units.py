@@ -1,4 +1,4 @@
-"""ClusterTracking on fakes: caching only while every master's tracking holds,
+"""ClusterTracking on fakes: caching only while every node's tracking holds (masters and replicas),
 a flush when a slot changes master, trackers following the masters."""
 
 from __future__ import annotations
@@ -241,3 +241,42 @@ def test_a_value_read_from_a_master_that_lost_the_slot_is_answered_not_stored():
     assert nodes[B].sent == [(b"GET", key)]
     nodes[B].answer(b"new")
     assert answers[-1] == (b"new", False) and len(reader._cache) == 1
+
+
+def _with_replicas():
+    """thirds(), each master with one replica."""
+    replicas = {A: [RA], B: [RB], C: [RC]}
+    return SlotMap.from_ranges({A: [(0, 5460)], B: [(5461, 10922)], C: [(10923, SLOTS - 1)]},
+                               replicas)
+
+
+RA, RB, RC = ("10.0.0.11", 7000), ("10.0.0.12", 7000), ("10.0.0.13", 7000)
+
+
+def test_every_replica_is_tracked_too_and_caching_waits_for_it():
+    """A replica's connection carries the invalidations of the writes made on
+    it the moment it is promoted, before redisp reads the new map."""
+    clock, topology, reader, metrics, tracking, made = setup(_with_replicas())
+    assert set(made) == {A, B, C, RA, RB, RC} and all(t.started for t in made.values())
+    for address in (A, B, C, RA, RB):
+        made[address].establish()
+    assert not reader.caching, "RC's tracking is not active yet"
+    made[RC].establish()
+    assert reader.caching
+    reader.drain()
+    assert all(t.drained == 1 for t in made.values()), "every node's socket is drained"
+    made[RB].lose()
+    assert not reader.caching
+
+
+def test_a_replica_leaving_the_map_has_its_tracking_stopped_and_caching_resumes():
+    clock, topology, reader, metrics, tracking, made = setup(_with_replicas())
+    for tracker in made.values():
+        tracker.establish()
+    made[RB].lose()  # it died
+    assert not reader.caching
+    failed = SlotMap.from_ranges({A: [(0, 5460)], B: [(5461, 10922)], C: [(10923, SLOTS - 1)]},
+                                 {A: [RA], C: [RC]})  # the cluster marked it failed
+    topology.install(failed)
+    assert made[RB].stopped and RB not in tracking.trackers
+    assert reader.caching and reader.flushes == 0, "no slot changed master"

@@ -1,9 +1,18 @@
-"""Coherence in front of a Redis Cluster: one tracking connection per master (SPEC §5, §10).
+"""Coherence in front of a Redis Cluster: one tracking connection per node (SPEC §5, §10).
 
 Each master sends the invalidations of its own keys only, so every master
 of the current map gets its own ``Invalidator`` (BCAST, checked for life
 exactly as for one server), and the reader caches only while every one of
 them is active: a write on a master nobody listens to would go unseen.
+
+Every replica the map names gets one too, and counts the same: a replica
+sends the invalidations of the writes it replicates, so while it is a
+replica its connection repeats its master's, and the moment it is promoted
+(``CLUSTER FAILOVER``, or its master's death) the connection redisp already
+holds carries the invalidations of the writes made on it as the new master,
+before redisp has read the new map.  A replica the cluster marks as failed
+leaves the map (``SlotMap.from_shards``), and with it the set caching waits
+for.
 
 What flushes the whole cache:
 
@@ -17,15 +26,14 @@ What flushes the whole cache:
   stored (core/reader.py).
 
 A replica promoted by ``CLUSTER FAILOVER`` gives no sign on the tracking
-connections: the old master, now its replica, keeps them up and keeps
-sending the invalidations of the writes it replicates, but only once it has
-replicated them, so a client that writes on the new master and reads
-through redisp could be answered from the cache before the invalidation
-comes.  So while tracking is on, the map is read every ``FOLLOW_SECONDS``
-(the topology's own period is for routing, and longer): a promotion is
-seen, and the cache flushed, within about that much of the cluster knowing.
+connections (the old master, now a replica, keeps its own up), so while
+tracking is on the map is also read every ``FOLLOW_SECONDS`` (the
+topology's own period is for routing, and longer): a promotion is seen, and
+the cache flushed, within about that much of the cluster knowing.  The
+invalidations of writes on the new master meanwhile come on the connection
+it had as a replica.
 
-A new master gets its own connection, and caching is off until it is
+A new node gets its own connection, and caching is off until it is
 active (its activation poisons the fetches in flight again); a master that
 left the map has its connection closed.  While some master's tracking is
 down the map is read again every ``RECHECK_SECONDS``: a master that died is
@@ -62,10 +70,11 @@ FOLLOW_SECONDS = 1.0
 
 
 class ClusterTracking:
-    """One ``Invalidator`` per master, and the reader's ``caching`` true to all of them.
+    """One ``Invalidator`` per node, masters and replicas, and the reader's
+    ``caching`` true to all of them.
 
-    ``make_invalidator(address, owner)`` (tests) builds one master's
-    tracking; by default an ``Invalidator`` for ``topology.node_url(address)``.
+    ``make_invalidator(address, owner)`` (tests) builds one node's tracking;
+    by default an ``Invalidator`` for ``topology.node_url(address)``.
     """
 
     def __init__(
@@ -83,8 +92,10 @@ class ClusterTracking:
         self._metrics = metrics
         self._make = make_invalidator or (lambda address, owner: Invalidator(
             topology.node_url(address), timeout, reactor, reader, metrics, owner=owner))
-        #: the tracking of each master of the current map
+        #: the tracking of each node of the current map, masters then replicas
         self.trackers: dict[Address, Any] = {}
+        #: the nodes of the current map (``SlotMap.nodes``): what caching waits for
+        self._nodes: tuple[Address, ...] = ()
         self._drains: tuple[Any, ...] = ()
         self._running = False
         self._recheck: IDelayedCall | None = None
@@ -94,12 +105,12 @@ class ClusterTracking:
 
     @property
     def active(self) -> bool:
-        """True while there is a map and every master's tracking holds."""
+        """True while there is a map and every node's tracking holds."""
         current = self._topology.map
         if current is None or not current.masters or not self._running:
             return False
         trackers = self.trackers
-        for address in current.masters:
+        for address in self._nodes:
             tracker = trackers.get(address)
             if tracker is None or not tracker.active:
                 return False
@@ -129,9 +140,9 @@ class ClusterTracking:
     # -- the owner of every master's Invalidator --------------------------------------
 
     def tracking_changed(self, tracker: Any) -> None:
-        """A master's tracking became active, or was lost (and flushed)."""
+        """A node's tracking became active, or was lost (and flushed)."""
         if not any(t is tracker for t in self.trackers.values()):
-            return  # one we stopped (its master left the map)
+            return  # one we stopped (its node left the map)
         self._update()
 
     def _update(self) -> None:
@@ -150,7 +161,7 @@ class ClusterTracking:
             tracker.drain()
 
     def _read_map(self) -> None:
-        """Some master's tracking is down: is it still a master?"""
+        """Some node's tracking is down: is it still in the map?"""
         self._recheck = None
         if self._running and not self.active:
             self._topology.refresh().addErrback(lambda _: None)
@@ -175,10 +186,10 @@ class ClusterTracking:
                      count=len(moved))
         if not self._running:
             return
-        masters = set(new.masters)
-        for address in [a for a in self.trackers if a not in masters]:
+        nodes = self._nodes = tuple(new.nodes())
+        for address in [a for a in self.trackers if a not in nodes]:
             self.trackers.pop(address).stop()
-        for address in new.masters:
+        for address in nodes:
             if address not in self.trackers:
                 tracker = self.trackers[address] = self._make(address, self)
                 tracker.start()  # caching off until it is active (tracking_changed)
