@@ -41,6 +41,11 @@ class RedisURL:
     seeds: tuple[tuple[str, int], ...] = ()
     #: the Sentinel service (master) name of redis+sentinel://
     service: str | None = None
+    #: what redisp authenticates to the Sentinels themselves with (the
+    #: ``sentinel_user`` / ``sentinel_password`` keys; the URL's credentials
+    #: are the master's): attached by ``load_config``
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
     #: the files of the ``redis_tls_*`` keys, read once (``redisp.backing.tls.ClientTLS``),
     #: attached by ``build_proxy`` so that every connection made from this
     #: URL, or from a copy of it for another host, gets them; None: the
@@ -69,21 +74,30 @@ class RedisURL:
         hosts = ",".join(f"{host}:{port}" for host, port in self.seeds)
         if self.kind == "cluster":
             return f"redis+cluster://{auth}{hosts}"
-        return f"redis+sentinel://{auth}{hosts}/{self.service}/{self.db}"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{auth}{hosts}/{self.service}/{self.db}"
 
     def at(self, host: str, port: int) -> RedisURL:
         """This URL for one node (a master found by Sentinel, a cluster node):
         the same credentials, database and TLS files, another address."""
         return replace(self, kind="server", host=host, port=port, seeds=((host, port),),
-                       service=None)
+                       service=None, sentinel_username=None, sentinel_password=None)
+
+    def sentinel_at(self, host: str, port: int) -> RedisURL:
+        """A connection to one Sentinel of this URL: the Sentinels' own
+        credentials (none unless ``sentinel_password`` is set), TLS as for
+        the master (``rediss+sentinel://``), no database."""
+        return replace(self.at(host, port), db=0, username=self.sentinel_username,
+                       password=self.sentinel_password)
 
 
 #: the URL schemes of SPEC §10, and the kind of deployment each names
 SCHEMES = {"redis": "server", "rediss": "server", "redis+sentinel": "sentinel",
-           "redis+cluster": "cluster"}
+           "rediss+sentinel": "sentinel", "redis+cluster": "cluster"}
 
 URL_SHAPES = ("must look like redis://[[user]:password@]host:port/db (rediss:// for TLS), "
               "redis+sentinel://[[user]:password@]host:port[,host:port…]/service_name[/db] "
+              "(rediss+sentinel:// for TLS) "
               "or redis+cluster://[[user]:password@]host:port[,host:port…]")
 
 
@@ -121,7 +135,8 @@ def parse_redis_url(text: str) -> RedisURL:
         raise ConfigError(f"database must be a number, got {db!r}")
     host, port = seeds[0]
     return RedisURL(host=host, port=port, db=int(db), username=username, password=password,
-                    tls=scheme.lower() == "rediss", kind=kind, seeds=seeds, service=service)
+                    tls=scheme.lower() in ("rediss", "rediss+sentinel"), kind=kind, seeds=seeds,
+                    service=service)
 
 
 def _host_port(text: str, default_port: int = 6379) -> tuple[str, int]:
@@ -192,6 +207,9 @@ class Config:
     redis_tls_key: str | None = None
     redis_tls_verify: bool = True
     tls_client_ca: str | None = None
+    # the Sentinels' own credentials (redis+sentinel://; the URL's are the master's)
+    sentinel_user: str | None = None
+    sentinel_password: Secret | None = field(default=None, repr=False)
 
 
 def _endpoint(value: Any) -> str | None:
@@ -299,6 +317,20 @@ def _password(value: Any) -> Secret | None:
 _BAD_NAME_CHARS = frozenset(" :\t\r\n\0")
 
 
+def _is_user_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and _BAD_NAME_CHARS.isdisjoint(name) \
+        and name.isprintable()
+
+
+def _user_name(value: Any) -> str | None:
+    """A user name to AUTH as (``sentinel_user``), or None."""
+    if value is None or value == "":
+        return None
+    if not _is_user_name(value):
+        raise ConfigError("must be a user name without blanks, ':' or control characters")
+    return value
+
+
 def _users(value: Any) -> tuple[UserConfig, ...]:
     """``{name: {password: PW, commands: all|read}}``, from conf.yaml only."""
     if value is None:
@@ -308,8 +340,7 @@ def _users(value: Any) -> tuple[UserConfig, ...]:
                           "all|read}, in conf.yaml")
     users = []
     for name, spec in value.items():
-        if not isinstance(name, str) or not name or not _BAD_NAME_CHARS.isdisjoint(name) \
-                or not name.isprintable():
+        if not _is_user_name(name):
             raise ConfigError(f"user name {name!r} must be a non-empty string without blanks, "
                               "':' or control characters")
         if not isinstance(spec, dict):
@@ -360,6 +391,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "redis_tls_key": _path,
     "redis_tls_verify": _boolean,
     "tls_client_ca": _path,
+    "sentinel_user": _user_name,
+    "sentinel_password": _password,
 }
 assert set(PARSERS) == {f.name for f in fields(Config)}
 
@@ -435,7 +468,23 @@ def load_config(
                           "set one or the other")
     config = Config(**values)
     check_tls_keys(config)
-    return config
+    return with_sentinel_credentials(config)
+
+
+def with_sentinel_credentials(config: Config) -> Config:
+    """The ``sentinel_*`` keys attached to the backing URL, which every
+    connection is made from; they mean nothing without Sentinels."""
+    given = [key for key in ("sentinel_user", "sentinel_password")
+             if getattr(config, key) is not None]
+    if not given:
+        return config
+    if config.redis.kind != "sentinel":
+        raise ConfigError(f"{given[0]} is set but the backing URL is not redis+sentinel://")
+    if config.sentinel_password is None:
+        raise ConfigError("sentinel_user is set but sentinel_password is not")
+    url = replace(config.redis, sentinel_username=config.sentinel_user,
+                  sentinel_password=config.sentinel_password)
+    return replace(config, redis=url)
 
 
 def check_tls_keys(config: Config) -> None:

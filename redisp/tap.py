@@ -31,7 +31,8 @@ OPTIONS = [
     ("resp", "RESP listener, a Twisted server endpoint string, or none "
              "[default: tcp:6380:interface=127.0.0.1]"),
     ("redis", "backing Redis URL redis://[[user]:password@]host:port/db, or rediss://... "
-              "for TLS [default: redis://127.0.0.1:6379/0]"),
+              "for TLS, redis+sentinel://…/service or redis+cluster://… "
+              "[default: redis://127.0.0.1:6379/0]"),
     ("redis-timeout", "seconds before a call to the backing Redis is given up [default: 2.0]"),
     ("ttl", "seconds an entry may live in the cache, from when it was stored [default: 60]"),
     ("capacity", "cache capacity in keys; 0 = no caching, pure pass-through [default: 10000]"),
@@ -69,6 +70,11 @@ OPTIONS = [
                          "false [default: true]"),
     ("tls-client-ca", "PEM file of the CA that must have signed the certificate of every "
                       "client of the ssl: listeners (mutual TLS)"),
+    ("sentinel-user", "redis+sentinel://: the user redisp authenticates to the Sentinels as "
+                      "(with --sentinel-password) [default: default]"),
+    ("sentinel-password", "redis+sentinel://: the Sentinels' own password (their "
+                          "requirepass); the URL's credentials are the master's; prefer "
+                          "REDISP_SENTINEL_PASSWORD or conf.yaml [default: none]"),
 ]
 
 
@@ -137,8 +143,9 @@ def command_line_secrets(options: usage.Options) -> dict[str, str]:
     from urllib.parse import urlsplit
 
     found = {}
-    if options["password"]:
-        found["--password"] = options["password"]
+    for key in ("password", "sentinel-password"):
+        if options[key]:
+            found["--" + key] = options[key]
     if options["redis"]:
         try:
             typed = urlsplit(options["redis"].strip()).password

@@ -59,18 +59,33 @@ class Sentinel:
     """One ``redis-server <conf> --sentinel`` monitoring the service."""
 
     def __init__(self, directory: str, master_port: int, port: int | None = None,
-                 quorum: int = 2) -> None:
+                 quorum: int = 2, extra: str = "", tls_files=None) -> None:
+        """``extra``: more lines for its config file (``requirepass …``);
+        ``tls_files`` (tests/tls_support.py): it listens with TLS only, and
+        speaks TLS to the master (``tls-replication``)."""
         self.port = port or free_port()
         self.quorum = quorum
         self.directory = directory
         self.master_port = master_port
+        self.extra = extra
+        self.tls_files = tls_files
         self.proc: subprocess.Popen | None = None
+
+    def _listen(self) -> str:
+        f = self.tls_files
+        if f is None:
+            return f"port {self.port}\n"
+        return (f"port 0\ntls-port {self.port}\ntls-cert-file {f.server_cert}\n"
+                f"tls-key-file {f.server_key}\ntls-ca-cert-file {f.ca}\n"
+                "tls-auth-clients optional\ntls-replication yes\n"
+                # it checks the master's certificate with the same CA
+                f"tls-client-cert-file {f.client_cert}\ntls-client-key-file {f.client_key}\n")
 
     def start(self) -> Sentinel:
         conf = os.path.join(self.directory, f"sentinel-{self.port}.conf")
         if not os.path.exists(conf):  # a restarted Sentinel keeps what it learnt
             with open(conf, "w") as f:
-                f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                f.write(f"{self._listen()}bind 127.0.0.1\ndir {self.directory}\n{self.extra}"
                         f"sentinel monitor {SERVICE} 127.0.0.1 {self.master_port} {self.quorum}\n"
                         f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
                         f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
@@ -86,10 +101,10 @@ class Sentinel:
     def stop(self) -> None:
         self.proc = stop_process(self.proc)
 
-    def client(self):
+    def client(self, password: str | None = None):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, protocol=2,
+        return redis.Redis(host="127.0.0.1", port=self.port, protocol=2, password=password,
                            socket_timeout=STARTUP_LIMIT)
 
     def master(self) -> tuple[str, int] | None:

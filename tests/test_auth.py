@@ -473,6 +473,9 @@ def test_passwords_on_the_command_line_are_found_where_typed():
     options = Options()
     options.parseOptions(["--redis", "redis://h:1/0"])
     assert command_line_secrets(options) == {}
+    options = Options()
+    options.parseOptions(["--redis", "redis+sentinel://h/s", "--sentinel-password", "sp"])
+    assert command_line_secrets(options) == {"--sentinel-password": "sp"}
 
 
 def test_the_process_title_hides_them(monkeypatch):

@@ -27,13 +27,15 @@ so that each reconnects to the new master, tracking included.  A connection
 being made to the old master when the switch comes is refused before it is
 handed over (``generation``).
 
-The Sentinels are asked without AUTH: the URL's credentials are the
-master's.  Sentinels that are not in the URL are not discovered.
+The URL's credentials are the master's; the Sentinels are asked with their
+own (``sentinel_user``/``sentinel_password``, as their ``requirepass``),
+or without AUTH.  ``rediss+sentinel://`` speaks TLS to the Sentinels and to
+the master alike, with the ``redis_tls_*`` files.  Sentinels that are not
+in the URL are not discovered.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,7 +49,7 @@ from zope.interface import implementer
 
 from redisp.backing.connection import BackingError, first_line
 from redisp.backing.relay import RelayProtocol
-from redisp.backing.tls import ConnectFailure, OneProtocol, client_endpoint
+from redisp.backing.tls import ConnectFailure, OneProtocol, blocking_connection, client_endpoint
 from redisp.config import RedisURL
 from redisp.protocol.codec import encode_command
 from redisp.protocol.frames import ErrorReply, FrameError, FrameScanner, decode
@@ -325,7 +327,7 @@ class SentinelMaster:
             sentinel = self.sentinels[index]
             try:
                 reply = yield self._ask(sentinel, [b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME",
-                                                   service], RedisURL(*sentinel))
+                                                   service], self.url.sentinel_at(*sentinel))
             except Exception as e:
                 problems.append(f"Sentinel {_where(sentinel)}: {_reason(e)}")
                 continue
@@ -501,7 +503,7 @@ class _Watch:
         if self._stopped:
             return
         master = self._master
-        url = RedisURL(*self.address)
+        url = master.url.sentinel_at(*self.address)
         protocol = RelayProtocol(self._clock, master.timeout, url, on_push=self._push,
                                  on_lost=self._lost)
         self._protocol = protocol
@@ -578,24 +580,29 @@ class _Watch:
 
 def blocking_master(url: RedisURL, timeout: float) -> Address | None:
     """The master the Sentinels name now, asked synchronously before the
-    reactor runs (start-up checks), or None when none answers."""
+    reactor runs (start-up checks), or None when none answers; with the
+    Sentinels' own credentials and TLS, as every other connection to them."""
     service = (url.service or "").encode()
-    request = encode_command([b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", service])
     for host, port in url.seeds:
+        sentinel = url.sentinel_at(host, port)
+        auth = sentinel.auth_command()
+        request = encode_command([b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", service])
         try:
-            with socket.create_connection((host, port), timeout=timeout) as s:
+            with blocking_connection(sentinel, timeout) as s:
                 s.settimeout(timeout)
+                if auth is not None:
+                    s.sendall(encode_command(list(auth)))
                 s.sendall(request)
                 scanner = FrameScanner()
                 frames: list[bytes] = []
-                while not frames:
+                while len(frames) < (2 if auth is not None else 1):
                     data = s.recv(65536)
                     if not data:
                         break
-                    frames = scanner.feed(data)
-        except (OSError, FrameError):
+                    frames += scanner.feed(data)
+        except (OSError, ValueError, FrameError):  # ssl.SSLError is an OSError
             continue
-        value = decode(frames[0]) if frames else None
+        value = decode(frames[-1]) if frames else None
         if isinstance(value, list) and len(value) == 2:
             try:
                 return value[0].decode(), int(value[1])

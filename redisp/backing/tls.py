@@ -26,6 +26,7 @@ the key and the path.
 from __future__ import annotations
 
 import re
+import socket
 import ssl as stdlib_ssl
 from dataclasses import replace
 from typing import Any
@@ -194,6 +195,20 @@ def backing_url(config: Config) -> RedisURL:
     client = ClientTLS(config.redis_tls_ca, config.redis_tls_cert, config.redis_tls_key,
                        config.redis_tls_verify)
     return replace(config.redis, tls_client=client)
+
+
+def blocking_connection(url: RedisURL, timeout: float) -> socket.socket:
+    """A blocking connection to ``url``, through TLS for ``rediss://``: the
+    start-up checks, made before the reactor runs."""
+    sock = socket.create_connection((url.host, url.port), timeout=timeout)
+    if not url.tls:
+        return sock
+    client = url.tls_client if url.tls_client is not None else ClientTLS()
+    try:
+        return client.stdlib_context().wrap_socket(sock, server_hostname=url.host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def client_endpoint(reactor: Any, url: RedisURL, timeout: float) -> IStreamClientEndpoint:

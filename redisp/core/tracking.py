@@ -56,7 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from redisp.backing.connection import fail_with_tls_reason, first_line, reconnecting
-from redisp.backing.tls import ClientTLS, tcp_transport
+from redisp.backing.tls import blocking_connection, tcp_transport
 from redisp.config import RedisURL
 from redisp.core.reader import CachedReader
 from redisp.metrics import Metrics
@@ -385,7 +385,7 @@ def tracking_support_problem(url: RedisURL, timeout: float) -> str | None:
 def _tracking_problem(url: RedisURL, timeout: float) -> str | None:
     """``tracking_support_problem`` of one server; raises when it cannot be asked."""
     where = url.redacted()
-    with _connect(url, timeout) as s:
+    with blocking_connection(url, timeout) as s:
         s.settimeout(timeout)
         reader = s.makefile("rb")
 
@@ -419,16 +419,3 @@ def _tracking_problem(url: RedisURL, timeout: float) -> str | None:
         return (f"invalidation: tracking needs Redis >= 6 with CLIENT TRACKING; "
                 f"{where} answered: {problem}")
     return None
-
-
-def _connect(url: RedisURL, timeout: float) -> socket.socket:
-    """A blocking connection to ``url``, through TLS for ``rediss://``."""
-    sock = socket.create_connection((url.host, url.port), timeout=timeout)
-    if not url.tls:
-        return sock
-    client = url.tls_client if url.tls_client is not None else ClientTLS()
-    try:
-        return client.stdlib_context().wrap_socket(sock, server_hostname=url.host)
-    except BaseException:
-        sock.close()
-        raise
