@@ -55,6 +55,9 @@ class FakeTracker:
     def drain(self):
         self.drained += 1
 
+    def fileno(self):
+        return None  # no socket: drained on every call
+
 
 def setup(current=None):
     clock = Clock()
@@ -280,3 +283,23 @@ def test_a_replica_leaving_the_map_has_its_tracking_stopped_and_caching_resumes(
     topology.install(failed)
     assert made[RB].stopped and RB not in tracking.trackers
     assert reader.caching and reader.flushes == 0, "no slot changed master"
+
+
+def test_the_sockets_are_asked_in_one_poll_and_only_those_with_data_drained():
+    import socket
+
+    clock, topology, reader, metrics, tracking, made = setup(_with_replicas())
+    pairs = {address: socket.socketpair() for address in made}
+    try:
+        for address, tracker in made.items():
+            tracker.fileno = pairs[address][0].fileno
+            tracker.establish()
+        reader.drain()
+        assert all(t.drained == 0 for t in made.values()), "nothing waiting, nothing read"
+        pairs[RB][1].sendall(b">2 invalidate")
+        reader.drain()
+        assert {a for a, t in made.items() if t.drained} == {RB}
+    finally:
+        for a, b in pairs.values():
+            a.close()
+            b.close()

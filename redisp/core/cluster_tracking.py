@@ -47,6 +47,7 @@ reader drains every active tracking socket (one ``poll(0)`` each).
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable
 from typing import Any
 
@@ -96,6 +97,10 @@ class ClusterTracking:
         self.trackers: dict[Address, Any] = {}
         #: the nodes of the current map (``SlotMap.nodes``): what caching waits for
         self._nodes: tuple[Address, ...] = ()
+        #: what ``_drain`` asks: every drainable socket in one poll, by descriptor,
+        #: and the trackers that have none
+        self._poller = select.poll()
+        self._by_fd: dict[int, Any] = {}
         self._drains: tuple[Any, ...] = ()
         self._running = False
         self._recheck: IDelayedCall | None = None
@@ -148,8 +153,21 @@ class ClusterTracking:
     def _update(self) -> None:
         active = self.active
         self._reader.caching = active
-        drains = tuple(t for t in self.trackers.values() if t.active and t.drainable)
-        self._drains = drains
+        drains = [t for t in self.trackers.values() if t.active and t.drainable]
+        # one poll(0) asks every socket at once (one system call per reactor
+        # turn with hits, not one per node); a tracker without a descriptor
+        # is drained each time
+        poller = select.poll()
+        by_fd: dict[int, Any] = {}
+        blind = []
+        for tracker in drains:
+            fd = tracker.fileno()
+            if fd is None:
+                blind.append(tracker)
+            else:
+                by_fd[fd] = tracker
+                poller.register(fd, select.POLLIN)
+        self._poller, self._by_fd, self._drains = poller, by_fd, tuple(blind)
         self._reader.drain_before_hits(self._drain if drains else None, self._clock)
         if active or not self._running:
             self._cancel_recheck()
@@ -157,6 +175,11 @@ class ClusterTracking:
             self._recheck = self._clock.callLater(RECHECK_SECONDS, self._read_map)
 
     def _drain(self) -> None:
+        by_fd = self._by_fd
+        for fd, _ in self._poller.poll(0):
+            tracker = by_fd.get(fd)
+            if tracker is not None:
+                tracker.drain()
         for tracker in self._drains:
             tracker.drain()
 

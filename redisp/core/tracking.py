@@ -319,6 +319,14 @@ class Invalidator:
 
     # -- invalidations ----------------------------------------------------------------------
 
+    def fileno(self) -> int | None:
+        """The tracking socket's descriptor while it is ``drainable``: an owner
+        watching many (one per cluster node) asks them all in one poll."""
+        protocol = self._protocol
+        if not self.drainable or protocol is None or protocol._socket is None:
+            return None
+        return protocol._socket.fileno()
+
     def drain(self) -> None:
         """The reader's hook: take in the invalidations already in the socket.
 
