@@ -72,9 +72,9 @@ class RedisURL:
             scheme = "rediss" if self.tls else "redis"
             return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}"
         hosts = ",".join(f"{host}:{port}" for host, port in self.seeds)
+        scheme = ("rediss+" if self.tls else "redis+") + self.kind
         if self.kind == "cluster":
-            return f"redis+cluster://{auth}{hosts}"
-        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+            return f"{scheme}://{auth}{hosts}"
         return f"{scheme}://{auth}{hosts}/{self.service}/{self.db}"
 
     def at(self, host: str, port: int) -> RedisURL:
@@ -93,12 +93,13 @@ class RedisURL:
 
 #: the URL schemes of SPEC §10, and the kind of deployment each names
 SCHEMES = {"redis": "server", "rediss": "server", "redis+sentinel": "sentinel",
-           "rediss+sentinel": "sentinel", "redis+cluster": "cluster"}
+           "rediss+sentinel": "sentinel", "redis+cluster": "cluster", "rediss+cluster": "cluster"}
 
 URL_SHAPES = ("must look like redis://[[user]:password@]host:port/db (rediss:// for TLS), "
               "redis+sentinel://[[user]:password@]host:port[,host:port…]/service_name[/db] "
               "(rediss+sentinel:// for TLS) "
-              "or redis+cluster://[[user]:password@]host:port[,host:port…]")
+              "or redis+cluster://[[user]:password@]host:port[,host:port…] "
+              "(rediss+cluster:// for TLS)")
 
 
 def parse_redis_url(text: str) -> RedisURL:
@@ -135,7 +136,7 @@ def parse_redis_url(text: str) -> RedisURL:
         raise ConfigError(f"database must be a number, got {db!r}")
     host, port = seeds[0]
     return RedisURL(host=host, port=port, db=int(db), username=username, password=password,
-                    tls=scheme.lower() in ("rediss", "rediss+sentinel"), kind=kind, seeds=seeds,
+                    tls=scheme.lower().startswith("rediss"), kind=kind, seeds=seeds,
                     service=service)
 
 
