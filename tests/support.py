@@ -179,11 +179,12 @@ class HoldingForwarder(protocol.Factory):
 
 def proxy_config(redis_url: str, **overrides) -> Config:
     """A Config for an in-process proxy on free loopback ports."""
-    from redisp.config import parse_redis_url
+    from redisp.config import parse_redis_url, with_sentinel_credentials
 
     base = Config(http="tcp:0:interface=127.0.0.1", resp="tcp:0:interface=127.0.0.1",
                   redis=parse_redis_url(redis_url), redis_timeout=2.0)
-    return replace(base, **overrides)
+    # the sentinel_* keys attached to the URL, as load_config attaches them
+    return with_sentinel_credentials(replace(base, **overrides))
 
 
 class RunningProxy:

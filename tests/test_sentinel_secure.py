@@ -12,34 +12,17 @@ from twisted.internet import defer
 
 from redisp.backing.sentinel import blocking_master
 from redisp.backing.tls import backing_url
-from redisp.config import ConfigError, Secret, load_config, with_sentinel_credentials
+from redisp.config import ConfigError, Secret, load_config
 from redisp.core.tracking import tracking_support_problem
 from tests.resp_client import connect
 from tests.sentinel_support import PASSWORD, SERVICE, Node, Sentinel
-from tests.support import RunningProxy, proxy_config, until
+from tests.support import proxy_config, until
 from tests.test_sentinel import log_lines  # noqa: F401 (a fixture)
 from tests.tls_support import TLSRedisServer, make_tls_files
 
 inline = pytest_twisted.inlineCallbacks
 
 SENTINEL_PW = "only-for-the-sentinels"
-
-
-@pytest.fixture
-def secure_proxies():
-    """``secure_proxies(url, **config)`` -> a RunningProxy with the
-    ``sentinel_*`` keys attached as ``load_config`` attaches them."""
-    started: list[RunningProxy] = []
-
-    def start(url: str, **overrides) -> RunningProxy:
-        config = with_sentinel_credentials(proxy_config(url, **overrides))
-        proxy = RunningProxy(config)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        pytest_twisted.blockon(proxy.stop())
 
 
 @pytest.fixture
@@ -67,10 +50,10 @@ def _set_then_get(p, node_client):
 
 
 @inline
-def test_sentinels_with_a_password_are_asked_with_sentinel_password(guarded, secure_proxies,
+def test_sentinels_with_a_password_are_asked_with_sentinel_password(guarded, start_proxy,
                                                                     log_lines):  # noqa: F811
     node, sentinel = guarded
-    p = secure_proxies(_url(sentinel), sentinel_password=Secret(SENTINEL_PW))
+    p = start_proxy(_url(sentinel), sentinel_password=Secret(SENTINEL_PW))
     yield until(lambda: p.proxy.backing.up)
     yield _set_then_get(p, node.client())
     client = yield connect(p.resp_port)
@@ -82,10 +65,10 @@ def test_sentinels_with_a_password_are_asked_with_sentinel_password(guarded, sec
 
 @inline
 def test_without_the_sentinels_password_redisp_says_why_it_has_no_master(
-        guarded, secure_proxies, log_lines):  # noqa: F811
+        guarded, start_proxy, log_lines):  # noqa: F811
     node, sentinel = guarded
     for password in (None, Secret("wrong")):
-        p = secure_proxies(_url(sentinel), sentinel_password=password)
+        p = start_proxy(_url(sentinel), sentinel_password=password)
         client = yield connect(p.resp_port)
         reply = yield client.call(b"GET", b"k")
         yield client.close()
@@ -97,11 +80,11 @@ def test_without_the_sentinels_password_redisp_says_why_it_has_no_master(
 
 
 @inline
-def test_a_sentinel_user_is_authenticated_as_that_user(guarded, secure_proxies):
+def test_a_sentinel_user_is_authenticated_as_that_user(guarded, start_proxy):
     node, sentinel = guarded
     admin = sentinel.client(password=SENTINEL_PW)
     admin.execute_command("ACL", "SETUSER", "watcher", "on", ">watcher-pw", "+@all")
-    p = secure_proxies(_url(sentinel), sentinel_user="watcher",
+    p = start_proxy(_url(sentinel), sentinel_user="watcher",
                        sentinel_password=Secret("watcher-pw"))
     yield until(lambda: p.proxy.backing.up)
     yield _set_then_get(p, node.client())
@@ -124,9 +107,9 @@ def tls_deployment(tmp_path):
 
 @inline
 def test_rediss_sentinel_speaks_tls_to_the_sentinels_and_the_master(tls_deployment,
-                                                                   secure_proxies):
+                                                                   start_proxy):
     files, node, sentinel = tls_deployment
-    p = secure_proxies(_url(sentinel, "rediss+sentinel"), sentinel_password=Secret(SENTINEL_PW),
+    p = start_proxy(_url(sentinel, "rediss+sentinel"), sentinel_password=Secret(SENTINEL_PW),
                        redis_tls_ca=files.ca, redis_tls_cert=files.client_cert,
                        redis_tls_key=files.client_key)
     yield until(lambda: p.proxy.backing.up)
@@ -135,9 +118,9 @@ def test_rediss_sentinel_speaks_tls_to_the_sentinels_and_the_master(tls_deployme
 
 
 @inline
-def test_plain_redis_sentinel_to_a_tls_sentinel_fails_clearly(tls_deployment, secure_proxies):
+def test_plain_redis_sentinel_to_a_tls_sentinel_fails_clearly(tls_deployment, start_proxy):
     files, node, sentinel = tls_deployment
-    p = secure_proxies(_url(sentinel), sentinel_password=Secret(SENTINEL_PW))
+    p = start_proxy(_url(sentinel), sentinel_password=Secret(SENTINEL_PW))
     client = yield connect(p.resp_port)
     reply = yield client.call(b"GET", b"k")
     yield client.close()
@@ -183,7 +166,7 @@ def test_an_empty_sentinel_password_is_none_as_for_password():
 
 
 def _config_url(url: str, **keys):
-    return with_sentinel_credentials(proxy_config(url, **keys)).redis
+    return proxy_config(url, **keys).redis
 
 
 def test_the_start_up_check_asks_the_sentinels_with_their_password(guarded):
@@ -196,9 +179,9 @@ def test_the_start_up_check_asks_the_sentinels_with_their_password(guarded):
 
 def test_the_start_up_check_speaks_tls_to_a_tls_sentinel(tls_deployment):
     files, node, sentinel = tls_deployment
-    config = with_sentinel_credentials(proxy_config(
+    config = proxy_config(
         _url(sentinel, "rediss+sentinel"), sentinel_password=Secret(SENTINEL_PW),
-        redis_tls_ca=files.ca, redis_tls_cert=files.client_cert, redis_tls_key=files.client_key))
+        redis_tls_ca=files.ca, redis_tls_cert=files.client_cert, redis_tls_key=files.client_key)
     url = backing_url(config)  # the TLS files read, as build_proxy reads them
     assert blocking_master(url, 2.0) == ("127.0.0.1", node.tls_port)
     assert tracking_support_problem(url, 2.0) is None
