@@ -277,3 +277,35 @@ def test_lost_sentinel_subscriptions_are_made_again_and_still_hear_switches(sent
     yield until(lambda: p.proxy.sentinel.address == ("127.0.0.1", new))
     assert p.proxy.sentinel.failovers == 1
     yield in_thread(sentinels.wait_healthy)
+
+
+@inline
+def test_sentinels_the_url_does_not_name_are_found_and_keep_redisp_following(
+        sentinels, proxies, log_lines):
+    """The URL names one Sentinel: redisp learns the other two from it
+    (SENTINEL SENTINELS) and watches them, so with that one stopped a
+    failover is still heard of (+switch-master from the others)."""
+    named, *others = sentinels.sentinels
+    p = proxies(f"redis+sentinel://:{PASSWORD}@127.0.0.1:{named.port}/{SERVICE}")
+    yield until(lambda: p.proxy.backing.up)
+    every = {("127.0.0.1", s.port) for s in sentinels.sentinels}
+    yield until(lambda: set(p.proxy.sentinel.sentinels) == every
+                and all(w.subscribed for w in p.proxy.sentinel._watches))
+    client = yield connect(p.resp_port)
+    assert (yield client.call(b"SET", b"k", b"before")) == b"+OK\r\n"
+    old = p.proxy.sentinel.address
+    named.stop()
+    try:
+        with others[0].client() as c:
+            c.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        yield until(lambda: p.proxy.sentinel.address not in (None, old))
+        new = p.proxy.sentinel.address
+        assert (yield client.call(b"SET", b"k", b"after")) == b"+OK\r\n"
+        with sentinels.client(new[1]) as direct:
+            assert direct.get("k") == b"after"
+    finally:
+        yield in_thread(named.start)
+        yield in_thread(sentinels.wait_healthy)
+    yield client.close()
+    found = [line for line in log_lines if "found (named by" in line]
+    assert len(found) == 2 and not [line for line in log_lines if PASSWORD in line]

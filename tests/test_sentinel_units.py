@@ -40,8 +40,12 @@ class FakeDeployment:
         self.names = names
         self.roles = roles
         self.asked: list[tuple] = []
+        self.discoveries: list = []  # the Sentinels asked SENTINEL SENTINELS
 
     def ask(self, address, argv, url):
+        if argv[:2] == [b"SENTINEL", b"SENTINELS"]:  # discovery: none other known
+            self.discoveries.append(address)
+            return succeed([])
         self.asked.append((address, argv[0]))
         if argv[0] == b"ROLE":
             assert url.password == "pw" and url.host == address[0]
@@ -72,6 +76,7 @@ def test_the_sentinels_are_asked_in_turn_and_the_master_confirmed_with_role():
     assert result(master.resolve()) == M1
     assert master.address == M1 and master.failovers == 0
     assert fake.asked == [(S1, b"SENTINEL"), (S2, b"SENTINEL"), (M1, b"ROLE")]
+    assert fake.discoveries == [S2], "the Sentinel that answered names the others"
     fake.asked.clear()
     master.resolve()
     assert fake.asked[0] == (S2, b"SENTINEL"), "the Sentinel that answered goes first"
@@ -108,7 +113,7 @@ def test_resolves_made_meanwhile_share_one_round():
     pending[0].callback(address_reply(M1))
     pending[1].callback([b"master", 0, []])
     assert result(a) == result(b) == M1
-    assert len(pending) == 2
+    assert len(pending) == 3, "one round (SENTINEL, ROLE), then the others asked for"
 
 
 def test_switch_master_for_our_service_switches_once():

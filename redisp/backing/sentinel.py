@@ -30,8 +30,9 @@ handed over (``generation``).
 The URL's credentials are the master's; the Sentinels are asked with their
 own (``sentinel_user``/``sentinel_password``, as their ``requirepass``),
 or without AUTH.  ``rediss+sentinel://`` speaks TLS to the Sentinels and to
-the master alike, with the ``redis_tls_*`` files.  Sentinels that are not
-in the URL are not discovered.
+the master alike, with the ``redis_tls_*`` files.  The Sentinels the URL
+does not name are learnt from those it does (``SENTINEL SENTINELS``) and
+asked and watched as well.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ SWITCH_CHANNEL = b"+switch-master"
 #: seconds between liveness PINGs on a Sentinel subscription (a Sentinel
 #: that died silently would otherwise hide every later switch)
 PING_INTERVAL = 1.0
+
+#: Sentinels known at most, those of the URL and those they name together:
+#: each is one subscription kept up
+MAX_SENTINELS = 16
 
 #: attempts of one ``connect``: the cached master, then the master the
 #: Sentinels name, then once more if the master switched meanwhile
@@ -256,6 +261,7 @@ class SentinelMaster:
         #: masters switched away from -> when (see LEFT_GRACE)
         self._left: dict[Address, float] = {}
         self._problem: str | None = None
+        self._stopped = False
 
     # -- life -----------------------------------------------------------------------
 
@@ -266,6 +272,7 @@ class SentinelMaster:
             watch.start()
 
     def stop(self) -> Deferred:
+        self._stopped = True
         return DeferredList([watch.stop() for watch in self._watches])
 
     def on_switch(self, listener: Callable[[Address | None, Address], None]) -> None:
@@ -374,8 +381,41 @@ class SentinelMaster:
         else:
             self._problem = None
             self._found(result, "the Sentinels name it")
+            self._discover(self.sentinels[self._first])
         for d in waiters:
             d.callback(result)
+
+    def _discover(self, sentinel: Address) -> None:
+        """Learn the other Sentinels of the service from one that answered
+        (``SENTINEL SENTINELS``, as Redis's guidelines for Sentinel clients
+        advise): each one found is asked in turn and watched for switches,
+        so losing the Sentinels the URL names loses neither the master nor a
+        failover."""
+        if self._stopped or len(self.sentinels) >= MAX_SENTINELS:
+            return
+        d = self._ask(sentinel, [b"SENTINEL", b"SENTINELS", self.service.encode()],
+                      self.url.sentinel_at(*sentinel))
+        d.addCallbacks(lambda reply: self._discovered(reply, sentinel), lambda _: None)
+
+    def _discovered(self, reply: Any, source: Address) -> None:
+        if self._stopped or not isinstance(reply, list):
+            return
+        for entry in reply:
+            if not isinstance(entry, list):
+                continue
+            fields = dict(zip(entry[0::2], entry[1::2], strict=False))
+            try:
+                address = (fields[b"ip"].decode(), int(fields[b"port"]))
+            except (KeyError, AttributeError, ValueError, UnicodeDecodeError):
+                continue
+            if address in self.sentinels or len(self.sentinels) >= MAX_SENTINELS:
+                continue
+            self.sentinels += (address,)
+            watch = _Watch(self, address)
+            self._watches.append(watch)
+            watch.start()
+            log.info("sentinel: Sentinel {where} found (named by {source}); watching it too",
+                     where=_where(address), source=_where(source))
 
     def _found(self, address: Address, why: str) -> None:
         old = self.address
