@@ -337,18 +337,20 @@ class RespProtocol(Protocol):
         the ones before it left, as in Redis.  A request begun in an earlier
         packet goes on being parsed (its count was checked then)."""
         parser = self._parser
-        if parser.idle or parser.kept:
-            parser.keep(data)
-            self._w.kept = True
-            if not self._w.partial and self._w.request_timeout:
-                self._start_request_clock()
-            self._w.partial += len(data)
-            if self._over_limit():
-                return
-        else:
+        if not (parser.idle or parser.kept):
             self._hold(self._parse(data, True))
             self._w.kept = parser.kept
+            self._pump()
+            return
+        parser.keep(data)
+        self._w.kept = True
+        began = not self._w.partial
+        self._w.partial += len(data)  # a bound, as _parse keeps it
         self._pump()
+        if self._state is OPEN and not parser.idle:  # a request left unfinished, or kept
+            if began and self._w.request_timeout:
+                self._start_request_clock()
+            self._over_limit()
 
     def _more(self) -> bool:
         """Parse on in what the parser kept, after the requests before it
