@@ -29,7 +29,8 @@ parse the same way:
 Before AUTH, Redis holds multibulk requests to tighter limits (``tighten``,
 below), and parses one command, runs it, then parses the next: so an AUTH
 lifts them for what follows it in the same packet.  ``feed(data, one=True)``
-and ``rest`` give that order, and cost the parser nothing otherwise.
+and ``rest`` give that order; otherwise they cost ``feed`` one test, and the
+fast paths (``only_gets``, ``whole``, ``_parse_split``) nothing.
 """
 
 from __future__ import annotations

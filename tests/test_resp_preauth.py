@@ -268,6 +268,7 @@ def test_reset_brings_the_limits_back():
 def test_reset_without_password_changes_nothing():
     door = Door()
     proto, transport = door.connect()
+    assert not proto._detour  # the fast paths from the start
     proto.dataReceived(encode(b"RESET") + mget(20))
     assert not proto._w.preauth
     assert transport.value().startswith(b"+RESET\r\n*19\r\n")
