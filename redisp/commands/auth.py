@@ -41,6 +41,13 @@ from redisp.protocol.codec import error
 
 DEFAULT_USER = b"default"
 
+#: Redis's limits on a multibulk request before AUTH (src/networking.c,
+#: ``processMultibulkBuffer``, since CVE-2021-32675): more arguments is
+#: ``unauthenticated multibulk length``, a longer one ``unauthenticated bulk
+#: length``, and the connection is closed (doors/resp.py applies them)
+UNAUTHENTICATED_ARGS = 10
+UNAUTHENTICATED_BULK = 16384
+
 # Redis 7.0's replies, byte for byte (src/server.c, src/acl.c, src/networking.c)
 NOAUTH = error("NOAUTH Authentication required.")
 WRONGPASS = error("WRONGPASS invalid username-password pair or user is disabled.")
@@ -148,10 +155,13 @@ class Authenticator:
     # -- RESP -------------------------------------------------------------------
 
     def admit(self, session: Any) -> None:
-        """The state of a new connection, and of one after RESET."""
+        """The state of a new connection, and of one after RESET (whose door
+        is told, ``session.unauthenticated``: Redis's limits before AUTH hold
+        again)."""
         if self.required:
             session.user = None
             session.restricted = True
+            session.unauthenticated()
         else:
             session.user = EVERYONE
             session.restricted = False

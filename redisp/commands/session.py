@@ -114,6 +114,8 @@ class Session:
         self.addresses: tuple[Any, Any] = (None, None)  # (peer, local)
         self.last: list[bytes] = [b"NULL"]  # the last request run through execute()
         self.kill: Callable[[bool], None] = lambda itself: None
+        #: the door is told the client must authenticate again (RESET)
+        self.unauthenticated: Callable[[], None] = lambda: None
 
     @property
     def plain(self) -> bool:

@@ -29,6 +29,14 @@ condition (``RespProtocol._unusual``: not open, requests held, reading
 blocked, an idle probe armed).
 A client that disconnects takes its requests still waiting at the gate with
 it (``gate.Owner``).
+
+Before AUTH (a password set, the client not authenticated), the connection
+is unusual too (``_w.preauth``): Redis's tighter limits hold
+(``auth.UNAUTHENTICATED_ARGS``, ``auth.UNAUTHENTICATED_BULK``), and as Redis
+parses one command, runs it, then parses the next, each packet is kept
+unparsed and its requests parsed one at a time, each after the one before it
+has run (``_more``): an AUTH lifts the limits for the requests after it in
+the same packet, a failed one does not.
 """
 
 from __future__ import annotations
@@ -53,12 +61,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from redisp.clients import ClientSlots
-from redisp.commands.auth import DENIED, Authenticator
+from redisp.commands.auth import DENIED, UNAUTHENTICATED_ARGS, UNAUTHENTICATED_BULK, Authenticator
 from redisp.commands.client_list import ClientRegistry
 from redisp.commands.dispatch import execute, execute_packet
-from redisp.commands.local import get_answer
+from redisp.commands.dispatch.local import get_answer
+from redisp.commands.dispatch.session import HIT, MISS, OTHER, PROTOCOL_ERROR, Session
 from redisp.commands.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
-from redisp.commands.session import HIT, MISS, OTHER, PROTOCOL_ERROR, Session
 from redisp.config import Config
 from redisp.core.gate import Owner
 from redisp.metrics import Metrics
@@ -152,6 +160,9 @@ class RespProtocol(Protocol):
         # how replies are written, chosen once, at connectionMade
         self._send: Callable[[bytes], None] = self._write
         self._w = _Watch(config)
+        self._session.unauthenticated = self._unauthenticated
+        if self._session.user is None:
+            self._unauthenticated()
 
     # -- connection ------------------------------------------------------------
 
@@ -269,13 +280,17 @@ class RespProtocol(Protocol):
     def _detoured(self, data: bytes) -> bool:
         """The packet in an unusual state; True when it has been dealt with.
 
-        Past OPEN: ignored.  Requests held back, or the client not reading:
-        parsed and held, in order.  Otherwise (an idle probe) on its way.
+        Past OPEN: ignored.  Before AUTH: see ``_before_auth``.  Requests
+        held back, or the client not reading: parsed and held, in order.
+        Otherwise (an idle probe) on its way.
         """
         if self._state is not OPEN:
             return True
         self._w.probe = False  # input: the client is not idle
         self._update_flow()
+        if self._w.preauth:
+            self._before_auth(data)
+            return True
         if not (self._held or self._w.blocked):
             return False
         self._hold(self._parse(data))
@@ -283,10 +298,10 @@ class RespProtocol(Protocol):
             self._update_flow()
         return True
 
-    def _parse(self, data: bytes) -> list:
+    def _parse(self, data: bytes, one: bool = False) -> list:
         """``feed`` the parser, keeping track of the request left unfinished:
         when it began (``request_timeout``) and a bound on its size."""
-        requests = self._parser.feed(data)
+        requests = self._parser.feed(data, one)
         if self._parser.idle:
             self._w.partial = 0
         elif requests or not self._w.partial:  # the unfinished request began in data
@@ -298,6 +313,53 @@ class RespProtocol(Protocol):
             if self._over_limit():
                 return []
         return requests
+
+    # -- before AUTH ---------------------------------------------------------------
+
+    def _unauthenticated(self) -> None:
+        """The client must authenticate (a new connection, or RESET): Redis's
+        limits before AUTH hold until it has.  Requests of a packet that RESET
+        read already were parsed under the limits before it (README)."""
+        self._w.preauth = True
+        self._parser.tighten(UNAUTHENTICATED_ARGS, UNAUTHENTICATED_BULK)
+        self._detour = True  # (_unusual: preauth)
+
+    def _before_auth(self, data: bytes) -> None:
+        """A packet before AUTH: kept unparsed, then parsed and run a request
+        at a time (``_pump``, ``_more``), each parsed under the limits that
+        the ones before it left, as in Redis.  A request begun in an earlier
+        packet goes on being parsed (its count was checked then)."""
+        parser = self._parser
+        if not (parser.idle or parser.kept):
+            self._hold(self._parse(data, True))
+            self._w.kept = parser.kept
+            self._pump()
+            return
+        parser.keep(data)
+        self._w.kept = True
+        began = not self._w.partial
+        self._w.partial += len(data)  # a bound, as _parse keeps it
+        self._pump()
+        if self._state is OPEN and not parser.idle:  # a request left unfinished, or kept
+            if began and self._w.request_timeout:
+                self._start_request_clock()
+            self._over_limit()
+
+    def _more(self) -> bool:
+        """Parse on in what the parser kept, after the requests before it
+        have run: one request while the client is still unauthenticated, the
+        rest at once after AUTH.  True if requests came of it (held)."""
+        parser = self._parser
+        requests = parser.rest(self._w.preauth)
+        self._w.kept = parser.kept
+        if parser.idle:
+            self._w.partial = 0
+        if not requests:
+            return False
+        self._hold(requests)
+        return True
+
+    # -- GETs ------------------------------------------------------------------------
 
     def _run_gets(self, keys: list[bytes]) -> None:
         """A packet of nothing but ``GET key`` requests (most of what clients
@@ -688,7 +750,9 @@ class RespProtocol(Protocol):
             self._update_flow()
             if self._w.blocked and self._over_limit():
                 return
-            if not self._held or self._w.blocked or self._state is not OPEN:
+            if self._w.blocked or self._state is not OPEN:
+                return
+            if not self._held and not (self._w.kept and self._more()):
                 return
             self._run_held()
             self._flush()
@@ -719,6 +783,9 @@ class RespProtocol(Protocol):
 
     def _update_flow(self) -> None:
         """Recompute what blocks requests and reading, from the state now."""
+        if self._w.preauth and self._session.user is not None:
+            self._w.preauth = False  # AUTH succeeded: the proxy's own limits only
+            self._parser.relax()
         count = len(self._pending)
         if self._w.backlogged:
             if count <= RESUME_PENDING:
@@ -822,12 +889,14 @@ class RespProtocol(Protocol):
         """What ``_detour`` stands for, in one place: the connection is past
         OPEN, holds requests not run, may not run more (``blocked``: the
         client not reading, too many replies owed, or more than ``_high``
-        bytes of them queued), or has an idle probe armed.  Each path that
-        makes one of these true sets ``_detour`` (``_enter``, ``_hold``,
-        ``_hold_keys``, ``_over_high``, ``_probe``), so the hot path tests one
-        attribute; only ``_update_flow``, which recomputes ``blocked``, clears
-        it."""
-        return bool(self._state is not OPEN or self._held or self._w.blocked or self._w.probe)
+        bytes of them queued), has an idle probe armed, or is not
+        authenticated yet (``preauth``).  Each path that makes one of these
+        true sets ``_detour`` (``_enter``, ``_hold``, ``_hold_keys``,
+        ``_over_high``, ``_probe``, ``_unauthenticated``), so the hot path
+        tests one attribute; only ``_update_flow``, which recomputes
+        ``blocked`` and ``preauth``, clears it."""
+        return bool(self._state is not OPEN or self._held or self._w.blocked or self._w.probe
+                    or self._w.preauth)
 
     def _expire(self, why: str) -> None:
         log.debug("RESP client {peer} closed: {why}", peer=self.transport.getPeer(), why=why)
@@ -842,6 +911,7 @@ class _Watch:
         "admitted", "backlogged", "consumer_paused", "blocked", "reading_paused",
         "held_bytes", "max_buffer", "request_timeout", "client_timeout", "timer",
         "partial", "partial_since", "handshake_deadline", "probe", "idle_since",
+        "preauth", "kept",
     )
 
     def __init__(self, config: Config) -> None:
@@ -860,6 +930,8 @@ class _Watch:
         self.handshake_deadline: float | None = None  # TLS: handshake not done by then
         self.probe = False  # idle probe armed: the next packet clears it
         self.idle_since = 0.0
+        self.preauth = False  # not authenticated yet: requests parsed one at a time (_more)
+        self.kept = False  # the parser keeps bytes not parsed yet (preauth)
 
 
 def _get_reply(result: Any, encoder: Encoder) -> tuple[bytes, str]:

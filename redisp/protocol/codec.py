@@ -25,6 +25,12 @@ parse the same way:
 * an inline request breaking ``max_args``, or with an argument longer than
   ``max_bulk_bytes``, is refused as ``Protocol error: too big inline
   request`` (Redis has no such limits for inline requests).
+
+Before AUTH, Redis holds multibulk requests to tighter limits (``tighten``,
+below), and parses one command, runs it, then parses the next: so an AUTH
+lifts them for what follows it in the same packet.  ``feed(data, one=True)``
+and ``rest`` give that order; otherwise they cost ``feed`` one test, and the
+fast paths (``only_gets``, ``whole``, ``_parse_split``) nothing.
 """
 
 from __future__ import annotations
@@ -175,6 +181,12 @@ _BIG_MULTIBULK = "Protocol error: too big mbulk count string"
 _BIG_BULK = "Protocol error: too big bulk count string"
 _BIG_INLINE = "Protocol error: too big inline request"
 _UNBALANCED = "Protocol error: unbalanced quotes in request"
+_UNAUTH_MULTIBULK = "Protocol error: unauthenticated multibulk length"
+_UNAUTH_BULK = "Protocol error: unauthenticated bulk length"
+
+#: Redis 7.0's own bound on a multibulk count, past which it is invalid
+#: whether or not the client has authenticated
+INT_MAX = 2**31 - 1
 
 #: "$<n>", the canonical bulk header of each small n, for the fast paths
 _HEADERS = [b"$%d" % i for i in range(1024)]
@@ -210,6 +222,7 @@ class RequestParser:
         "_parts", "_size", "_need", "_until", "_too_big", "_inline", "_stuck",
         "_args", "_remaining", "_bulk", "_failed",
         "_max_count", "_max_size", "_known", "_gets_known",
+        "_count_limit", "_bulk_limit", "_tight_args", "_tight_bulk",
     )
 
     def __init__(
@@ -240,23 +253,52 @@ class RequestParser:
         self._remaining = 0  # arguments still to come
         self._bulk = -1  # length of the bulk string whose header was read
         self._failed = False
+        self.relax()
+
+    def tighten(self, max_args: int, max_bulk_bytes: int) -> None:
+        """Until ``relax()``, a multibulk count over ``max_args`` is refused
+        as ``unauthenticated multibulk length`` and a bulk length over
+        ``max_bulk_bytes`` as ``unauthenticated bulk length``, as Redis
+        refuses them before AUTH (src/networking.c,
+        ``processMultibulkBuffer``).  The proxy's own limits keep their
+        errors, checked first as Redis checks its own, save that a count
+        only Redis's ``INT_MAX`` bounds is refused as unauthenticated, as
+        Redis does.  Inline requests have no such limits, in Redis either.
+        The caller feeds one request at a time meanwhile (``one``)."""
+        self._set_limits(max_args, max_bulk_bytes)
+
+    def relax(self) -> None:
+        """Back to the proxy's own limits only."""
+        self._set_limits(LLONG_MAX, LLONG_MAX)
+
+    def _set_limits(self, tight_args: int, tight_bulk: int) -> None:
+        self._tight_args = tight_args
+        self._tight_bulk = tight_bulk
+        # what _parse compares each header with: past it, _count_error and
+        # _bulk_error tell which limit it broke
+        self._count_limit = min(self.max_args, tight_args)
+        self._bulk_limit = min(self.max_bulk_bytes, tight_bulk)
         # What the fast paths may take from their tables without a check per
         # header: counts and sizes whose header line ("*" or "$" then the
-        # digits) fits max_inline_bytes, within max_args / max_bulk_bytes.
-        digits = max(max_inline_bytes - 1, 0)
+        # digits) fits max_inline_bytes, within the limits.
+        digits = max(self.max_inline_bytes - 1, 0)
         widest = 10**digits - 1 if digits < 19 else LLONG_MAX
-        self._max_count = min(max_args, widest)
-        self._max_size = min(max_bulk_bytes, widest)
+        self._max_count = min(self._count_limit, widest)
+        self._max_size = min(self._bulk_limit, widest)
         self._known = min(len(_HEADERS), self._max_size + 1)
         # only_gets also needs "*2", and "$3" for the name GET itself: else
         # it takes no key at all
         self._gets_known = self._known if self._max_count >= 2 and self._known > 3 else 0
 
-    def feed(self, data: bytes) -> Parsed:
+    def feed(self, data: bytes, one: bool = False) -> Parsed:
         """Every request completed by ``data``, in order.
 
         After malformed input the list ends with a ``ProtocolError`` and the
         parser ignores anything fed later (the connection is to be closed).
+
+        ``one``: at most the first request (or the error that stopped it);
+        the parser keeps the bytes after it unparsed (``kept``), for
+        ``rest``, so the caller can run it before the next is parsed.
         """
         if self._failed or not data:
             return []
@@ -285,15 +327,55 @@ class RequestParser:
                 return []
             data = b"".join(parts)
             self._parts = []
-        return self._parse(data)
+        return self._parse(data, 0, one)
 
-    def _parse(self, buf: bytes) -> Parsed:
+    @property
+    def kept(self) -> bool:
+        """True when ``feed(one=True)`` (or ``keep``) left bytes unparsed."""
+        return bool(self._parts) and self._parts[0].__class__ is memoryview
+
+    def keep(self, data: bytes) -> None:
+        """Take ``data`` unparsed, after what is kept already, for ``rest``:
+        the caller has a request still to run that may change the limits.
+        Only while ``idle`` or ``kept`` (else ``feed`` it)."""
+        if self._failed or not data:
+            return
+        if self._parts:
+            self._parts.append(data)
+            self._size += len(data)
+        else:
+            self._keep(data, 0)
+
+    def rest(self, one: bool = False) -> Parsed:
+        """``feed`` what is ``kept``, as if it came now."""
+        parts = self._parts
+        if self._failed or not self.kept:
+            return []
+        self._parts = []
+        if one and len(parts) == 1:  # where it is, not copied: resumed once per request
+            view = parts[0]
+            buf = view.obj
+            return self._parse(buf, len(buf) - len(view), True)  # type: ignore[arg-type]
+        return self._parse(b"".join(parts), 0, one)
+
+    def _keep(self, buf: bytes, pos: int) -> None:
+        """Keep ``buf[pos:]`` unparsed, as a view (a memoryview marks it
+        ``kept``)."""
+        self._parts = [memoryview(buf)[pos:]]  # type: ignore[list-item]
+        self._size = len(buf) - pos
+        self._need = 0
+        self._until = b""
+
+    def _parse(self, buf: bytes, pos: int = 0, one: bool = False) -> Parsed:
         """The grammar: Redis's processMultibulkBuffer / processInlineBuffer,
-        with the limits checked on each element as soon as it can be."""
+        with the limits checked on each element as soon as it can be.
+
+        ``one``: stop after the first request, keeping the rest, from
+        ``pos`` (the fast path, which splits the whole buffer, is not tried:
+        resumed per request, it would cost quadratic time)."""
         n = len(buf)
-        if self._remaining or buf[0] != 0x2A:
+        if one or self._remaining or buf[0] != 0x2A:
             out: Parsed = []
-            pos = 0
         else:
             out, pos = self._parse_split(buf)
             if pos >= n:
@@ -326,8 +408,8 @@ class RequestParser:
                         bulk = parse_integer(buf[pos + 1:cr])
                         if bulk is None:
                             bulk = -1
-                    if bulk < 0 or bulk > self.max_bulk_bytes:
-                        self._refuse(out, buf, pos, cr, _INVALID_BULK, _BIG_BULK)
+                    if bulk < 0 or bulk > self._bulk_limit:
+                        self._refuse(out, buf, pos, cr, self._bulk_error(bulk), _BIG_BULK)
                         break
                     pos = cr + 2
                 end = pos + bulk
@@ -341,6 +423,10 @@ class RequestParser:
                 remaining -= 1
                 if not remaining:
                     out.append(args)
+                    if one:
+                        if pos < n:
+                            self._keep(buf, pos)
+                        break
                 continue
 
             if pos >= n:
@@ -359,8 +445,8 @@ class RequestParser:
                 count = small.get(buf[pos + 1:cr])
                 if count is None:
                     count = parse_integer(buf[pos + 1:cr])
-                if count is None or count > self.max_args:
-                    self._refuse(out, buf, pos, cr, _INVALID_MULTIBULK, _BIG_MULTIBULK)
+                if count is None or count > self._count_limit:
+                    self._refuse(out, buf, pos, cr, self._count_error(count), _BIG_MULTIBULK)
                     break
                 pos = cr + 2
                 if count > 0:  # Redis skips *0 and *-1 (and any count <= 0)
@@ -396,6 +482,10 @@ class RequestParser:
                     self._fail(out, _BIG_INLINE)
                     break
                 out.append(argv)
+                if one:
+                    if pos < n:
+                        self._keep(buf, pos)
+                    break
 
         self._args = args
         self._remaining = remaining
@@ -523,6 +613,18 @@ class RequestParser:
         return keys
 
     # -- waiting and failing -------------------------------------------------------
+
+    def _count_error(self, count: int | None) -> str:
+        """Which limit a multibulk count past ``_count_limit`` broke."""
+        if count is not None and self._tight_args < count <= INT_MAX:
+            return _UNAUTH_MULTIBULK
+        return _INVALID_MULTIBULK
+
+    def _bulk_error(self, size: int) -> str:
+        """Which limit a bulk length past ``_bulk_limit`` (or negative) broke."""
+        if self._tight_bulk < size <= self.max_bulk_bytes:
+            return _UNAUTH_BULK
+        return _INVALID_BULK
 
     def _wait_count(self, buf: bytes, pos: int, need: int) -> None:
         tail = buf[pos:] if pos else buf
