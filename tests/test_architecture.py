@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "redisp"
 
 #: lowest first; each module imports only from its own layer and those before it
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["redisp", "config", "metrics", "resp", "frames", "clients", "sending"]),
+    ("foundations", ["redisp", "config", "metrics", "resp", "frames", "clients", "sending",
+                     "event_loop"]),
     ("connections", ["tls", "batching", "backing", "relay", "sentinel", "cluster_map",
                      "command_table"]),
     ("core", ["_lru", "cache", "gate", "reader", "invalidation", "cluster_backing",
