@@ -106,7 +106,7 @@ def key_from_query(uri: bytes) -> bytes:
         if found is None:
             raise BadKey("missing key parameter: use /get?key=...")
         raw = found
-    key = _form_decode(raw)
+    key = _form_decode(raw) if _PLUS in raw or _PERCENT in raw else raw
     if not key:
         raise BadKey("empty key")
     return key
