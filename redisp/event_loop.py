@@ -7,8 +7,8 @@ stack, keyed by an interface), copies it, updates the copy with the
 selectable's ``logPrefix``, and pushes it through a thread-local tracker,
 in five Python calls.  For a client that sends one request and waits for the
 answer (wrk on the HTTP door, ``redis-benchmark -P 1`` on the RESP door)
-that is paid once a request, and it was about a fifth of the HTTP hit path's
-instructions (bench/NOTES-perf.md, "w-http").
+that is paid once a request, a large share of a cache hit's instructions
+(bench/NOTES-perf.md, "w-http").
 
 ``lean_dispatch`` swaps in a ``doPoll`` that does the same per event with
 what cannot change between the events of one poll read once: the tracker's
