@@ -38,6 +38,8 @@ def test_epoll_reactor_keeps_its_poller_selectables_and_dispatch():
             "EPollReactor._selectables (fd -> selectable)", "event_loop._do_poll")
     finally:
         reactor.removeAll()
+        reactor.removeReader(reactor.waker)
+        reactor.waker.connectionLost(None)
         reactor._poller.close()
 
 

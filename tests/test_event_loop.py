@@ -49,6 +49,15 @@ class Reader(FileDescriptor):
         self.lost = reason.type.__name__
 
 
+def close(reactor) -> None:
+    """Everything a reactor that never ran holds: its selectables, its waker, its epoll."""
+    reactor.removeAll()
+    waker = reactor.waker
+    reactor.removeReader(waker)
+    waker.connectionLost(None)
+    reactor._poller.close()
+
+
 def run_events(lean: bool) -> tuple:
     """Three sockets ready at once, one handler failing and one selectable
     with a broken logPrefix, dispatched by one poll; what everyone saw."""
@@ -68,8 +77,7 @@ def run_events(lean: bool) -> tuple:
         after = context.get(ILogContext)
     finally:
         globalLogPublisher.removeObserver(events.append)
-        reactor.removeAll()
-        reactor._poller.close()
+        close(reactor)
         for a, b in pairs:
             a.close()
             b.close()
@@ -125,8 +133,7 @@ def test_only_twisted_s_own_epoll_loop_is_replaced():
                 assert lean_dispatch(reactor)  # twice: still the lean one, once
                 assert reactor.doIteration.__func__ is _do_poll
         finally:
-            reactor.removeAll()
-            reactor._poller.close()
+            close(reactor)
 
 
 def test_the_twistd_plugin_gives_its_reactor_the_lean_loop(tmp_path, monkeypatch):
@@ -142,5 +149,4 @@ def test_the_twistd_plugin_gives_its_reactor_the_lean_loop(tmp_path, monkeypatch
         makeService(options, reactor)
         assert reactor.doIteration.__func__ is _do_poll
     finally:
-        reactor.removeAll()
-        reactor._poller.close()
+        close(reactor)
