@@ -6,7 +6,12 @@ keep-alive).  Stable where socket benchmarks on a shared VM swing by +-30%:
 the A/B figure for the HTTP door's changes (bench/NOTES-perf.md).
 With ``password`` the proxy has one and each request carries
 ``Authorization: Bearer``: what authentication costs a hit.
-Run: .venv/bin/python bench/http_micro.py [profile | password]
+Run: .venv/bin/python bench/http_micro.py [profile | password | once N]
+
+``once N`` answers N requests in one round and prints nothing: under
+``valgrind --tool=callgrind``, the difference between two such runs (say N =
+2000 and 12000) divided by 10000 is the door's instructions per request, a
+figure that holds still whatever else the machine runs.
 """
 
 import sys
@@ -30,7 +35,7 @@ PEER = IPv4Address("TCP", "127.0.0.1", 40000)  # loopback: let in by protected m
 PASSWORD = "bench-secret"
 
 
-def main(password: str | None = None) -> float:
+def main(password: str | None = None, rounds: int = 25, requests: int = REQUESTS) -> float:
     request = REQUEST
     if password:
         request = REQUEST[:-2] + b"Authorization: Bearer %s\r\n\r\n" % password.encode()
@@ -47,12 +52,12 @@ def main(password: str | None = None) -> float:
     transport = StringTransport(peerAddress=PEER)
     channel.makeConnection(transport)
     best = float("inf")
-    for _ in range(25):
+    for _ in range(rounds):
         started = time.process_time()
-        for _ in range(REQUESTS):
+        for _ in range(requests):
             channel.dataReceived(request)
-        best = min(best, (time.process_time() - started) / REQUESTS)
-        assert transport.value().count(b"X-Cache: HIT") == REQUESTS, transport.value()[:300]
+        best = min(best, (time.process_time() - started) / requests)
+        assert transport.value().count(b"X-Cache: HIT") == requests, transport.value()[:300]
         transport.clear()
     return best
 
@@ -64,6 +69,8 @@ if __name__ == "__main__":
 
         cProfile.run("main()", "/tmp/http_micro.prof")
         pstats.Stats("/tmp/http_micro.prof").sort_stats("tottime").print_stats(30)
+    elif sys.argv[1:2] == ["once"]:
+        main(rounds=1, requests=int(sys.argv[2]))
     else:
         password = PASSWORD if sys.argv[1:] == ["password"] else None
         print(f"HTTP GET hit through the door{' (password)' if password else ''}: "

@@ -134,6 +134,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     service = build_proxy(config, reactor).service
     tune_garbage_collector()
+    from redisp.event_loop import lean_dispatch
+
+    lean_dispatch(reactor)  # one log context per poll, not per event (event_loop.py)
     full_collections(reactor).setServiceParent(service)
     return service
 

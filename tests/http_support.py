@@ -124,7 +124,12 @@ def request(target: bytes, method: bytes = b"GET", body: bytes = b"") -> bytes:
 
 
 
-def make_proxy(max_clients: int = 100, access_log: bool = False, **settings) -> Proxy:
+def make_proxy(
+    max_clients: int = 100, access_log: bool = False, lifetimes: bool = False, **settings
+) -> Proxy:
+    """``lifetimes``: the site reads entries' ages from the cache (max-age and
+    Age headers, as ``build_proxy`` wires it); without, every value is sent
+    ``no-store``."""
     clock = Clock()
     clock.advance(1_700_000_000)
     metrics = Metrics(started=clock.seconds())
@@ -134,7 +139,8 @@ def make_proxy(max_clients: int = 100, access_log: bool = False, **settings) -> 
     reader = CachedReader(cache, Gate(1, clock), redis, metrics)
     backing = Pings()
     config = Config(access_log=access_log, **settings)
-    site = build_site(reader, backing, metrics, slots, config, reactor=clock)
+    site = build_site(reader, backing, metrics, slots, config, reactor=clock,
+                      cache=cache if lifetimes else None)
     return Proxy(site, reader, redis, backing, metrics, slots, clock, cache)
 
 

@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "redisp"
 #: lowest first; each names wings (sub-packages, with every module in them) and
 #: top-level modules; a module imports only from its own layer and those before it
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["redisp", "config", "metrics", "clients", "protocol"]),
+    ("foundations", ["redisp", "config", "metrics", "clients", "protocol",
+                     "event_loop"]),
     ("connections", ["backing"]),
     ("core", ["core"]),
     ("routing", ["routing"]),

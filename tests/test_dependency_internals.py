@@ -26,6 +26,23 @@ def _needed(what: str, user: str) -> str:
     return f"{what} is gone or changed: {user} needs it (see setup.cfg's bounds)"
 
 
+# -- twisted.internet: the epoll reactor's loop (event_loop.py) --------------------------------
+
+def test_epoll_reactor_keeps_its_poller_selectables_and_dispatch():
+    epollreactor = pytest.importorskip("twisted.internet.epollreactor")
+    reactor = epollreactor.EPollReactor()
+    try:
+        for name in ("_poller", "_selectables", "_doReadOrWrite"):
+            assert hasattr(reactor, name), _needed(f"EPollReactor.{name}", "event_loop._do_poll")
+        assert isinstance(reactor._selectables, dict), _needed(
+            "EPollReactor._selectables (fd -> selectable)", "event_loop._do_poll")
+    finally:
+        reactor.removeAll()
+        reactor.removeReader(reactor.waker)
+        reactor.waker.connectionLost(None)
+        reactor._poller.close()
+
+
 # -- twisted.internet: what a socket transport still holds (protocol/sending.py) -------------------
 
 def test_file_descriptor_tempDataLen_counts_bytes_written_this_turn():

@@ -7,6 +7,7 @@ bytes in through ``dataReceived``, the raw response bytes parsed back.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlencode
 
 import pytest
@@ -16,8 +17,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
+from redisp.config import Secret
+from redisp.doors.http import _PLAIN_MAX, plain_get
 from tests.http_support import (
     ADDR,
     PLAIN,
@@ -303,6 +307,152 @@ def test_a_plain_get_cut_anywhere_is_answered_as_it_is_whole(key, value, extra, 
     assert pieces.value() == whole.value()
     assert proxy.counted("hit") == 2
     assert not whole.disconnecting and not pieces.disconnecting
+
+
+# plain_get's regex passes over harmless lines: the same reading as line by line
+
+
+_REFERENCE_HEAD = re.compile(
+    rb"GET (/get\?[\x21-\x7e]*) HTTP/1\.1\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*\r\n)*)\r\n"
+)
+
+
+def reference_plain_get(data: bytes):
+    """``plain_get`` as it read every header line in a Python loop (before
+    branch w-http): what the regex that skips harmless lines must agree with."""
+    if len(data) > _PLAIN_MAX:
+        return None
+    match = _REFERENCE_HEAD.fullmatch(data)
+    if match is None:
+        return None
+    lines = match[2].split(b"\r\n")[:-1]
+    if len(lines) > HTTPChannel.maxHeaders:
+        return None
+    authorization = if_none_match = None
+    for line in lines:
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name in (b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language"):
+            continue
+        if name == b"authorization" and authorization is None:
+            authorization = value.strip()
+        elif name == b"if-none-match" and if_none_match is None:
+            if_none_match = value.strip()
+        elif name != b"connection" or value.strip().lower() != b"keep-alive":
+            return None
+    return match[1], authorization, if_none_match
+
+
+_NAMES = [
+    b"Host", b"host", b"HOST", b"User-Agent", b"user-agent", b"Accept", b"ACCEPT",
+    b"Accept-Encoding", b"accept-language", b"Accept-Languages", b"Accepts", b"Hostname",
+    b"Connection", b"CONNECTION", b"Authorization", b"authorization", b"If-None-Match",
+    b"if-none-match", b"X-Other", b"Content-Length", b"Expect", b"Upgrade",
+    b"Transfer-Encoding", b"Cookie",
+]
+_VALUES = [
+    b" 127.0.0.1:9997", b" keep-alive", b"keep-alive", b"\tKeep-Alive \t", b" keep-alive,",
+    b" keep-alive x", b" close", b" Upgrade", b"", b" ", b" *", b' "x"', b' W/"x", "y"',
+    b" Bearer door-pw", b" bearer  door-pw ", b" Bearer wrong", b" 2", b" 100-continue",
+    b" chunked", b" \x00", b" caf\xc3\xa9", b" a\x0bb",
+]
+_TOKEN = st.from_regex(rb"\A[!#$%&'*+.^_`|~0-9A-Za-z-]{1,12}\Z")
+
+
+def header_lines(values: st.SearchStrategy[bytes]) -> st.SearchStrategy[list[bytes]]:
+    names = st.sampled_from(_NAMES)
+    line = st.builds(
+        lambda name, sep, value: name + sep + value + b"\r\n",
+        st.one_of(names, names, names, _TOKEN),
+        st.sampled_from([b":"] * 9 + [b" :"]),
+        st.one_of(st.sampled_from(_VALUES), st.sampled_from(_VALUES), values),
+    )
+    return st.lists(line, max_size=5)
+
+
+_TARGETS = st.sampled_from([b"/get?key=k", b"/get?key=a+b%2B", b"/get?key=k&x=1", b"/get?"]) | (
+    st.binary(min_size=1, max_size=10).map(lambda key: b"/get?" + urlencode({"key": key}).encode()))
+
+
+def heads(values: st.SearchStrategy[bytes], tails: bool) -> st.SearchStrategy[bytes]:
+    return st.builds(
+        lambda method, target, version, lines, tail: (
+            method + b" " + target + b" " + version + b"\r\n" + b"".join(lines) + b"\r\n" + tail),
+        st.sampled_from([b"GET"] * 9 + [b"HEAD", b"get"]),
+        _TARGETS,
+        st.sampled_from([b"HTTP/1.1"] * 9 + [b"HTTP/1.0"]),
+        header_lines(values),
+        st.sampled_from([b""] * 9 + [b"x", b"\r\n"]) if tails else st.just(b""),
+    )
+
+
+@settings(max_examples=2000, deadline=None)
+@given(head=heads(st.binary(max_size=8), tails=True))
+def test_plain_get_reads_a_head_as_the_line_by_line_reading_does(head):
+    assert plain_get(head) == reference_plain_get(head)
+
+
+@pytest.mark.parametrize("line", [
+    b"Host: h", b"hOsT:h", b"Hostname: h", b"Accept: */*", b"Accepts: x", b"Accept-: x",
+    b"Accept-Encoding: gzip", b"Accept-Languages: x", b"accept-language:", b"User-Agent: wrk",
+    b"User-Agents: x", b"Connection: keep-alive", b"connection:\tKEEP-ALIVE\t ",
+    b"Connection: keep-alive x", b"Connection: keep-alive,", b"Connection: close",
+    b"Connection:", b"Connection : keep-alive", b"Host : h", b"Authorization: Bearer x",
+    b"If-None-Match: *",
+])
+@pytest.mark.parametrize("before", [b"", b"Host: h\r\n", b"X-Other: y\r\n"])
+def test_plain_get_reads_each_near_miss_as_the_line_by_line_reading_does(line, before):
+    head = b"GET /get?key=k HTTP/1.1\r\n" + before + line + b"\r\nAccept: x\r\n\r\n"
+    assert plain_get(head) == reference_plain_get(head)
+
+
+@pytest.mark.parametrize("count", [499, 500, 501])
+@pytest.mark.parametrize("last", [b"", b"Authorization: x\r\n", b"X-Other: y\r\n"])
+def test_plain_get_counts_harmless_lines_against_max_headers(count, last):
+    head = b"GET /get?key=k HTTP/1.1\r\n" + b"Accept: x\r\n" * count + last + b"\r\n"
+    assert plain_get(head) == reference_plain_get(head)
+    assert (plain_get(head) is None) == (count + bool(last) > HTTPChannel.maxHeaders or
+                                           last.startswith(b"X-"))
+
+
+_PRINTABLE_VALUES = st.binary(max_size=8).map(
+    lambda v: bytes(c for c in v if c not in b"\r\n"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    head=heads(_PRINTABLE_VALUES, tails=False),
+    variant=st.sampled_from(["open", "password", "lifetimes"]),
+    value=st.binary(max_size=50),
+    cuts=st.lists(st.integers(1, 10_000), min_size=1, max_size=4),
+)
+def test_any_head_whole_is_answered_as_it_is_in_pieces(head, variant, value, cuts):
+    """The fast path's promise on any head, plain or not, with credentials
+    or cache lifetimes or neither: whole (the fast path when it is plain) or
+    in pieces (twisted.web, always), the same bytes and the same counts."""
+    proxies = []
+    for _ in range(2):
+        if variant == "password":
+            proxy = make_proxy(password=Secret("door-pw"))
+        else:
+            proxy = make_proxy(lifetimes=variant == "lifetimes")
+        for key in (b"k", b"a b+", b""):
+            proxy.cached(key, value)
+        proxies.append(proxy)
+    whole_proxy, pieces_proxy = proxies
+    protocol, whole = whole_proxy.connect()
+    protocol.dataReceived(head)
+    protocol, pieces = pieces_proxy.connect()
+    at = sorted({cut % (len(head) - 1) + 1 for cut in cuts})
+    for start, end in zip([0, *at], [*at, len(head)], strict=True):
+        if pieces.disconnecting:
+            break
+        protocol.dataReceived(head[start:end])
+    assert pieces.value() == whole.value()
+    assert pieces.disconnecting == whole.disconnecting
+    assert pieces_proxy.metrics.requests == whole_proxy.metrics.requests
+    assert pieces_proxy.metrics.auth_failures == whole_proxy.metrics.auth_failures
 
 
 # limits on the request head (SPEC §2): 414 and 431, then the close

@@ -10,19 +10,21 @@ from redisp.protocol.sending import buffered, can_send_now, send_now, unbuffer
 
 
 class FakeSocketTransport:
-    """The attributes send_now reads, a socket taking ``takes`` bytes at most."""
+    """The attributes send_now reads, its ``socket`` (itself) taking
+    ``takes`` bytes at most, or raising ``error``."""
 
     def __init__(self, takes=None, error=None):
         self.dataBuffer = b""
         self._tempDataLen = 0
         self.connected = True
         self.disconnecting = False
+        self.socket = self
         self.takes, self.error = takes, error
         self.sent, self.written = [], []
 
-    def writeSomeData(self, data):
+    def send(self, data):
         if self.error is not None:
-            return self.error
+            raise self.error
         taken = data if self.takes is None else data[:self.takes]
         self.sent.append(taken)
         return len(taken)
@@ -43,8 +45,15 @@ def test_what_the_socket_does_not_take_is_buffered_in_order():
     assert (t.sent, t.written) == ([b"re"], [b"ply"])
 
 
-def test_a_socket_error_leaves_it_all_to_write():
-    t = FakeSocketTransport(error=ConnectionResetError())
+@pytest.mark.parametrize("error", [ConnectionResetError(), BlockingIOError()])
+def test_a_socket_error_leaves_it_all_to_write(error):
+    t = FakeSocketTransport(error=error)
+    send_now(t, b"reply")
+    assert t.written == [b"reply"]
+
+
+def test_a_socket_that_takes_nothing_leaves_it_all_to_write():
+    t = FakeSocketTransport(takes=0)
     send_now(t, b"reply")
     assert t.written == [b"reply"]
 

@@ -13,7 +13,7 @@ in tests/test_http_channel.py.
 
 from __future__ import annotations
 
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode
 
 import pytest
 from hypothesis import given
@@ -26,9 +26,18 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
+from xxhash import xxh3_128_intdigest
 
 from redisp.backing.connection import BackingReplyError, BackingTimeout, BackingUnavailable
-from redisp.doors.web import BadKey, key_from_query
+from redisp.doors.http import compose
+from redisp.doors.web import (
+    _HIT_CACHED,
+    _HIT_NOT_CACHED,
+    BadKey,
+    etag,
+    key_from_query,
+    validators,
+)
 from tests.http_support import (
     PLAIN,
     Proxy,
@@ -230,6 +239,42 @@ def test_key_from_query_reasons():
     for uri in (b"/get", b"/get?key=", b"/get?key=1&key=2"):
         with pytest.raises(BadKey):
             key_from_query(uri)
+
+
+@given(st.binary(max_size=40))
+def test_key_from_query_reads_any_query_as_the_form_decoding_does(query):
+    """The hot path asks ``ord(c) in text``; the reading is still WHATWG
+    form decoding of the one ``key`` field (none, empty or twice: BadKey)."""
+    fields = [f.partition(b"=") for f in query.split(b"&")]
+    keys = [unquote_to_bytes(v.replace(b"+", b" ")) for n, _, v in fields
+            if unquote_to_bytes(n.replace(b"+", b" ")) == b"key"]
+    if len(keys) != 1 or not keys[0]:
+        with pytest.raises(BadKey):
+            key_from_query(b"/get?" + query)
+    else:
+        assert key_from_query(b"/get?" + query) == keys[0]
+
+
+@given(st.binary(max_size=300))
+def test_the_etag_is_the_hash_in_32_hex_digits(value):
+    """Formatted by xxhash now, as it was from the integer digest before."""
+    assert etag(value) == b'"%032x"' % xxh3_128_intdigest(value)
+
+
+@given(
+    date=st.binary(max_size=40),
+    value=st.binary(max_size=300),
+    lifetime=st.none() | st.tuples(st.floats(0, 1e9), st.floats(0, 1e9)),
+)
+def test_the_plain_200_template_is_what_compose_makes(date, value, lifetime):
+    """``answer_plain``'s one formatting sends ``compose``'s bytes."""
+    tag = etag(value)
+    composed = compose(b"HTTP/1.1 200 OK", [b"Date: " + date, validators(tag, lifetime)],
+                       b"application/octet-stream", value, b"HIT", False)
+    if lifetime is None:
+        assert _HIT_NOT_CACHED % (date, tag, len(value), value) == composed
+    else:
+        assert _HIT_CACHED % (date, tag, lifetime[1], lifetime[0], len(value), value) == composed
 
 
 # /get: backing errors and 500

@@ -64,9 +64,9 @@ from redisp.clients import ClientSlots
 from redisp.commands.auth import DENIED, UNAUTHENTICATED_ARGS, UNAUTHENTICATED_BULK, Authenticator
 from redisp.commands.client_list import ClientRegistry
 from redisp.commands.dispatch import execute, execute_packet
-from redisp.commands.dispatch.local import get_answer
-from redisp.commands.dispatch.session import HIT, MISS, OTHER, PROTOCOL_ERROR, Session
+from redisp.commands.local import get_answer
 from redisp.commands.replies import CHUNK, Chunked, bulk_reply, get_replies, join_replies
+from redisp.commands.session import HIT, MISS, OTHER, PROTOCOL_ERROR, Session
 from redisp.config import Config
 from redisp.core.gate import Owner
 from redisp.metrics import Metrics

@@ -46,7 +46,7 @@ from twisted.web.http import (
     UNAUTHORIZED,
 )
 from twisted.web.resource import Resource
-from xxhash import xxh3_128_intdigest
+from xxhash import xxh3_128_hexdigest
 
 from redisp.backing.connection import (
     Backing,
@@ -74,6 +74,12 @@ _NOT_MODIFIED_1_1 = b"HTTP/1.1 304 Not Modified"
 CHALLENGE = b'WWW-Authenticate: Bearer realm="redisp"'
 
 
+# bytes.__contains__ with a bytes operand first tries it as an integer and
+# formats the TypeError it then discards (CPython 3.11); an int operand is a
+# memchr.  The hot path asks ``ord(c) in text`` (bench/NOTES-perf.md, "w-http").
+_AMPERSAND, _PLUS, _PERCENT = ord("&"), ord("+"), ord("%")
+
+
 class BadKey(ValueError):
     """The query string names no usable key; ``str()`` is the one-line reason."""
 
@@ -86,7 +92,7 @@ def key_from_query(uri: bytes) -> bytes:
     ``key=...``, takes no loop.
     """
     query = uri.partition(b"?")[2]
-    if query.startswith(b"key=") and b"&" not in query:
+    if query.startswith(b"key=") and _AMPERSAND not in query:
         raw = query[4:]
     else:
         found: bytes | None = None
@@ -100,7 +106,7 @@ def key_from_query(uri: bytes) -> bytes:
         if found is None:
             raise BadKey("missing key parameter: use /get?key=...")
         raw = found
-    key = _form_decode(raw)
+    key = _form_decode(raw) if _PLUS in raw or _PERCENT in raw else raw
     if not key:
         raise BadKey("empty key")
     return key
@@ -108,9 +114,9 @@ def key_from_query(uri: bytes) -> bytes:
 
 def _form_decode(text: bytes) -> bytes:
     """application/x-www-form-urlencoded decoding to bytes: '+' is a space, %XX any byte."""
-    if b"+" in text:
+    if _PLUS in text:
         text = text.replace(b"+", b" ")
-    return unquote_to_bytes(text) if b"%" in text else text
+    return unquote_to_bytes(text) if _PERCENT in text else text
 
 
 def respond(
@@ -156,22 +162,23 @@ def respond(
 NO_STORE = b"Cache-Control: no-store"
 
 
-def etag(digest: int) -> bytes:
-    """The ETag of a value whose ``xxh3_128_intdigest`` is ``digest``: a
-    strong validator, the 128-bit XXH3 hash of the value's bytes (fast
-    enough to hash every value served, large ones included: see
-    bench/NOTES-perf.md, "Issue 10")."""
-    return b'"%032x"' % digest
+def etag(value: bytes) -> bytes:
+    """The ETag of ``value``: a strong validator, the 128-bit XXH3 hash of
+    its bytes in 32 hex digits, quoted (fast enough to hash every value
+    served, large ones included: see bench/NOTES-perf.md, "Issue 10").
+    The hex digest comes from xxhash itself, not from formatting the hash as
+    an integer, which costs more than hashing a small value."""
+    return b'"' + xxh3_128_hexdigest(value).encode() + b'"'
 
 
-_CACHED = b'ETag: "%032x"\r\nCache-Control: max-age=%d\r\nAge: %d'
-_NOT_CACHED = b'ETag: "%032x"\r\n' + NO_STORE
+_CACHED = b"ETag: %s\r\nCache-Control: max-age=%d\r\nAge: %d"
+_NOT_CACHED = b"ETag: %s\r\n" + NO_STORE
 
 
-def validators(digest: int, lifetime: tuple[float, float] | None) -> bytes:
-    """ETag, Cache-Control and Age of a 200 (or 304) for the value whose
-    ``xxh3_128_intdigest`` is ``digest``, as one block of header lines (one
-    formatting, for the hit path's sake).
+def validators(tag: bytes, lifetime: tuple[float, float] | None) -> bytes:
+    """ETag, Cache-Control and Age of a 200 (or 304) for a value whose
+    ``etag`` is ``tag``, as one block of header lines (one formatting, for
+    the hit path's sake).
 
     ``lifetime``: (seconds since the entry was stored, seconds it has left),
     from ``Cache.lifetime``; None when the value is not in the cache
@@ -181,8 +188,20 @@ def validators(digest: int, lifetime: tuple[float, float] | None) -> bytes:
     rounded down: a downstream cache never keeps a value longer than redisp.
     """
     if lifetime is None:
-        return _NOT_CACHED % digest
-    return _CACHED % (digest, lifetime[1], lifetime[0])
+        return _NOT_CACHED % tag
+    return _CACHED % (tag, lifetime[1], lifetime[0])
+
+
+#: the plain-GET path's 200, whole, with a value's place (Date, ETag,
+#: [max-age and Age,] Content-Length, body): what ``compose`` makes of
+#: ``validators`` and the value (tests/test_web.py proves it, byte for byte),
+#: in one formatting instead of a list, a loop and a join
+_HIT_CACHED = (
+    _OK_1_1 + b"\r\nDate: %s\r\n" + _CACHED
+    + b"\r\nContent-Type: " + OCTETS + b"\r\nContent-Length: %d\r\nX-Cache: HIT\r\n\r\n%s")
+_HIT_NOT_CACHED = (
+    _OK_1_1 + b"\r\nDate: %s\r\n" + _NOT_CACHED
+    + b"\r\nContent-Type: " + OCTETS + b"\r\nContent-Length: %d\r\nX-Cache: HIT\r\n\r\n%s")
 
 
 def _never_cached(key: bytes) -> None:
@@ -328,8 +347,9 @@ class FrontDoor(Resource):
         through twisted.web as usual (see http_channel._Channel), which answers and
         counts a 401.  ``verified``: ``authorization`` is the value this
         connection was last let in with (``http_channel._Channel``), checked already.  The
-        same ``compose`` and ``validators`` as ``_answer``: the two paths
-        send the same bytes."""
+        same ``validators`` as ``_answer``, and ``compose``'s bytes (a 200
+        from its template, ``_HIT_CACHED``): the two paths send the same
+        bytes."""
         auth = self.auth
         if auth.required and not verified and not auth.http_allows(authorization, count=False):
             return None
@@ -341,12 +361,15 @@ class FrontDoor(Resource):
         if lookup is None:
             return None
         value = lookup[0]
-        digest = xxh3_128_intdigest(value)
-        headers = [b"Date: " + date, validators(digest, self._lifetime(key))]
-        if if_none_match is not None and none_match(if_none_match, etag(digest)):
-            response = compose(_NOT_MODIFIED_1_1, headers, None, b"", b"HIT", False)
+        tag = etag(value)
+        lifetime = self._lifetime(key)
+        if if_none_match is not None and none_match(if_none_match, tag):
+            response = compose(_NOT_MODIFIED_1_1, [b"Date: " + date, validators(tag, lifetime)],
+                               None, b"", b"HIT", False)
+        elif lifetime is None:
+            response = _HIT_NOT_CACHED % (date, tag, len(value), value)
         else:
-            response = compose(_OK_1_1, headers, OCTETS, value, b"HIT", False)
+            response = _HIT_CACHED % (date, tag, lifetime[1], lifetime[0], len(value), value)
         self._metrics.request("http", "hit")
         return response
 
@@ -362,10 +385,10 @@ class FrontDoor(Resource):
         if request is None:
             return
         x_cache = b"HIT" if hit else b"MISS"
-        digest = xxh3_128_intdigest(value)
-        headers = [validators(digest, self._lifetime(key))]
+        tag = etag(value)
+        headers = [validators(tag, self._lifetime(key))]
         if_none_match = request.requestHeaders.getRawHeaders(b"if-none-match")
-        if if_none_match and none_match(b",".join(if_none_match), etag(digest)):
+        if if_none_match and none_match(b",".join(if_none_match), tag):
             respond(request, NOT_MODIFIED, b"", None, x_cache, headers)
         else:
             respond(request, OK, value, OCTETS, x_cache, headers)

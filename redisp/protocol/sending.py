@@ -48,9 +48,12 @@ def send_now(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, handing the bytes to the socket at once when
     nothing is queued before them; only for a transport ``can_send_now`` accepts.
 
-    After a ``loseWriteConnection`` (which redisp never calls) the socket
-    refuses the bytes with an error, not a count, and ``write`` drops them,
-    as it would have anyway.
+    The socket's own ``send``, not ``writeSomeData``: that wrapper adds a
+    memoryview, a slice of it and an EINTR loop (which Python's ``send``
+    already has) to every reply.  A full socket buffer, or an error, leaves
+    the bytes to ``write``, whose next ``doWrite`` meets the error as before;
+    after a ``loseWriteConnection`` (which redisp never calls) that means
+    they are dropped, as they would have been anyway.
     """
     if (
         not transport.dataBuffer
@@ -58,10 +61,13 @@ def send_now(transport: Any, data: bytes) -> None:
         and transport.connected
         and not transport.disconnecting
     ):
-        sent = transport.writeSomeData(data)
-        if sent.__class__ is int:
-            if sent == len(data):
-                return
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN, or the connection is gone
+            sent = 0
+        if sent == len(data):
+            return
+        if sent:
             data = data[sent:]
     transport.write(data)
 
