@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "redisp"
 
 #: lowest first; each module imports only from its own layer and those before it
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["redisp", "config", "metrics", "resp", "frames", "clients", "sending"]),
+    ("foundations", ["redisp", "config", "metrics", "_resp", "resp", "frames", "clients",
+                     "sending"]),
     ("connections", ["tls", "batching", "backing", "relay", "sentinel", "cluster_map",
                      "command_table"]),
     ("core", ["_lru", "cache", "gate", "reader", "invalidation", "cluster_backing",
@@ -36,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
 LAZY_UP: dict[tuple[str, str], str] = {}
 
 #: modules that exist without a .py file (a C extension, built when it can be)
-COMPILED = {"_lru"}
+COMPILED = {"_lru", "_resp"}
 
 Edge = tuple[str, str]
 

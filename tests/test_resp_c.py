@@ -11,10 +11,12 @@ that give up halfway through a request, and exact ``bytes`` only.
 
 from __future__ import annotations
 
+import re
 import sys
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 
 import redisp.resp as resp
 from redisp.resp import ProtocolError, RequestParser
-from tests.compiled import compiled, required
+from tests.compiled import EXTENSIONS, compiled, required
 from tests.test_resp_paths import (
     DEFAULTS,
     cut_lists,
@@ -141,11 +143,14 @@ def test_the_parser_uses_the_compiled_versions_when_built():
     assert resp._parse_split is _resp.parse_split
 
 
-def test_the_switch_requires_every_extension_where_it_is_set():
-    """scripts/test sets it where a compiler is there; both names work."""
-    if not required():
-        pytest.skip("REDISP_REQUIRE_C not set")
-    import redisp._lru  # noqa: F401  (the cache's table, built the same way)
+def test_the_switch_covers_every_extension_setup_py_builds():
+    """One switch for all of them: each extension setup.py builds is in
+    tests.compiled's list, and importable wherever the switch is set."""
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert set(re.findall(r'Extension\("redisp\.(\w+)"', setup)) == set(EXTENSIONS)
+    if required():
+        for name in EXTENSIONS:
+            compiled(name)
 
 
 # -- what C adds: references and types --------------------------------------------
