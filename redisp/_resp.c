@@ -256,9 +256,78 @@ parse_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* "$<size>\r\n" written at dst (when not NULL); its length. */
+static Py_ssize_t
+bulk_header(char *dst, Py_ssize_t size)
+{
+    char digits[24];
+    Py_ssize_t n = 0;
+    do {
+        digits[n++] = (char)('0' + size % 10);
+        size /= 10;
+    } while (size);
+    if (dst != NULL) {
+        *dst++ = '$';
+        for (Py_ssize_t i = n - 1; i >= 0; i--)
+            *dst++ = digits[i];
+        *dst++ = '\r';
+        *dst = '\n';
+    }
+    return n + 3;
+}
+
+PyDoc_STRVAR(bulks_doc,
+"bulks(values, limit) -> bytes | None\n\n"
+"Each value as a RESP bulk string, all in one bytes object, if values is a\n"
+"list of exact bytes whose sizes plus 16 a value are at most limit; else\n"
+"None (the caller's general way).");
+
+static PyObject *
+bulks(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "bulks takes 2 arguments");
+        return NULL;
+    }
+    PyObject *values = args[0];
+    Py_ssize_t limit;
+    if (limit_arg(args[1], &limit) < 0)
+        return NULL;
+    if (!PyList_CheckExact(values) || limit < 0)
+        Py_RETURN_NONE;
+    Py_ssize_t count = PyList_GET_SIZE(values);
+    Py_ssize_t budget = 0, total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = PyList_GET_ITEM(values, i);
+        if (!PyBytes_CheckExact(value))
+            Py_RETURN_NONE;
+        Py_ssize_t size = PyBytes_GET_SIZE(value);
+        if (size > limit - budget - 16)  /* no overflow: size and budget <= limit */
+            Py_RETURN_NONE;
+        budget += size + 16;
+        total += bulk_header(NULL, size) + size + 2;
+    }
+    /* nothing above ran Python code or released the list: it is as it was */
+    PyObject *reply = PyBytes_FromStringAndSize(NULL, total);
+    if (reply == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(reply);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = PyList_GET_ITEM(values, i);
+        Py_ssize_t size = PyBytes_GET_SIZE(value);
+        out += bulk_header(out, size);
+        memcpy(out, PyBytes_AS_STRING(value), (size_t)size);
+        out += size;
+        *out++ = '\r';
+        *out++ = '\n';
+    }
+    return reply;
+}
+
 static PyMethodDef resp_methods[] = {
     {"only_gets", (PyCFunction)(void (*)(void))only_gets, METH_FASTCALL, only_gets_doc},
     {"parse_split", (PyCFunction)(void (*)(void))parse_split, METH_FASTCALL, parse_split_doc},
+    {"bulks", (PyCFunction)(void (*)(void))bulks, METH_FASTCALL, bulks_doc},
     {NULL, NULL, 0, NULL}
 };
 

@@ -1,4 +1,5 @@
-"""redisp._resp, the compiled fast parsers, against their Python references.
+"""redisp._resp, the compiled fast parsers and reply writer, against their
+Python references.
 
 ``only_gets`` and ``parse_split`` in redisp/resp.py are the reference; the C
 versions replace them when built and must answer exactly the same on every
@@ -7,6 +8,8 @@ limits (small ones especially), and a ``RequestParser`` must give the same
 requests with either, on every chunking of a stream.  Then what C adds on
 its own: no reference leaked or lost, on the paths that succeed as on those
 that give up halfway through a request, and exact ``bytes`` only.
+``bulks`` (the small case of ``replies.get_replies``) is held to
+``b"".join(map(bulk, values))`` the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import redisp.replies as replies
 import redisp.resp as resp
-from redisp.resp import ProtocolError, RequestParser
+from redisp.replies import LARGE, Chunked
+from redisp.resp import ProtocolError, RequestParser, bulk
 from tests.compiled import EXTENSIONS, compiled, required
 from tests.test_resp_paths import (
     DEFAULTS,
@@ -227,3 +232,81 @@ def test_limits_must_be_integers_and_calls_their_arity():
         _resp.only_gets(b"")
     with pytest.raises(TypeError):
         _resp.parse_split(b"", 10)
+
+
+# -- bulks: the replies of pipelined GETs -------------------------------------------
+
+class Bytes(bytes):
+    pass
+
+
+values = st.lists(st.one_of(
+    st.binary(max_size=12),
+    st.sampled_from([9, 10, 99, 100, 1023, 1024, 5000, 70_000]).map(lambda n: b"v" * n),
+    st.binary(max_size=4).map(memoryview),
+    st.binary(max_size=4).map(Bytes),
+), max_size=40)
+budgets = st.sampled_from([-1, 0, 15, 16, 17, 100, 1000, LARGE, 2**63 - 1, 2**70])
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values, budgets)
+@example([], 0)
+@example([b""], 16)
+@example([b"x"], 16)
+def test_bulks_writes_what_bulk_joins_or_declines(values, limit):
+    size = sum(map(len, values)) + 16 * len(values)
+    fits = all(type(v) is bytes for v in values) and size <= limit
+    expected = b"".join(map(bulk, values)) if fits else None
+    assert _resp.bulks(values, limit) == expected
+    assert _resp.bulks(tuple(values), limit) is None  # a list only
+
+
+def whole(reply) -> bytes:
+    return reply.take(len(reply)) if isinstance(reply, Chunked) else reply
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.sampled_from([0, 1, 99, 100, 1023, 1024, 4000, 300_000]).map(lambda n: b"v" * n),
+    st.binary(max_size=8),
+    st.sampled_from([b"m" * 10, b"m" * 300_000]).map(memoryview),
+), min_size=1, max_size=300))
+def test_get_replies_is_the_same_with_or_without_it(values):
+    ours = replies.get_replies(values)
+    saved, replies._bulks = replies._bulks, None
+    try:
+        theirs = replies.get_replies(values)
+    finally:
+        replies._bulks = saved
+    assert type(ours) is type(theirs)
+    assert whole(ours) == whole(theirs)
+
+
+def test_get_replies_uses_it_when_built():
+    assert replies._bulks is _resp.bulks
+
+
+def test_bulks_takes_no_reference_and_leaks_nothing():
+    value = b"x" * 100
+    before = sys.getrefcount(value)
+    reply = _resp.bulks([value, value], LARGE)
+    assert sys.getrefcount(value) == before
+    assert sys.getrefcount(reply) == 2
+    cases = [[value] * 16, [value, "str"], [b""], [], [b"y" * 5000] * 60]
+    tracemalloc.start()
+    try:
+        for case in cases * 3:
+            _resp.bulks(case, LARGE)
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            for case in cases:
+                _resp.bulks(case, LARGE)
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 4096, grown
+    with pytest.raises(TypeError):
+        _resp.bulks([value], "10")
+    with pytest.raises(TypeError):
+        _resp.bulks([value])
