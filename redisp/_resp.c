@@ -1,4 +1,4 @@
-/* redisp._resp: the RESP door's two fast parsers, compiled.
+/* redisp._resp: the RESP door's two fast parsers and its GET reply writer, compiled.
  *
  * only_gets(data, gets_known) and parse_split(buf, max_count, max_size) give
  * exactly what redisp.resp's pure-Python reference functions of the same
@@ -13,6 +13,10 @@
  * then the canonical decimal length ("0", or digits without a leading
  * zero) of the token after it; a count is "*" then a canonical 1..9999.
  * Anything else stops the walk where the request began.
+ *
+ * bulks(values, limit) writes the replies of pipelined GETs (each value a
+ * bulk string) into one bytes object, or declines with None, leaving the
+ * case to redisp.replies.get_replies, whose result it equals.
  *
  * Only exact bytes are read (their buffer cannot change or run Python code
  * while it is read), and the limits come in as arguments, so this module
@@ -334,8 +338,8 @@ static PyMethodDef resp_methods[] = {
 static struct PyModuleDef resp_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "redisp._resp",
-    .m_doc = "The RESP door's fast parsers in C (optional: redisp.resp falls "
-             "back to its pure-Python reference functions without it).",
+    .m_doc = "The RESP door's fast parsers and GET reply writer in C (optional: "
+             "redisp.resp and redisp.replies fall back to Python without it).",
     .m_size = -1,
     .m_methods = resp_methods,
 };
