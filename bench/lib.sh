@@ -45,9 +45,9 @@ ensure_tools() {
 }
 
 # ensure_redisp: a venv with redisp whose twistd plugin loads (reinstalled when redisp.core._lru,
-# the cache's C table, is not built yet: the memory and scale rows measure it)
+# the cache's C table, or redisp.protocol._resp, the parser's, is not built yet: the rows measure them)
 ensure_redisp() {
-  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted, redisp.core._lru, redis' 2>/dev/null; then
+  if ! [[ -x "$VENV/bin/twistd" ]] || ! "$VENV/bin/python" -c 'import redisp, twisted, redisp.core._lru, redisp.protocol._resp, redis' 2>/dev/null; then
     ensure_venv bench
   fi
   local out

@@ -19,7 +19,8 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
 }
 
-# can_build_c: a C compiler and the base Python's headers are there (redisp.core._lru builds)
+# can_build_c: a C compiler and the base Python's headers are there (the C extensions
+# redisp.core._lru and redisp.protocol._resp build)
 can_build_c() {
   command -v cc >/dev/null && "$BASE_PY" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
@@ -32,13 +33,14 @@ ensure_venv() {
   if [[ ! -x "$VENV/bin/python" ]]; then
     "$BASE_PY" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$BASE_PY" -m venv "$VENV"; }
   fi
-  # redisp.core._lru (the cache's C table) is built when a compiler and Python's
-  # headers are there; without them redisp falls back to OrderedDict
+  # redisp.core._lru (the cache's C table) and redisp.protocol._resp (the RESP parser's fast paths)
+  # are built when a compiler and Python's headers are there; without them redisp
+  # falls back to OrderedDict and to the parser's Python reference
   if ! can_build_c; then
     command -v cc >/dev/null || apt_install gcc libc6-dev || true
     can_build_c || apt_install "python$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev" \
       || apt_install python3-dev || true
-    can_build_c || say "no C compiler or Python headers: redisp.core._lru not built (OrderedDict fallback)"
+    can_build_c || say "no C compiler or Python headers: redisp.core._lru and redisp.protocol._resp not built (Python fallbacks)"
   fi
   say "installing redisp${extras:+[$extras]} into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null

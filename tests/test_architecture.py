@@ -23,8 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "redisp"
 #: lowest first; each names wings (sub-packages, with every module in them) and
 #: top-level modules; a module imports only from its own layer and those before it
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["redisp", "config", "metrics", "clients", "protocol",
-                     "event_loop"]),
+    ("foundations", ["redisp", "config", "metrics", "clients", "protocol", "event_loop"]),
     ("connections", ["backing"]),
     ("core", ["core"]),
     ("routing", ["routing"]),
@@ -38,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
 LAZY_UP: dict[tuple[str, str], str] = {}
 
 #: modules that exist without a .py file (a C extension, built when it can be)
-COMPILED = {"core._lru"}
+COMPILED = {"core._lru", "protocol._resp"}
 
 Edge = tuple[str, str]
 

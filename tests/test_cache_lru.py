@@ -5,7 +5,6 @@ the index grow and probe chains form and shift back on deletion, gives the
 same answers and leaves the same order as an OrderedDict.
 """
 
-import os
 from collections import OrderedDict
 
 import pytest
@@ -15,13 +14,9 @@ from twisted.internet.task import Clock
 
 import redisp.core.cache
 from redisp.metrics import Metrics
+from tests.compiled import compiled
 
-if os.environ.get("REDISP_REQUIRE_LRU") == "1":  # CI: the C table must have been built
-    import redisp.core._lru as lru
-else:
-    lru = pytest.importorskip("redisp.core._lru",
-                              reason="redisp.core._lru was not built (no C compiler)")
-LruDict = lru.LruDict
+LruDict = compiled("core._lru").LruDict  # required where it could be built (CI), else skipped
 
 keys = st.integers(0, 60).map(lambda i: b"k%d" % i)
 ops = st.lists(

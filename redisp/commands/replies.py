@@ -33,6 +33,14 @@ _HEADERS = [b"$%d" % i for i in range(1024)]
 _SMALL_PACKET = LARGE // 1032
 
 
+# redisp.protocol._resp.bulks when built (setup.py): the small case of get_replies in
+# C; it declines (None) whatever it does not take, which then goes on here
+try:
+    from redisp.protocol._resp import bulks as _bulks
+except ImportError:
+    _bulks = None
+
+
 class Chunked:
     """A reply kept as parts (encoded headers and values by reference),
     encoded ``take(limit)`` bytes at a time.  ``len()`` is what is left."""
@@ -102,6 +110,10 @@ def get_replies(values: list[bytes]) -> bytes | Chunked:
     "Figures moved out of the code").  Larger:
     the values' sizes decide between one ``bytes`` and a ``Chunked``.
     """
+    if _bulks is not None:  # compiled: one pass, the reply written in place
+        reply = _bulks(values, LARGE)
+        if reply is not None:
+            return reply
     count = len(values)
     sizes = list(map(len, values))
     if count <= _SMALL_PACKET and count and max(sizes) < 1024:

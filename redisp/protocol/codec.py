@@ -493,64 +493,10 @@ class RequestParser:
         return out
 
     def _parse_split(self, buf: bytes) -> tuple[Parsed, int]:
-        """The fast path: well-formed multibulk requests, split at every CRLF.
-
-        One ``bytes.split`` in C replaces a ``find`` and a slice per line.  A
-        request is taken only if each of its bulk strings is a token exactly as
-        long as its header says (``$<len>`` written canonically), which also
-        proves the CRLF after it, and only with counts and sizes whose headers
-        ``_parse`` would take under the limits (``_max_count``, ``_max_size``,
-        ``_known``): so it takes exactly what ``_parse`` would.  Anything else
-        -- a CRLF inside a value, an unfinished request, a limit, an inline
-        request, an error -- stops here, and ``_parse`` goes on from the
-        returned offset byte by byte.
-        """
-        tokens = buf.split(b"\r\n")
-        last = len(tokens) - 1  # the one token no CRLF ends
-        small = _SMALL
-        headers = _HEADERS
-        known = self._known
-        max_count = self._max_count
-        max_size = self._max_size
-        out: Parsed = []
-        i = 0
-        while i < last:
-            token = tokens[i]
-            if token[:1] != b"*":
-                break
-            count = small.get(token[1:])
-            if count is None or count <= 0 or count > max_count:
-                break
-            end = i + 2 * count
-            if end >= last:
-                break
-            args = tokens[i + 2:end + 1:2]
-            if count == 2:  # GET key: the request that matters most, unrolled
-                a, b = args
-                if (
-                    len(a) < known and tokens[i + 1] == headers[len(a)]
-                    and len(b) < known and tokens[i + 3] == headers[len(b)]
-                ):
-                    out.append(args)
-                    i = end + 1
-                    continue
-            j = i + 1
-            for arg in args:
-                size = len(arg)
-                if size < known:
-                    if tokens[j] != headers[size]:
-                        break
-                elif size > max_size or tokens[j] != b"$%d" % size:
-                    break
-                j += 2
-            else:
-                out.append(args)
-                i = end + 1
-                continue
-            break
-        if i == last and not tokens[last]:
-            return out, len(buf)
-        return out, sum(map(len, tokens[:i])) + 2 * i
+        """The fast path: the leading well-formed multibulk requests of ``buf``
+        and the offset where the rest begins (``parse_split``, compiled when
+        ``redisp.protocol._resp`` was built)."""
+        return _parse_split(buf, self._max_count, self._max_size)
 
     @property
     def idle(self) -> bool:
@@ -578,39 +524,12 @@ class RequestParser:
         ``feed(data)``).  Only while the parser is ``idle`` (the caller
         checks: the RESP door's ``dataReceived``).
 
-        The RESP door's fast path, and the only other reader of the grammar:
-        each request must split into the five tokens ``*2 $3 GET $<n> key``
-        with ``len(key) == n`` and ``n`` within ``_gets_known``, which proves
-        its framing and its limits as ``_parse_split`` does, so it returns
-        exactly what ``feed`` would (tests/test_resp_paths.py checks that on
-        random input).  The checks are list operations in C, none per
-        request in Python (see bench/NOTES-perf.md, "What changed and why").
+        The RESP door's fast path (``only_gets``, compiled when
+        ``redisp.protocol._resp`` was built), and the only other reader of the
+        grammar: it returns exactly what ``feed`` would
+        (tests/test_resp_paths.py checks that on random input).
         """
-        tokens = data.split(b"\r\n")
-        n = len(tokens) - 1
-        if n == 5:  # one request (-P 1): fewer list operations
-            star, dollar, name, header, key, rest = tokens
-            if (
-                star == b"*2" and dollar == b"$3" and (name == b"GET" or name == b"get")
-                and not rest and len(key) < self._gets_known and header == _HEADERS[len(key)]
-            ):
-                return [key]
-            return None
-        count = n // 5
-        if n % 5 or not count or tokens[n]:
-            return None
-        if tokens[0:n:5].count(b"*2") != count or tokens[1:n:5].count(b"$3") != count:
-            return None
-        names = tokens[2:n:5]
-        if names.count(b"GET") != count and names.count(b"GET") + names.count(b"get") != count:
-            return None
-        keys = tokens[4:n:5]
-        sizes = list(map(len, keys))
-        if max(sizes) >= self._gets_known:
-            return None
-        if list(map(_HEADERS.__getitem__, sizes)) != tokens[3:n:5]:
-            return None
-        return keys
+        return _only_gets(data, self._gets_known)
 
     # -- waiting and failing -------------------------------------------------------
 
@@ -686,6 +605,122 @@ class RequestParser:
         self._args = []
         out.append(ProtocolError(message))
         return out
+
+
+# -- the parser's fast paths: the Python reference, and redisp.protocol._resp ---------------
+
+
+def parse_split(buf: bytes, max_count: int, max_size: int) -> tuple[Parsed, int]:
+    """The leading well-formed multibulk requests of ``buf``, split at every
+    CRLF, and the offset where the rest begins (``RequestParser._parse_split``).
+
+    One ``bytes.split`` in C replaces a ``find`` and a slice per line.  A
+    request is taken only if each of its bulk strings is a token exactly as
+    long as its header says (``$<len>`` written canonically), which also
+    proves the CRLF after it, and only with counts (at most ``max_count``,
+    and those ``_SMALL`` knows) and sizes (at most ``max_size``) whose headers
+    ``_parse`` would take under the limits: so it takes exactly what
+    ``_parse`` would.  Anything else -- a CRLF inside a value, an unfinished
+    request, a limit, an inline request, an error -- stops here, and
+    ``_parse`` goes on from the returned offset byte by byte.
+
+    The reference for ``redisp.protocol._resp.parse_split``, which answers the same
+    on every input (tests/test_resp_c.py) and replaces it when built.
+    """
+    tokens = buf.split(b"\r\n")
+    last = len(tokens) - 1  # the one token no CRLF ends
+    small = _SMALL
+    headers = _HEADERS
+    known = min(len(_HEADERS), max_size + 1)
+    out: Parsed = []
+    i = 0
+    while i < last:
+        token = tokens[i]
+        if token[:1] != b"*":
+            break
+        count = small.get(token[1:])
+        if count is None or count <= 0 or count > max_count:
+            break
+        end = i + 2 * count
+        if end >= last:
+            break
+        args = tokens[i + 2:end + 1:2]
+        if count == 2:  # GET key: the request that matters most, unrolled
+            a, b = args
+            if (
+                len(a) < known and tokens[i + 1] == headers[len(a)]
+                and len(b) < known and tokens[i + 3] == headers[len(b)]
+            ):
+                out.append(args)
+                i = end + 1
+                continue
+        j = i + 1
+        for arg in args:
+            size = len(arg)
+            if size < known:
+                if tokens[j] != headers[size]:
+                    break
+            elif size > max_size or tokens[j] != b"$%d" % size:
+                break
+            j += 2
+        else:
+            out.append(args)
+            i = end + 1
+            continue
+        break
+    if i == last and not tokens[last]:
+        return out, len(buf)
+    return out, sum(map(len, tokens[:i])) + 2 * i
+
+
+def only_gets(data: bytes, gets_known: int) -> list[bytes] | None:
+    """The keys, if ``data`` is exactly whole ``GET key`` requests in
+    canonical multibulk form, each key shorter than ``gets_known`` (at most
+    ``len(_HEADERS)``), else None (``RequestParser.only_gets``).
+
+    Each request must split into the five tokens ``*2 $3 GET $<n> key`` (the
+    name ``GET`` or ``get``) with ``len(key) == n``, which proves its framing
+    and its limits as ``parse_split`` does.  The checks are list operations
+    in C, none per request in Python (see bench/NOTES-perf.md, "What changed
+    and why").  The reference for ``redisp.protocol._resp.only_gets``, which answers
+    the same on every input (tests/test_resp_c.py) and replaces it when built.
+    """
+    tokens = data.split(b"\r\n")
+    n = len(tokens) - 1
+    if n == 5:  # one request (-P 1): fewer list operations
+        star, dollar, name, header, key, rest = tokens
+        if (
+            star == b"*2" and dollar == b"$3" and (name == b"GET" or name == b"get")
+            and not rest and len(key) < gets_known and header == _HEADERS[len(key)]
+        ):
+            return [key]
+        return None
+    count = n // 5
+    if n % 5 or not count or tokens[n]:
+        return None
+    if tokens[0:n:5].count(b"*2") != count or tokens[1:n:5].count(b"$3") != count:
+        return None
+    names = tokens[2:n:5]
+    if names.count(b"GET") != count and names.count(b"GET") + names.count(b"get") != count:
+        return None
+    keys = tokens[4:n:5]
+    sizes = list(map(len, keys))
+    if max(sizes) >= gets_known:
+        return None
+    if list(map(_HEADERS.__getitem__, sizes)) != tokens[3:n:5]:
+        return None
+    return keys
+
+
+# The compiled versions when redisp.protocol._resp was built (setup.py: a C compiler
+# and Python's headers), else the references above; RequestParser looks the
+# names up at each call.
+try:
+    from redisp.protocol._resp import only_gets as _only_gets
+    from redisp.protocol._resp import parse_split as _parse_split
+except ImportError:  # not built: the same answers, more time (bench/NOTES-perf.md)
+    _only_gets = only_gets
+    _parse_split = parse_split
 
 
 class LogLimiter:
