@@ -389,3 +389,16 @@ def test_one_at_a_time_parses_as_all_at_once(data, cuts):
             got += out
             out = parser.rest(True)
     assert [x if isinstance(x, list) else str(x) for x in got] == expected
+
+
+def test_a_long_pipeline_before_auth_is_answered_whole():
+    """Thousands of requests in one packet before AUTH: each answered, in
+    order, the AUTH at its end lifting the limits for the next packet; the
+    packet is resumed where the parser stopped, never copied per request."""
+    door = secured_door()
+    proto, transport = door.connect()
+    proto.dataReceived(b"PING\r\n" * 10_000 + AUTH)
+    assert transport.value() == b"-NOAUTH Authentication required.\r\n" * 10_000 + b"+OK\r\n"
+    transport.clear()
+    proto.dataReceived(mget(20))
+    assert transport.value().startswith(b"*19\r\n")
