@@ -402,3 +402,17 @@ def test_a_long_pipeline_before_auth_is_answered_whole():
     transport.clear()
     proto.dataReceived(mget(20))
     assert transport.value().startswith(b"*19\r\n")
+
+
+def test_users_without_a_password_have_the_limits_too():
+    """Named users and no ``password``: the default user cannot log in, as a
+    Redis whose default user is off, where the limits hold before AUTH."""
+    from redisp.config import UserConfig
+
+    door = Door(users=(UserConfig("u", Secret("pw"), "all"),))
+    proto, transport = door.connect()
+    proto.dataReceived(encode(b"AUTH", b"u", b"pw") + mget(20))
+    assert transport.value().startswith(b"+OK\r\n*19\r\n")
+    proto, transport = door.connect()
+    proto.dataReceived(mget(11))
+    assert transport.value() == b"-ERR Protocol error: unauthenticated multibulk length\r\n"
