@@ -389,3 +389,30 @@ def test_one_at_a_time_parses_as_all_at_once(data, cuts):
             got += out
             out = parser.rest(True)
     assert [x if isinstance(x, list) else str(x) for x in got] == expected
+
+
+def test_a_long_pipeline_before_auth_is_answered_whole():
+    """Thousands of requests in one packet before AUTH: each answered, in
+    order, the AUTH at its end lifting the limits for the next packet; the
+    packet is resumed where the parser stopped, never copied per request."""
+    door = secured_door()
+    proto, transport = door.connect()
+    proto.dataReceived(b"PING\r\n" * 10_000 + AUTH)
+    assert transport.value() == b"-NOAUTH Authentication required.\r\n" * 10_000 + b"+OK\r\n"
+    transport.clear()
+    proto.dataReceived(mget(20))
+    assert transport.value().startswith(b"*19\r\n")
+
+
+def test_users_without_a_password_have_the_limits_too():
+    """Named users and no ``password``: the default user cannot log in, as a
+    Redis whose default user is off, where the limits hold before AUTH."""
+    from redisp.config import UserConfig
+
+    door = Door(users=(UserConfig("u", Secret("pw"), "all"),))
+    proto, transport = door.connect()
+    proto.dataReceived(encode(b"AUTH", b"u", b"pw") + mget(20))
+    assert transport.value().startswith(b"+OK\r\n*19\r\n")
+    proto, transport = door.connect()
+    proto.dataReceived(mget(11))
+    assert transport.value() == b"-ERR Protocol error: unauthenticated multibulk length\r\n"
