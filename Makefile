@@ -1,5 +1,5 @@
 # Thin wrappers: each target is a plain script that works without make too.
-.PHONY: run test lint bench bench-invalidation chaos soak fuzz stale-reads redis-py-suite tls-bench bench-cluster clean
+.PHONY: run test lint bench bench-invalidation chaos soak fuzz stale-reads redis-py-suite tls-bench bench-cluster bench-workers clean
 
 run:            ## set up and run the proxy (starts a local redis-server when none answers)
 	scripts/run
@@ -36,6 +36,9 @@ tls-bench:      ## RESP hits over TLS vs plain, same run
 
 bench-cluster:  ## hits and misses through redisp in front of a 3-master cluster vs RedisCluster vs one server
 	bench/cluster
+
+bench-workers:  ## redisp as 1 and as 2 processes sharing its ports (SO_REUSEPORT), unpinned (~5 min)
+	bench/workers
 
 clean:
 	rm -rf .venv build dist *.egg-info twisted/plugins/dropin.cache bench/results
