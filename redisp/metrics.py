@@ -10,7 +10,6 @@ process (the tests build many).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -43,6 +42,18 @@ BACKING_LATENCY_BUCKETS = (
 )
 
 
+class Counts(dict):
+    """Counts by label, 0 for a label not seen (as ``collections.Counter``,
+    nothing stored on a read).  Not a ``Counter``: that one defines
+    ``__delitem__`` in Python, which puts every ``counts[k] += 1`` through a
+    Python-level slot (bench/NOTES-perf.md, "Metrics counts")."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: object) -> int:
+        return 0
+
+
 class Metrics:
     """Counters, gauges and the backing latency histogram of one proxy."""
 
@@ -50,10 +61,10 @@ class Metrics:
         self.started = started
         for name in COUNTERS:
             setattr(self, name, 0)
-        self.requests: Counter[tuple[str, str]] = Counter()
-        self.backing_errors: Counter[str] = Counter()
+        self.requests: Counts = Counts()
+        self.backing_errors: Counts = Counts()
         #: forwarded commands by (command name, outcome: ok, error, backing_error, refused)
-        self.forwarded: Counter[tuple[str, str]] = Counter()
+        self.forwarded: Counts = Counts()
         self.connected_clients = 0
         self.connections_received = 0  # every connection accepted, since start
         self.pinned_clients = 0
