@@ -96,3 +96,22 @@ def test_client_errors_as_redis(proxy, clients, redis_server, args, reply):  # n
     finally:
         direct.transport.loseConnection()
         yield until(lambda: direct.lost)
+
+
+@inline
+def test_client_kill_self_in_a_pipeline_runs_nothing_after_it_as_redis(
+        proxy, clients, redis_server):  # noqa: F811
+    """Redis closes a client that killed itself once its reply is written,
+    and runs nothing it sent after the CLIENT KILL (processInputBuffer
+    stops at CLIENT_CLOSE_AFTER_REPLY): same bytes, same (absent) write."""
+    seen = []
+    for port in (redis_server.port, proxy.resp_port):
+        c = yield connect(port)
+        own = own_id((yield c.call("CLIENT", "ID")))
+        c.send(("CLIENT", "KILL", "ID", str(own), "SKIPME", "no"),
+               ("SET", "killed:after", "1"), ("PING",))
+        yield c.hung_up()
+        seen.append(list(c._frames))
+    assert seen[0] == seen[1] == [b":1\r\n"]
+    checker = yield clients(redis_server.port)
+    assert (yield checker.call("EXISTS", "killed:after")) == b":0\r\n"

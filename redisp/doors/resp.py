@@ -534,6 +534,8 @@ class RespProtocol(Protocol):
             if session.closing:  # QUIT: later requests are not run, as in Redis
                 self._enter(CLOSING)
                 break
+            if self._state is not OPEN:  # CLIENT KILL of itself (hang_up): nor after it
+                break
         return ran
 
     def _forward_packet(self, requests: list, data: bytes) -> bool:
