@@ -17,10 +17,11 @@ a burst of replies from the backing Redis costs one timer, not one each.
 before its own reply is handed to the client, so their commands reach Redis
 in the same reactor turn as the reply that freed the tokens, not a turn (and
 an ``epoll`` call) later.  Under ``concurrency: N`` the backing holds only N
-requests at a time, so every reactor turn between a reply and the next
-command is throughput lost (bench/NOTES-perf.md, "w-roundtrip").  It cannot
-recurse: the admission loop runs once per stack, and a request finishing
-inside it only gives its tokens back to that loop.
+requests at a time: a turn between a reply and the next command costs
+system calls, and time Redis sits unused wherever it has a core of its own
+(bench/NOTES-perf.md, "Issue 12: from a backing reply to the next batch").
+It cannot recurse: the admission loop runs once per stack, and a request
+finishing inside it only gives its tokens back to that loop.
 
 A request may name its ``Owner`` (one per client connection).  Once the owner
 is gone (the client disconnected) its requests still waiting are dropped when
