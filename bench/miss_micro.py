@@ -8,8 +8,11 @@ free of the VM noise that makes socket benchmarks swing by +-30%, and
 excluding txredisapi and the kernel.  It is the A/B figure behind the miss
 path's changes (bench/NOTES-perf.md).
 Run: .venv/bin/python bench/miss_micro.py
+(``REPEAT=1`` times one repeat instead of the best of 25, for callgrind:
+instructions a request are the difference between two ``ROUNDS`` values.)
 """
 
+import os
 import time
 
 from twisted.internet.address import IPv4Address
@@ -28,7 +31,8 @@ from redisp.metrics import Metrics
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)  # loopback: let in by protected mode
 
-CLIENTS, PIPELINE, ROUNDS = 50, 16, 40
+CLIENTS, PIPELINE, ROUNDS = 50, 16, int(os.environ.get("ROUNDS", 40))
+REPEAT = int(os.environ.get("REPEAT", 25))
 VALUE = b"v" * 100
 
 
@@ -61,7 +65,7 @@ def main() -> None:
     ]
     expected = len(b"$100\r\n" + VALUE + b"\r\n") * PIPELINE
     best = float("inf")
-    for _ in range(25):
+    for _ in range(REPEAT):
         started = time.process_time()
         for _ in range(ROUNDS):
             for (protocol, _), packet in zip(clients, packets):
@@ -73,7 +77,7 @@ def main() -> None:
                 transport.clear()
         best = min(best, (time.process_time() - started) / (ROUNDS * CLIENTS * PIPELINE))
     print(f"RESP miss, {CLIENTS} clients x {PIPELINE} pipelined, capacity 0, concurrency 64:"
-          f" {best * 1e6:.2f} us of Python a request (best of 25)")
+          f" {best * 1e6:.2f} us of Python a request (best of {REPEAT})")
 
 
 if __name__ == "__main__":

@@ -251,3 +251,16 @@ def test_forwarded_commands_behind_a_stalled_backing_fail_fast(server, start_pro
         os.kill(server.proc.pid, signal.SIGCONT)
     yield until(lambda: p.proxy.backing.up)
     assert (yield in_thread(clients[1].incr, "n")) >= 2
+
+
+@inline
+def test_a_batch_of_misses_reaches_the_socket_in_the_turn_that_sends_it(redis_db, start_proxy):
+    # a plain TCP backing connection is written past Twisted's buffer (protocol/sending.py):
+    # nothing waits for the next reactor turn's doWrite
+    redis_db.set("k", "v")
+    p = start_proxy(capacity=0)
+    yield until(lambda: p.proxy.backing.up)
+    transport = p.proxy.backing._protocol.transport
+    d = p.proxy.backing.call(b"MGET", b"k", b"absent")
+    assert not transport.dataBuffer and not transport._tempDataLen
+    assert (yield d) == [b"v", None]

@@ -435,3 +435,34 @@ def test_a_relay_packet_call_counts_its_commands_and_keeps_the_fifo_after_a_time
     relay.dataReceived(b"+OK\r\n:1\r\n")
     relay.connectionLost()
     assert got[2][:2] == [b"+OK\r\n", b":1\r\n"] and got[2][2].kind == "unavailable"
+
+
+def test_a_packet_waiting_at_the_gate_is_relayed_as_soon_as_a_reply_frees_it():
+    # the reply that frees the tokens sends the next packet from within the
+    # relay's read, before the reactor turns (Gate.leave_now)
+    world = World(True, 2, concurrency=3)
+    world.send(0, SETS)
+    world.send(1, SETS)
+    (first,) = world.relays
+    assert first.transport.value() == SETS  # the second waits: the gate is full
+    first.transport.clear()
+    first.dataReceived(b"+OK\r\n" * 3)
+    # no clock.advance: sent in the same turn (on the second client's lane)
+    assert [r.transport.value() for r in world.relays] == [b"", SETS]
+    world.turn()
+    assert world.clients[0][1].value() == b"+OK\r\n" * 3
+    world.relays[1].dataReceived(b"+OK\r\n" * 3)
+    world.turn()
+    assert world.clients[1][1].value() == b"+OK\r\n" * 3
+    assert world.metrics.forwarded["set", "ok"] == 6
+
+
+def test_a_get_of_another_client_waiting_behind_a_packet_reads_its_writes():
+    # admitted by the packet's reply, after its keys were dropped from the cache
+    for concurrency in (3, 1):
+        world = World(True, 2, concurrency=concurrency)
+        world.send(0, SETS if concurrency > 1 else encode_command([b"SET", KEYS[0], b"9"]))
+        world.send(1, encode_command([b"GET", KEYS[0]]))  # cached "1" is stale
+        assert world.clients[1][1].value() == b""
+        world.answer()
+        assert world.clients[1][1].value() == b"$1\r\n9\r\n", concurrency

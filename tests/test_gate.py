@@ -240,3 +240,117 @@ def test_drained_does_not_wait_for_dropped_requests():
     gate.leave()
     clock.advance(0)
     assert drained == [None] and gate.idle()
+
+
+# -- leave_now: tokens freed by a backing reply admit the waiters in the same call
+
+
+def test_leave_now_admits_the_waiters_before_it_returns_in_order():
+    clock = Clock()
+    gate = Gate(2, clock)
+    order = []
+    gate.enter_many(2, order.append, "running")
+    for i in range(3):
+        gate.enter(order.append, i)
+    gate.leave_now()
+    assert order == ["running", 0]  # admitted inside the call, not on the next turn
+    assert gate.waiting == 2 and not clock.getDelayedCalls()
+    gate.leave_now(2)
+    assert order == ["running", 0, 1, 2]
+
+
+def test_leave_now_leaves_a_packet_waiting_until_it_has_all_its_tokens():
+    clock = Clock()
+    gate = Gate(4, clock)
+    order = []
+    gate.enter_many(4, order.append, "running")
+    gate.enter_many(3, order.append, "packet")
+    gate.enter(order.append, "behind")
+    gate.leave_now()
+    gate.leave_now()
+    assert order == ["running"] and gate.waiting == 4
+    gate.leave_now()
+    assert order == ["running", "packet"]  # and "behind" waits its turn: one token is free
+    gate.leave_now()
+    assert order == ["running", "packet", "behind"]
+
+
+def test_leave_now_from_admitted_requests_does_not_recurse():
+    # each admitted request finishes at once through leave_now: the one loop
+    # on the stack takes their tokens back, in order, however long the queue
+    clock = Clock()
+    gate = Gate(1, clock)
+    order = []
+
+    def work(i):
+        order.append(i)
+        gate.leave_now()
+
+    gate.enter(order.append, "first")
+    for i in range(5000):
+        gate.enter(work, i)
+    gate.leave_now()
+    assert order == ["first"] + list(range(5000))
+    assert gate.idle() and gate.waiting == 0
+
+
+def test_leave_inside_leave_now_still_waits_for_the_next_turn():
+    clock = Clock()
+    gate = Gate(1, clock)
+    order = []
+
+    def hit(i):
+        order.append(i)
+        gate.leave()
+
+    gate.enter(order.append, "first")
+    gate.enter(hit, 0)
+    gate.enter(hit, 1)
+    gate.leave_now()
+    assert order == ["first", 0]
+    clock.advance(0)
+    assert order == ["first", 0, 1]
+
+
+def test_leave_now_drops_the_waiters_of_a_gone_client_and_admits_the_next():
+    clock = Clock()
+    gate = Gate(1, clock)
+    order = []
+    gone = Owner()
+    gate.enter(order.append, "first")
+    gate.enter(order.append, "of the gone client", owner=gone)
+    gate.enter(order.append, "next")
+    gone.gone = True
+    gate.leave_now()
+    assert order == ["first", "next"] and gate.waiting == 0
+
+
+def test_leave_now_enter_inside_an_admission_keeps_arrival_order():
+    clock = Clock()
+    gate = Gate(1, clock)
+    order = []
+
+    def admitted(i):
+        order.append(i)
+        gate.enter(order.append, f"after {i}")  # queued behind those already waiting
+        gate.leave_now()
+
+    gate.enter(order.append, "first")
+    gate.enter(admitted, 0)
+    gate.enter(admitted, 1)
+    gate.leave_now()
+    assert order == ["first", 0, 1, "after 0"]
+    gate.leave_now()
+    assert order == ["first", 0, 1, "after 0", "after 1"]
+
+
+def test_drained_after_leave_now_fires_on_the_next_turn():
+    clock = Clock()
+    gate = Gate(2, clock)
+    gate.enter(lambda: None)
+    fired = []
+    gate.drained(5.0).addCallback(fired.append)
+    gate.leave_now()
+    assert fired == []  # the finished request still answers its client first
+    clock.advance(0)
+    assert fired == [None]

@@ -368,3 +368,33 @@ def test_pending_invalidations_are_read_once_per_reactor_turn():
     clock.advance(0)
     reader.read(b"other")
     assert drains == [0, 0], "no hook, no drain"
+
+
+def test_a_settled_fetch_admits_the_waiters_before_answering_its_own_callers():
+    # concurrency N: the tokens freed by a reply go to the waiting requests
+    # first, so their fetches join the batch of this reactor turn before the
+    # finished request's reply is handed over (Gate.leave_now)
+    reader, backing, _, clock, _ = make(concurrency=2, capacity=0)
+    order = []
+
+    def answered(results, hits):
+        order.append((results, backing.calls[2:]))
+
+    reader.read_packet([b"a", b"b"], answered)
+    reader.read_packet([b"c", b"d"], answered)
+    assert backing.calls == [(b"GET", b"a"), (b"GET", b"b")]
+    backing.pending[0].callback(b"A")
+    backing.pending[1].callback(b"B")
+    # when the first packet was answered, the second's keys were already asked for
+    assert order == [([b"A", b"B"], [(b"GET", b"c"), (b"GET", b"d")])]
+    assert not clock.getDelayedCalls()  # no turn waited for
+
+
+def test_under_concurrency_1_the_next_request_starts_after_the_answer():
+    reader, backing, _, clock, _ = make(concurrency=1, capacity=0)
+    order = []
+    reader.get(b"a").addCallback(lambda r: order.append(("answered a", backing.calls[:])))
+    reader.get(b"b").addCallback(lambda r: order.append(("answered b", backing.calls[:])))
+    backing.pending[0].callback(b"A")
+    assert order == [("answered a", [(b"GET", b"a")])]
+    assert backing.calls == [(b"GET", b"a"), (b"GET", b"b")]  # at once, not a turn later

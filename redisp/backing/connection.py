@@ -124,8 +124,8 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
     connection.
     """
 
-    #: whether ``execute_many`` may hand its bytes to the socket at once
-    #: (protocol/sending.py), found on its first use: None until then
+    #: whether ``execute_command`` and ``execute_many`` may hand their bytes
+    #: to the socket at once (protocol/sending.py), found on first use: None until then
     _direct: bool | None = None
 
     def __init__(self) -> None:
@@ -191,17 +191,27 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
         failure there (out of memory) leaves the connection as it was; a
         failure while writing leaves the byte stream in an unknown state, so
         the connection is dropped.  ``kwargs`` (``apply_timeout``) are
-        accepted and ignored: the timeout is the caller's.
+        accepted and ignored: the timeout is the caller's.  The bytes go to
+        the socket at once on a plain TCP connection, as ``execute_many``'s
+        do: a batch of misses reaches Redis in the reactor turn that made
+        it, not one ``epoll`` later.
         """
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
         command = self._build_command(*args)
         reply = self.replyQueue.get()
+        transport = self.transport
+        direct = self._direct
+        if direct is None:
+            direct = self._direct = can_send_now(transport)
         try:
-            self.transport.write(command)
+            if direct:
+                send_now(transport, command)
+            else:
+                transport.write(command)
         except BaseException:
             reply.addErrback(lambda _: None)  # the slot fails with the connection
-            self.transport.abortConnection()
+            transport.abortConnection()
             raise
         return reply.addCallback(self.handle_reply)
 

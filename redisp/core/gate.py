@@ -12,6 +12,17 @@ the lock held for good (Twisted #9304; ``redis-benchmark -P 16`` is enough).
 Every release due is counted and one ``callLater(0)`` hands them all over:
 a burst of replies from the backing Redis costs one timer, not one each.
 
+``leave_now`` is the exception, for a request finished by a backing reply
+(core/reader.py, routing/forwarding.py): the waiters it lets in are admitted at once,
+before its own reply is handed to the client, so their commands reach Redis
+in the same reactor turn as the reply that freed the tokens, not a turn (and
+an ``epoll`` call) later.  Under ``concurrency: N`` the backing holds only N
+requests at a time: a turn between a reply and the next command costs
+system calls, and time Redis sits unused wherever it has a core of its own
+(bench/NOTES-perf.md, "Issue 12: from a backing reply to the next batch").
+It cannot recurse: the admission loop runs once per stack, and a request
+finishing inside it only gives its tokens back to that loop.
+
 A request may name its ``Owner`` (one per client connection).  Once the owner
 is gone (the client disconnected) its requests still waiting are dropped when
 they reach the head of the queue: never run, no token taken (SPEC §4; a
@@ -37,6 +48,10 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 T = TypeVar("T")
+
+#: ``Gate._head`` while the queue is empty or the admission loop runs: more
+#: than any token count
+_NEVER = float("inf")
 
 
 class Owner:
@@ -67,6 +82,11 @@ class Gate:
         self._waiting = 0  # requests in the queue
         self._due = 0  # releases waiting for the next reactor turn
         self._release_call: IDelayedCall | None = None
+        # what leave_now waits for before admitting: the tokens the queue's
+        # head asks for; never reached while the queue is empty or the
+        # admission loop is on the stack (which admits what it can itself)
+        self._head = _NEVER
+        self._admitting = False  # the admission loop is on the stack
         self._outstanding = 0  # admitted or waiting, not yet released
         self._drain_waiters: list[Deferred] = []
 
@@ -109,7 +129,10 @@ class Gate:
             self._free -= count
             f(*args)
         else:
-            self._queue.append((count, f, args, owner))
+            queue = self._queue
+            if not queue and not self._admitting:
+                self._head = count
+            queue.append((count, f, args, owner))
             self._waiting += count
 
     def leave(self, count: int = 1) -> None:
@@ -117,6 +140,26 @@ class Gate:
         self._due += count
         if self._release_call is None:
             self._release_call = self._clock.callLater(0, self._released)
+
+    def leave_now(self, count: int = 1) -> None:
+        """``leave``, with the waiters the tokens let in admitted now, in
+        order (inside an admission already running: by that one, once the
+        admitted call that finished these requests has returned).
+
+        For the caller that still has work to do for the finished requests
+        (answering their clients) and wants the next ones' commands sent
+        first; ``f`` of a waiter runs inside this call.  While the head of
+        the queue still waits for more tokens it costs two additions and a
+        comparison (one call per settled backing fetch), so a head whose
+        client has gone is dropped only once its tokens are free, or by the
+        next ``leave``'s turn.
+        """
+        self._outstanding -= count
+        self._free += count
+        if self._free >= self._head:
+            self._admit()
+        elif not self._outstanding and self._drain_waiters:
+            self.leave(0)  # shutdown goes on next turn, once the replies are out
 
     def run(self, f: Callable[..., Any], *args: Any, owner: Owner | None = None) -> Deferred:
         """Run ``f(*args)`` once admitted; release when its result settles.
@@ -143,26 +186,41 @@ class Gate:
         due, self._due = self._due, 0
         self._outstanding -= due
         self._free += due
-        queue = self._queue
-        while queue:
-            count, f, args, owner = queue[0]
-            if owner is not None and owner.gone:  # its client left: drop, unrun
-                queue.popleft()
-                self._waiting -= count
-                self._outstanding -= count
-                continue
-            if count > self._free:
-                break
-            # a request that finishes at once counts its release into _due
-            # for the next turn: no recursion however long the queue
-            queue.popleft()
-            self._free -= count
-            self._waiting -= count
-            f(*args)
+        if self._admitting:  # (a clock advanced inside an admission: tests only)
+            return
+        self._admit()
         if not self._outstanding:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def _admit(self) -> None:
+        """Admit waiters, in order, while tokens allow.
+
+        A request that finishes at once while admitted gives its tokens
+        back for later: ``leave`` on the next turn (no recursion however
+        long the queue), ``leave_now`` to this loop, which sees them once the
+        admitted call has returned."""
+        self._head = _NEVER
+        self._admitting = True
+        queue = self._queue
+        try:
+            while queue:
+                count, f, args, owner = queue[0]
+                if owner is not None and owner.gone:  # its client left: drop, unrun
+                    queue.popleft()
+                    self._waiting -= count
+                    self._outstanding -= count
+                    continue
+                if count > self._free:
+                    break
+                queue.popleft()
+                self._free -= count
+                self._waiting -= count
+                f(*args)
+        finally:
+            self._admitting = False
+            self._head = queue[0][0] if queue else _NEVER
 
     def drained(self, timeout: float) -> Deferred:
         """Fires once every admitted and queued request has finished, or after

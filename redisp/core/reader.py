@@ -227,7 +227,12 @@ class CachedReader:
 
     def _settle(self, key: bytes, fetch: _Fetch, result: bytes | None | Failure) -> None:
         """The fetch is over: store its value (unless poisoned), free each
-        waiter's token and answer it with ``(value, False)``, built once."""
+        waiter's token and answer it with ``(value, False)``, built once.
+
+        The tokens go to the requests waiting for them first (``leave_now``):
+        their misses join the batch that leaves this reactor turn, ahead of
+        the answers' replies.  Under ``concurrency: 1`` the answer first: the
+        next request starts once this one is answered (SPEC §4)."""
         if self._inflight.get(key) is fetch:
             del self._inflight[key]
         if result.__class__ is Failure:
@@ -236,7 +241,13 @@ class CachedReader:
             if result is not None and self.caching and not fetch.poisoned:
                 self._cache.put(key, result)
             answer = (result, False)
-        self._gate.leave(len(fetch))
+        gate = self._gate
+        if gate.concurrency == 1:
+            for done in fetch:
+                done(answer)
+            gate.leave_now(len(fetch))
+            return
+        gate.leave_now(len(fetch))
         for done in fetch:
             done(answer)
 

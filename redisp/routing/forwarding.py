@@ -479,13 +479,20 @@ class Forwarder:
             self._metrics.write_invalidations += dropped
         count = len(frames)
         self._pool_done(packet.session, count)
-        self._gate.leave(count)
         if not failed:
             outcomes = {"forwarded": count}
         elif failed == count:
             outcomes = {"backing_error": count}
         else:
             outcomes = {"forwarded": count - failed, "backing_error": failed}
+        # the waiting packets go to Redis before this one's reply goes to its
+        # client (Gate.leave_now); under concurrency 1, after (SPEC §4)
+        gate = self._gate
+        if gate.concurrency == 1:
+            packet.result._settled((b"".join(frames), outcomes))
+            gate.leave_now(count)
+            return
+        gate.leave_now(count)
         packet.result._settled((b"".join(frames), outcomes))
 
     def _pin(self, session: Any, resp3: bool) -> Pin:
