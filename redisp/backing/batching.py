@@ -1,10 +1,9 @@
 """The GETs of one reactor turn leave for Redis as one MGET.
 
-txredisapi spends about 10 us of Python on every command it sends (building
-it, two Deferreds and a reply queue per call), about as much as a whole miss
-may cost if redisp is to forward misses at half twemproxy's rate (issue 4).
-Per key of a 16-key MGET it spends about 2 us (both measured in-process by
-``bench/batching_micro.py``: 9.6 and 1.8 us).  So the misses fetched in one reactor turn --
+txredisapi spends several times more Python on every command it sends
+(building it, two Deferreds and a reply queue per call) than on one more key
+of an MGET (``bench/batching_micro.py``; figures in bench/NOTES-perf.md,
+"Miss path and HTTP door").  So the misses fetched in one reactor turn --
 under ``concurrency: N`` up to N of them, admitted together -- are sent as
 one MGET, with one timeout and one latency observation for the lot.  A lone
 key goes as a plain GET, so at ``concurrency: 1`` nothing changes.

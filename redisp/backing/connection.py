@@ -114,9 +114,9 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
     With ``charset=None, convertNumbers=False`` (binary-safe replies),
     ``tryConvertData`` returns every reply unchanged, yet walks each MGET
     reply element by element; and ``_build_command`` encodes each argument
-    through two type-dispatching calls.  Together they were ~15% of the
-    pass-through profile (bench/profile WORKLOAD=miss, batched MGETs);
-    bench/batching_micro.py: ~1.9 -> ~1.2 us a key of a 16-key MGET.
+    through two type-dispatching calls.  Together they were a large share
+    of the pass-through profile (bench/profile WORKLOAD=miss, batched MGETs;
+    before/after of bench/batching_micro.py in bench/NOTES-perf.md).
     Arguments that are not all bytes still go txredisapi's own way.
 
     ``execute_command`` is redisp's own too: see there.  Pipelining and

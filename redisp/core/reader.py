@@ -127,7 +127,7 @@ class CachedReader:
         The RESP door answers a packet of pipelined GETs with this in one call:
         idle gate, so as unobservable as ``get``'s shortcut; one clock reading
         for the packet.  (bench/profile, GET hot -P16: dispatch, ``get`` and
-        metrics per request were ~30% of the time.)
+        metrics per request were a large share of the time; bench/NOTES-perf.md.)
         """
         if not self._gate.idle():
             return None
