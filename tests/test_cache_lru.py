@@ -30,6 +30,8 @@ ops = st.lists(
         st.tuples(st.just("popitem"), st.booleans()),
         st.tuples(st.just("contains"), keys),
         st.tuples(st.just("clear")),
+        st.tuples(st.just("touch_all"), st.lists(keys, max_size=20),
+                  st.binary(max_size=2)),
     ),
     max_size=300,
 )
@@ -54,6 +56,10 @@ def apply(d, op, args):
             return d.popitem(args[0])
         if op == "contains":
             return args[0] in d
+        if op == "touch_all":  # LruDict's, or the cache's Python one on an OrderedDict
+            if isinstance(d, OrderedDict):
+                return redisp.core.cache.touch_all(d, list(args[0]), args[1])
+            return d.touch_all(list(args[0]), args[1])
         return d.clear()
     except KeyError as e:
         return ("KeyError", e.args)
@@ -152,3 +158,34 @@ def test_churn_at_a_fixed_size_takes_no_more_memory():
     # the 5000 key objects that replaced the first ones, about 40 bytes each;
     # an OrderedDict here: 796 kB
     assert grown < 5000 * 64
+
+
+def test_touch_all_checks_its_arguments_and_takes_long_batches():
+    d = LruDict()
+    for i in range(200):
+        d[b"k%d" % i] = b"v%d" % i
+    wanted = [b"k%d" % i for i in range(199, -1, -1)]  # past the stack's 64
+    assert d.touch_all(wanted, b"") == [b"v%d" % i for i in range(199, -1, -1)]
+    assert d.keys() == wanted
+    assert d.touch_all(wanted + [b"nope"], b"") is None and d.keys() == wanted
+    with pytest.raises(TypeError):
+        d.touch_all((b"k1",), b"")
+    with pytest.raises(TypeError):
+        d.touch_all([b"k1", "k2"], b"")
+    with pytest.raises(TypeError):
+        d.touch_all([b"k1"], "floor")
+    assert d.touch_all([], b"") == []
+
+
+def test_touch_all_leaks_no_reference():
+    import sys
+
+    d = LruDict()
+    value = b"v" * 40
+    d[b"k"] = value
+    before = sys.getrefcount(value)
+    for _ in range(1000):
+        d.touch_all([b"k", b"k"], b"")
+        d.touch_all([b"k", b"missing"], b"")
+        d.touch_all([b"k"], b"w")  # below the floor
+    assert sys.getrefcount(value) == before

@@ -384,6 +384,102 @@ LruDict_move_to_end(LruDict *d, PyObject *key)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(touch_all_doc,
+"touch_all(keys, floor): the values of keys (a list of bytes), in order, if\n"
+"every key is present with a value >= floor (compared as bytes), each then\n"
+"made the most recently used in turn; else None and nothing changed.");
+
+/* Batches up to this many keys use the stack for their bookkeeping. */
+#define TOUCH_STACK 64
+
+/* The value of a bytes comparison a < b, as Python's. */
+static int
+bytes_less(PyObject *a, PyObject *b)
+{
+    Py_ssize_t la = PyBytes_GET_SIZE(a), lb = PyBytes_GET_SIZE(b);
+    int cmp = memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), la < lb ? la : lb);
+    return cmp < 0 || (cmp == 0 && la < lb);
+}
+
+/* In phases over the whole batch rather than key by key, so that the memory
+ * reads of different keys (index cell, slot, key and value objects) are in
+ * flight together: in a table much larger than the CPU caches each is a
+ * miss, and a key-by-key walk pays them one after the other. */
+static PyObject *
+LruDict_touch_all(LruDict *d, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "touch_all() takes 2 arguments");
+        return NULL;
+    }
+    PyObject *keys = args[0], *floor = args[1];
+    if (!PyList_CheckExact(keys)) {
+        PyErr_SetString(PyExc_TypeError, "touch_all() keys must be a list");
+        return NULL;
+    }
+    if (check_bytes(floor, "floor") < 0)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    uint32_t stack_slots[TOUCH_STACK];
+    Py_hash_t stack_hashes[TOUCH_STACK];
+    uint32_t *slots = stack_slots;
+    Py_hash_t *hashes = stack_hashes;
+    PyObject *result = NULL;
+    if (n > TOUCH_STACK) {
+        slots = PyMem_Malloc((size_t)n * sizeof(uint32_t));
+        hashes = PyMem_Malloc((size_t)n * sizeof(Py_hash_t));
+        if (slots == NULL || hashes == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    size_t mask = d->mask;
+    for (Py_ssize_t i = 0; i < n; i++) {  /* hashes; the index cells asked for */
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        if (check_bytes(key, "keys") < 0)
+            goto done;
+        hashes[i] = PyObject_Hash(key);
+        __builtin_prefetch(&d->index[(size_t)hashes[i] & mask]);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {  /* the slot each first cell names */
+        uint32_t s = d->index[(size_t)hashes[i] & mask];
+        if (s != NIL)
+            __builtin_prefetch(&d->slots[s]);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {  /* that slot's key and value objects */
+        uint32_t s = d->index[(size_t)hashes[i] & mask];
+        if (s != NIL) {
+            __builtin_prefetch(d->slots[s].key);
+            __builtin_prefetch(d->slots[s].value);
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {  /* the lookups themselves */
+        uint32_t s = d->index[find_cell(d, PyList_GET_ITEM(keys, i), hashes[i])];
+        if (s == NIL || bytes_less(d->slots[s].value, floor)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        slots[i] = s;
+    }
+    result = PyList_New(n);
+    if (result == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t s = slots[i];
+        if (s != d->tail) {
+            unlink_slot(d, s);
+            append_slot(d, s);
+        }
+        PyList_SET_ITEM(result, i, Py_NewRef(d->slots[s].value));
+    }
+done:
+    if (slots != stack_slots)
+        PyMem_Free(slots);
+    if (hashes != stack_hashes)
+        PyMem_Free(hashes);
+    return result;
+}
+
 PyDoc_STRVAR(popitem_doc,
 "popitem(last=True): remove and return the (key, value) pair most recently\n"
 "used if last is true, else the least recently used.");
@@ -468,6 +564,8 @@ LruDict_keys(LruDict *d, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef LruDict_methods[] = {
     {"get", (PyCFunction)(void (*)(void))LruDict_get, METH_FASTCALL, get_doc},
+    {"touch_all", (PyCFunction)(void (*)(void))LruDict_touch_all, METH_FASTCALL,
+     touch_all_doc},
     {"move_to_end", (PyCFunction)LruDict_move_to_end, METH_O, move_to_end_doc},
     {"popitem", (PyCFunction)(void (*)(void))LruDict_popitem, METH_FASTCALL, popitem_doc},
     {"pop", (PyCFunction)(void (*)(void))LruDict_pop, METH_FASTCALL, pop_doc},

@@ -51,6 +51,8 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from functools import partial
 from itertools import compress, repeat
 from math import inf, nextafter
 from operator import itemgetter
@@ -80,6 +82,24 @@ BY_REFERENCE = 256 * 1024
 _COMPACT_MIN = 1024
 
 
+def touch_all(entries: OrderedDict[bytes, bytes], keys: list[bytes], floor: bytes
+              ) -> list[bytes] | None:
+    """The entries of ``keys`` if each is present and ``>= floor`` (alive),
+    each then made the most recently used; else None and nothing changed.
+
+    ``LruDict.touch_all`` in Python, for the ``OrderedDict`` fallback, and the
+    reference the C one is tested against (tests/test_cache_lru.py).  The C
+    one reads the whole batch in phases so that, in a table larger than the
+    CPU caches, the memory reads of different keys overlap
+    (bench/NOTES-perf.md, "touch_all").
+    """
+    found = list(map(entries.get, keys))
+    if None in found or (found and min(found) < floor):
+        return None
+    _consume(map(entries.move_to_end, keys))
+    return found
+
+
 def alive_after(now: float) -> bytes:
     """The smallest entry alive at ``now``: entries below it have expired."""
     return _stamp(nextafter(now, inf))
@@ -106,6 +126,9 @@ class Cache:
         self._metrics = metrics
         # key -> stamp of its expiry time + value (see the module docstring)
         self._entries: OrderedDict[bytes, bytes] = _Entries()  # or an LruDict
+        # get_all's lookups: LruDict's own in C, or the same in Python
+        self._touch_all: Callable[[list[bytes], bytes], list[bytes] | None] = getattr(
+            self._entries, "touch_all", partial(touch_all, self._entries))
         # the store record: keys in store order, and from index _first on,
         # _expiries[_first + i] is the expiry time of the store of _stored[i]
         self._stored: deque[bytes] = deque()
@@ -153,11 +176,11 @@ class Cache:
         ``BY_REFERENCE`` bytes is a ``memoryview`` into the entry, so a huge
         MGET neither copies all its values in one turn nor holds them twice.
         """
-        entries = self._entries
-        found = list(map(entries.get, keys))
-        if not found or None in found or min(found) < alive_after(self._clock.seconds()):
+        if not keys:
             return None
-        _consume(map(entries.move_to_end, keys))
+        found = self._touch_all(keys, alive_after(self._clock.seconds()))
+        if found is None:
+            return None
         if len(found) > COPIED and max(map(len, found)) > BY_REFERENCE + STAMP:
             return [_view_of(e) if len(e) > BY_REFERENCE + STAMP else e[STAMP:] for e in found]
         return list(map(_value_of, found))
