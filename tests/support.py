@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 from twisted.internet import defer, protocol, reactor, task
@@ -175,6 +176,27 @@ class HoldingForwarder(protocol.Factory):
         for c in list(self.connections):
             c.transport.abortConnection()
         return self.port.stopListening()
+
+
+@contextmanager
+def redis_7_0_with_password(password: str):
+    """A redis-server with ``requirepass`` for side-by-side byte comparisons,
+    and a connected redis-py client of it (closed when the block ends); the
+    test is skipped when the server is not Redis 7.0, whose replies the
+    comparisons are written against."""
+    import pytest
+    import redis
+
+    server = RedisServer(None, "--requirepass", password).start()
+    client = redis.Redis(port=server.port, password=password)
+    try:
+        version = client.info("server")["redis_version"]
+        if not version.startswith("7.0."):
+            pytest.skip(f"the replies compared are Redis 7.0's; redis-server is {version}")
+        yield server, client
+    finally:
+        client.close()
+        server.stop()
 
 
 def proxy_config(redis_url: str, **overrides) -> Config:

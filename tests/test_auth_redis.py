@@ -26,7 +26,7 @@ from twisted.internet import threads
 from redisp.config import Secret, UserConfig
 from redisp.protocol.frames import FrameScanner, decode
 from tests.raw_redis import encode
-from tests.support import RedisServer, until
+from tests.support import redis_7_0_with_password, until
 
 inline = pytest_twisted.inlineCallbacks
 LIMIT = 20.0
@@ -37,22 +37,12 @@ READ_ACL = ["on", ">pw", "~*", "&*", "+@read", "+@connection", "-@admin", "-@dan
 @pytest.fixture(scope="module")
 def reference():
     """A redis-server with requirepass and the read-only user ``u``."""
-    server = RedisServer(None, "--requirepass", PASSWORD).start()
-    import redis
-
-    client = redis.Redis(port=server.port, password=PASSWORD)
-    version = client.info("server")["redis_version"]
-    if not version.startswith("7.0."):
-        client.close()
-        server.stop()
-        pytest.skip(f"the replies compared are Redis 7.0's; redis-server is {version}")
-    client.acl_setuser("u", reset=True, enabled=True, passwords=["+pw"], keys=["*"],
-                       channels=["*"], categories=["+@read", "+@connection", "-@admin",
-                                                   "-@dangerous"])
-    client.set("k", "value")
-    client.close()
-    yield server
-    server.stop()
+    with redis_7_0_with_password(PASSWORD) as (server, client):
+        client.acl_setuser("u", reset=True, enabled=True, passwords=["+pw"], keys=["*"],
+                           channels=["*"], categories=["+@read", "+@connection", "-@admin",
+                                                       "-@dangerous"])
+        client.set("k", "value")
+        yield server
 
 
 def talk(port: int, steps: list, bind: str | None = None) -> list:

@@ -25,7 +25,7 @@ from redisp.config import Secret
 from redisp.protocol.codec import RequestParser
 from redisp.protocol.frames import FrameScanner
 from tests.raw_redis import encode
-from tests.support import RedisServer, until
+from tests.support import redis_7_0_with_password, until
 from tests.test_auth_redis import masked, talk
 from tests.test_resp_logging import protocol_error_lines  # noqa: F401  (the fixture)
 from tests.test_resp_server import Door
@@ -39,19 +39,9 @@ BIG = 16384
 @pytest.fixture(scope="module")
 def reference():
     """A redis-server with requirepass, holding ``k`` = ``v``."""
-    server = RedisServer(None, "--requirepass", PASSWORD).start()
-    import redis
-
-    client = redis.Redis(port=server.port, password=PASSWORD)
-    version = client.info("server")["redis_version"]
-    if not version.startswith("7.0."):
-        client.close()
-        server.stop()
-        pytest.skip(f"the replies compared are Redis 7.0's; redis-server is {version}")
-    client.set("k", "v")
-    client.close()
-    yield server
-    server.stop()
+    with redis_7_0_with_password(PASSWORD) as (server, client):
+        client.set("k", "v")
+        yield server
 
 
 @pytest.fixture

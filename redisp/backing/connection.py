@@ -200,20 +200,29 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             raise txredisapi.ConnectionError("Not connected")
         command = self._build_command(*args)
         reply = self.replyQueue.get()
+        try:
+            self._send(command)
+        except BaseException:
+            reply.addErrback(lambda _: None)  # the slot fails with the connection
+            raise
+        return reply.addCallback(self.handle_reply)
+
+    def _send(self, data: bytes) -> None:
+        """Hand ``data`` to the socket at once on plain TCP, else to Twisted;
+        a failure leaves the byte stream in an unknown state, so the
+        connection is dropped before the error goes on."""
         transport = self.transport
         direct = self._direct
         if direct is None:
             direct = self._direct = can_send_now(transport)
         try:
             if direct:
-                send_now(transport, command)
+                send_now(transport, data)
             else:
-                transport.write(command)
+                transport.write(data)
         except BaseException:
-            reply.addErrback(lambda _: None)  # the slot fails with the connection
             transport.abortConnection()
             raise
-        return reply.addCallback(self.handle_reply)
 
     def execute_many(self, commands: list[bytes]) -> Deferred:
         """Send several encoded commands (``relay.encode_command``) in one write;
@@ -234,20 +243,8 @@ class BinaryRedisProtocol(txredisapi.RedisProtocol):
             raise txredisapi.ConnectionError("Not connected")
         if self.replyQueue.pending:  # never with a reply per command sent; stay in order anyway
             raise txredisapi.ConnectionError("reply queue out of step")
-        data = b"".join(commands)
         replies = _Replies(len(commands))
-        transport = self.transport
-        direct = self._direct
-        if direct is None:
-            direct = self._direct = can_send_now(transport)
-        try:
-            if direct:
-                send_now(transport, data)
-            else:
-                transport.write(data)
-        except BaseException:  # the byte stream is in an unknown state
-            transport.abortConnection()
-            raise
+        self._send(b"".join(commands))
         self.replyQueue.waiting.append(replies)
         return replies.deferred
 
