@@ -186,7 +186,7 @@ make_tls_files(Path(sys.argv[1]))' "$TMP/certs") || die "could not make the test
 buffered_tls_path() {
   BUFFERED_TLS=$TMP/buffered-tls; mkdir -p "$BUFFERED_TLS"
   cat >"$BUFFERED_TLS/sitecustomize.py" <<'PY'
-import redisp.protocol.sending  # before resp_server imports the name: its TLS stays buffered
+import redisp.protocol.sending  # before doors.resp imports the name: its TLS stays buffered
 redisp.protocol.sending.unbuffer = lambda transport: None
 PY
 }
