@@ -45,7 +45,7 @@ from redisp.backing.connection import BackingError, BackingUnavailable, first_li
 from redisp.backing.relay import RelayProtocol
 from redisp.backing.tls import OneProtocol, client_endpoint
 from redisp.config import RedisURL
-from redisp.protocol.frames import ErrorReply, FrameError, decode
+from redisp.protocol.frames import ErrorReply, FrameError, as_map, decode
 
 __all__ = ["SLOTS", "Address", "key_slot", "SlotMap", "ClusterMapError", "ClusterTopology",
            "REFRESH_SECONDS", "UNSETTLED_SECONDS"]
@@ -250,12 +250,11 @@ def _check_reply(reply: Any) -> None:
 
 
 def _as_map(value: Any) -> dict:
-    """A RESP3 map as is, a RESP2 flat [key, value, …] array as a dict."""
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, list) and len(value) % 2 == 0:
-        return dict(zip(value[0::2], value[1::2], strict=True))
-    raise ClusterMapError("CLUSTER SHARDS: expected a map")
+    """``frames.as_map``, a shard or node of CLUSTER SHARDS being a map."""
+    found = as_map(value)
+    if found is None:
+        raise ClusterMapError("CLUSTER SHARDS: expected a map")
+    return found
 
 
 def _host(value: Any, queried: Address | None) -> str | None:

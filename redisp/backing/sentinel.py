@@ -53,7 +53,7 @@ from redisp.backing.relay import RelayProtocol
 from redisp.backing.tls import ConnectFailure, OneProtocol, blocking_connection, client_endpoint
 from redisp.config import RedisURL
 from redisp.protocol.codec import encode_command
-from redisp.protocol.frames import ErrorReply, FrameError, FrameScanner, decode
+from redisp.protocol.frames import ErrorReply, FrameError, FrameScanner, as_map, decode
 
 log = Logger()
 
@@ -401,9 +401,9 @@ class SentinelMaster:
         if self._stopped or not isinstance(reply, list):
             return
         for entry in reply:
-            if not isinstance(entry, list):
+            fields = as_map(entry)
+            if fields is None:
                 continue
-            fields = dict(zip(entry[0::2], entry[1::2], strict=False))
             try:
                 address = (fields[b"ip"].decode(), int(fields[b"port"]))
             except (KeyError, AttributeError, ValueError, UnicodeDecodeError):

@@ -331,6 +331,16 @@ def decode(frame: bytes) -> Any:
     return value
 
 
+def as_map(value: Any) -> dict | None:
+    """A decoded reply that Redis sends as a map: a RESP3 map as is, a RESP2
+    flat ``[key, value, …]`` array as a dict; None for anything else."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list) and len(value) % 2 == 0:
+        return dict(zip(value[0::2], value[1::2], strict=True))
+    return None
+
+
 class _Open:
     """An aggregate being decoded: its values so far and how many are owed."""
 
