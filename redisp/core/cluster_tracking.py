@@ -101,7 +101,7 @@ class ClusterTracking:
         #: and the trackers that have none
         self._poller = select.poll()
         self._by_fd: dict[int, Any] = {}
-        self._drains: tuple[Any, ...] = ()
+        self._blind: tuple[Any, ...] = ()
         self._running = False
         self._recheck: IDelayedCall | None = None
         self._follow = LoopingCall(self._read_map_again)
@@ -167,7 +167,7 @@ class ClusterTracking:
             else:
                 by_fd[fd] = tracker
                 poller.register(fd, select.POLLIN)
-        self._poller, self._by_fd, self._drains = poller, by_fd, tuple(blind)
+        self._poller, self._by_fd, self._blind = poller, by_fd, tuple(blind)
         self._reader.drain_before_hits(self._drain if drains else None, self._clock)
         if active or not self._running:
             self._cancel_recheck()
@@ -180,7 +180,7 @@ class ClusterTracking:
             tracker = by_fd.get(fd)
             if tracker is not None:
                 tracker.drain()
-        for tracker in self._drains:
+        for tracker in self._blind:
             tracker.drain()
 
     def _read_map(self) -> None:
