@@ -43,7 +43,7 @@ class RedisURL:
     service: str | None = None
     #: what redisp authenticates to the Sentinels themselves with (the
     #: ``sentinel_user`` / ``sentinel_password`` keys; the URL's credentials
-    #: are the master's): attached by ``load_config``
+    #: are the master's): attached by ``Config``
     sentinel_username: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
     #: the files of the ``redis_tls_*`` keys, read once (``redisp.backing.tls.ClientTLS``),
@@ -211,6 +211,22 @@ class Config:
     # the Sentinels' own credentials (redis+sentinel://; the URL's are the master's)
     sentinel_user: str | None = None
     sentinel_password: Secret | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        """The ``sentinel_*`` keys go on the backing URL, which every
+        connection is made from (and stay there through ``replace``); they
+        mean nothing without Sentinels."""
+        given = [key for key in ("sentinel_user", "sentinel_password")
+                 if getattr(self, key) is not None]
+        if not given:
+            return
+        if self.redis.kind != "sentinel":
+            raise ConfigError(f"{given[0]} is set but the backing URL is not redis+sentinel://")
+        if self.sentinel_password is None:
+            raise ConfigError("sentinel_user is set but sentinel_password is not")
+        object.__setattr__(self, "redis", replace(
+            self.redis, sentinel_username=self.sentinel_user,
+            sentinel_password=self.sentinel_password))
 
 
 def _endpoint(value: Any) -> str | None:
@@ -469,23 +485,7 @@ def load_config(
                           "set one or the other")
     config = Config(**values)
     check_tls_keys(config)
-    return with_sentinel_credentials(config)
-
-
-def with_sentinel_credentials(config: Config) -> Config:
-    """The ``sentinel_*`` keys attached to the backing URL, which every
-    connection is made from; they mean nothing without Sentinels."""
-    given = [key for key in ("sentinel_user", "sentinel_password")
-             if getattr(config, key) is not None]
-    if not given:
-        return config
-    if config.redis.kind != "sentinel":
-        raise ConfigError(f"{given[0]} is set but the backing URL is not redis+sentinel://")
-    if config.sentinel_password is None:
-        raise ConfigError("sentinel_user is set but sentinel_password is not")
-    url = replace(config.redis, sentinel_username=config.sentinel_user,
-                  sentinel_password=config.sentinel_password)
-    return replace(config, redis=url)
+    return config
 
 
 def check_tls_keys(config: Config) -> None:

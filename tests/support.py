@@ -201,12 +201,11 @@ def redis_7_0_with_password(password: str):
 
 def proxy_config(redis_url: str, **overrides) -> Config:
     """A Config for an in-process proxy on free loopback ports."""
-    from redisp.config import parse_redis_url, with_sentinel_credentials
+    from redisp.config import parse_redis_url
 
     base = Config(http="tcp:0:interface=127.0.0.1", resp="tcp:0:interface=127.0.0.1",
                   redis=parse_redis_url(redis_url), redis_timeout=2.0)
-    # the sentinel_* keys attached to the URL, as load_config attaches them
-    return with_sentinel_credentials(replace(base, **overrides))
+    return replace(base, **overrides)
 
 
 class RunningProxy:

@@ -6,13 +6,15 @@ loopback ports; waits are for events or polls with a deadline."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer
 
 from redisp.backing.sentinel import blocking_master
 from redisp.backing.tls import backing_url
-from redisp.config import ConfigError, Secret, load_config
+from redisp.config import Config, ConfigError, Secret, load_config, parse_redis_url
 from redisp.core.tracking import tracking_support_problem
 from tests.resp_client import connect
 from tests.sentinel_support import PASSWORD, SERVICE, Node, Sentinel
@@ -185,3 +187,13 @@ def test_the_start_up_check_speaks_tls_to_a_tls_sentinel(tls_deployment):
     url = backing_url(config)  # the TLS files read, as build_proxy reads them
     assert blocking_master(url, 2.0) == ("127.0.0.1", node.tls_port)
     assert tracking_support_problem(url, 2.0) is None
+
+
+def test_a_config_built_directly_carries_the_sentinel_keys_on_its_url_through_replace():
+    url = parse_redis_url("redis+sentinel://:m@h:26379/svc")
+    config = Config(redis=url, sentinel_password=Secret("s"))
+    assert config.redis.sentinel_password == "s"
+    moved = replace(config, redis=replace(url, host="h2"))  # a URL without them
+    assert moved.redis.host == "h2" and moved.redis.sentinel_password == "s"
+    with pytest.raises(ConfigError, match="sentinel_password is set but the backing URL"):
+        Config(redis=parse_redis_url("redis://h/0"), sentinel_password=Secret("s"))
